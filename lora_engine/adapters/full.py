@@ -1,0 +1,26 @@
+"""Full / native fine-tune (LyCORIS ``diff``/``diff_b``): ΔW = s·diff, Δb = diff_b (s = 1 unless a ``scale`` key)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Delta, f32, fit
+
+
+@dataclass(frozen=True)
+class Full:
+    diff: torch.Tensor
+    diff_b: torch.Tensor | None = None
+    scale: float = 1.0
+    kind = "full"
+
+    def check(self) -> None:
+        pass
+
+    def natural_shape(self) -> tuple[int, ...]:
+        return tuple(self.diff.shape)
+
+    def delta(self, base: torch.Tensor) -> Delta:
+        b = None if self.diff_b is None else f32(self.diff_b)
+        return Delta(fit(self.scale * f32(self.diff), base.shape, "full"), b)

@@ -1,0 +1,26 @@
+"""Norm layers (LyCORIS ``w_norm``/``b_norm`` on LayerNorm/GroupNorm): Δγ = w_norm, Δβ = b_norm."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Delta, f32, fit
+
+
+@dataclass(frozen=True)
+class Norm:
+    w_norm: torch.Tensor
+    b_norm: torch.Tensor | None = None
+    scale: float = 1.0
+    kind = "norm"
+
+    def check(self) -> None:
+        pass
+
+    def natural_shape(self) -> tuple[int, ...]:
+        return tuple(self.w_norm.shape)
+
+    def delta(self, base: torch.Tensor) -> Delta:
+        b = None if self.b_norm is None else self.scale * f32(self.b_norm)
+        return Delta(fit(self.scale * f32(self.w_norm), base.shape, "norm"), b)

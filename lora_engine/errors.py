@@ -1,0 +1,30 @@
+"""One exception hierarchy. Every message names the file (or tag) and the cause in one line."""
+from __future__ import annotations
+
+import os
+
+
+class LoraEngineError(Exception):
+    """Base of every error lora-engine raises on purpose."""
+
+
+class LoraFileError(LoraEngineError):
+    """A LoRA file could not be read or interpreted."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        where = self.path if self.path is not None else "<memory>"
+        super().__init__(f"{where}: {problem}")
+
+
+class UnsafeFileError(LoraFileError):
+    """A pickle that would execute code, or anything else we refuse to open."""
+
+
+class AdapterShapeError(LoraFileError):
+    """Tensors of one module do not chain (e.g. up/down ranks differ) or do not fit the target."""
+
+
+class NameResolutionError(LoraEngineError):
+    """A LoRA name could not be resolved to exactly one file in the library."""

@@ -1,0 +1,199 @@
+"""Read any LoRA file people have into one representation: :class:`LoraFile`.
+
+``load_lora(path)`` accepts kohya/LyCORIS safetensors, diffusers (PEFT-era and the old
+attention-processor form), PEFT folders, ComfyUI-native keys, and legacy pickles (through
+``torch.load(weights_only=True)`` only). Every key is either consumed into a module's
+adapter or listed in ``LoraFile.unknown_keys``; modules whose tensors do not make sense
+are listed in ``LoraFile.problems`` with a one-line reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import AlphaSpec, build_adapter
+from ..errors import AdapterShapeError, LoraFileError
+from .keys import ModuleKey, parse_key, te_prefix_for
+from .legacy import read_pickled
+from .peft_folder import PeftAlpha, diffusers_metadata_configs, folder_config, folder_weights, is_peft_folder
+from .safetensors_file import SafetensorsFile
+
+log = logging.getLogger("lora_engine")
+
+PICKLE_EXTS = (".pt", ".ckpt", ".bin", ".pth")
+
+
+@dataclass(frozen=True)
+class ModuleAdapter:
+    """One target module of a LoRA file: canonical name, dotted path when known, the adapter."""
+
+    name: str
+    dotted: str | None
+    adapter: object
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
+
+
+@dataclass
+class LoraFile:
+    path: str
+    format: str
+    metadata: dict[str, str]
+    modules: dict[str, ModuleAdapter]
+    unknown_keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    peft_config: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        base = os.path.basename(self.path.rstrip("/\\"))
+        return os.path.splitext(base)[0] if os.path.isfile(self.path) else base
+
+    def nbytes(self) -> int:
+        total = 0
+        for m in self.modules.values():
+            for t in _tensors_of(m.adapter):
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _tensors_of(adapter) -> list[torch.Tensor]:
+    out = []
+    for v in vars(adapter).values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif hasattr(v, "__dataclass_fields__"):
+            out.extend(_tensors_of(v))
+    return out
+
+
+def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """Container level: ``(tensors, metadata, peft_config)`` for a file or PEFT folder."""
+    if os.path.isdir(path):
+        if not is_peft_folder(path):
+            raise LoraFileError(path, "folder is not a PEFT adapter (no adapter_model.safetensors)")
+        weights = folder_weights(path)
+        tensors, meta, _ = read_tensors(weights)
+        return tensors, meta, folder_config(path)
+    if not os.path.exists(path):
+        raise LoraFileError(path, "no such file")
+    if path.lower().endswith(PICKLE_EXTS):
+        tensors, meta = read_pickled(path)
+        return tensors, meta, {}
+    f = SafetensorsFile(path)
+    return f.tensors(), f.metadata, {}
+
+
+def _detect_format(keys: list[str], roles: set[str], peft_config: dict) -> str:
+    if peft_config:
+        return "peft"
+    lyco = {"hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "a1", "diff", "w_norm", "oft_blocks", "oft_diag", "mid"}
+    if any(k.startswith(("lora_unet_", "lora_te", "oft_unet_", "lycoris_")) for k in keys):
+        return "lycoris" if roles & lyco else "kohya"
+    if any(".processor." in k or "_lora.down." in k or "_lora.up." in k for k in keys):
+        return "diffusers-old"
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
+        return "diffusers"
+    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+        return "comfyui"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    return "unknown"
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+def lora_from_tensors(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], peft_config: dict | None = None
+) -> LoraFile:
+    """Group keys by module, pick each module's adapter, and account for every key."""
+    peft_config = peft_config or {}
+    te_prefix = te_prefix_for(tensors)
+    grouped: dict[ModuleKey, dict[str, torch.Tensor]] = {}
+    raw_keys: dict[ModuleKey, list[str]] = {}
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        parsed = parse_key(key, te_prefix)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        mk, role = parsed
+        grouped.setdefault(mk, {})[role] = t
+        raw_keys.setdefault(mk, []).append(key)
+
+    all_roles = {r for g in grouped.values() for r in g}
+    fmt = _detect_format(list(tensors), all_roles, peft_config)
+    comp_cfgs = diffusers_metadata_configs(metadata)
+    lf = LoraFile(path, fmt, metadata, {}, unknown, peft_config=peft_config)
+
+    nonfinite = [k for k, t in tensors.items() if _nonfinite(t)]
+    if nonfinite:
+        lf.warnings.append(
+            f"{path}: {len(nonfinite)} tensor(s) contain NaN/Inf (first: {nonfinite[0]}); those modules are skipped"
+        )
+    bad = set(nonfinite)
+
+    for mk, roles in grouped.items():
+        keys = raw_keys[mk]
+        if bad.intersection(keys):
+            lf.problems.append(f"{mk.name}: NaN/Inf in its tensors")
+            continue
+        if "weight" in roles and "on_input" not in roles:  # a bare ".weight" is not an adapter tensor
+            unknown.extend(k for k in keys if k.endswith(".weight") and parse_key(k, te_prefix)[1] == "weight")
+            roles = {r: t for r, t in roles.items() if r != "weight"}
+            if not roles:
+                continue
+        ext = _alpha_for(mk, peft_config, comp_cfgs)
+        peft_style = any(k.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in keys)
+        try:
+            adapter, left = build_adapter(roles, ext, dora_axis=0 if peft_style else None)
+        except ValueError as e:
+            lf.problems.append(f"{mk.name}: {e}")
+            continue
+        for role in left:
+            unknown.extend(k for k in keys if parse_key(k, te_prefix)[1] == role)
+        lf.modules[mk.name] = ModuleAdapter(mk.name, mk.dotted, adapter)
+
+    if not lf.modules:
+        if lf.problems:
+            raise AdapterShapeError(path, f"no usable module: {lf.problems[0]}" +
+                                    (f" (and {len(lf.problems) - 1} more)" if len(lf.problems) > 1 else ""))
+        sample = ", ".join(unknown[:3])
+        raise LoraFileError(path, f"not a LoRA: none of its {len(tensors)} keys is a known adapter tensor"
+                            + (f" (e.g. {sample})" if sample else ""))
+    return lf
+
+
+def _alpha_for(mk: ModuleKey, peft_config: dict, comp_cfgs: dict[str, dict]) -> AlphaSpec:
+    if peft_config:
+        return PeftAlpha(peft_config).for_module(mk.dotted)
+    if comp_cfgs:
+        comp = "unet"
+        if mk.name.startswith("lora_te2_"):
+            comp = "text_encoder_2"
+        elif mk.name.startswith(("lora_te_", "lora_te1_")):
+            comp = "text_encoder"
+        cfg = comp_cfgs.get(comp) or comp_cfgs.get("transformer") or comp_cfgs.get("")
+        if cfg:
+            return PeftAlpha(cfg).for_module(mk.dotted)
+    return AlphaSpec()
+
+
+def load_lora(path: str | os.PathLike) -> LoraFile:
+    """Read and interpret one LoRA file or PEFT folder. Raises :class:`LoraFileError` subclasses."""
+    path = os.fspath(path)
+    tensors, metadata, peft_config = read_tensors(path)
+    if not tensors:
+        raise LoraFileError(path, "file holds no tensors")
+    lf = lora_from_tensors(path, tensors, metadata, peft_config)
+    for w in lf.warnings:
+        log.warning(w)
+    return lf

@@ -1,0 +1,174 @@
+"""Key dialects: split a raw tensor key into (canonical module name, tensor role).
+
+Canonical module names are kohya-style: a prefix (``lora_unet_``, ``lora_te_``,
+``lora_te1_``, ``lora_te2_``, ``lora_te3_``) plus the module path with dots
+replaced by underscores. When the file spelled the path with dots (diffusers,
+PEFT, ComfyUI-native), the dotted path is kept too (``ModuleKey.dotted``) because
+it maps onto a model without ambiguity.
+
+Other writers' tensor spellings are normalised once, here, by table; the math in
+``adapters/`` only ever sees roles (``down``, ``up``, ``hada_w1_a``, ...).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Tensor suffix -> role. Longest suffix wins (see ``split_key``).
+SUFFIX_ROLES: dict[str, str] = {
+    # kohya / LyCORIS LoRA
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_mid.weight": "mid",
+    "alpha": "alpha",
+    "scale": "scale",
+    "dora_scale": "dora_scale",
+    "bias": "bias",
+    # PEFT / diffusers
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora_B.bias": "up_bias",
+    "lora_A.default.weight": "down",
+    "lora_B.default.weight": "up",
+    "lora_magnitude_vector": "dora_scale",
+    "lora_magnitude_vector.weight": "dora_scale",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+    # LyCORIS
+    "hada_w1_a": "hada_w1_a",
+    "hada_w1_b": "hada_w1_b",
+    "hada_w2_a": "hada_w2_a",
+    "hada_w2_b": "hada_w2_b",
+    "hada_t1": "hada_t1",
+    "hada_t2": "hada_t2",
+    "lokr_w1": "lokr_w1",
+    "lokr_w1_a": "lokr_w1_a",
+    "lokr_w1_b": "lokr_w1_b",
+    "lokr_w2": "lokr_w2",
+    "lokr_w2_a": "lokr_w2_a",
+    "lokr_w2_b": "lokr_w2_b",
+    "lokr_t2": "lokr_t2",
+    "weight": "weight",  # IA3 (with on_input)
+    "on_input": "on_input",
+    "a1.weight": "a1",
+    "a2.weight": "a2",
+    "b1.weight": "b1",
+    "b2.weight": "b2",
+    "diff": "diff",
+    "diff_b": "diff_b",
+    "w_norm": "w_norm",
+    "b_norm": "b_norm",
+    "oft_blocks": "oft_blocks",
+    "oft_diag": "oft_diag",
+    "rescale": "rescale",
+}
+_SUFFIXES = sorted(SUFFIX_ROLES, key=len, reverse=True)
+
+# The oldest diffusers attention-processor form: "<attn>.processor.to_q_lora.down.weight".
+_PROCESSOR_RE = re.compile(
+    r"^(?P<attn>.*?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|out_proj)_lora\.(?P<ud>down|up)\.weight$"
+)
+_PROCESSOR_TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_TE_PROCESSOR_TARGET = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj",
+                        "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "out_proj": "out_proj"}
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+# Other underscore prefixes and the kohya prefix they stand for.
+UNDERSCORE_ALIASES = {"oft_unet_": "lora_unet_", "lycoris_": "lora_unet_", "lora_transformer_": "lora_unet_"}
+# Dotted component prefixes -> kohya prefix ("text_encoder" is resolved per file: te_ or te1_).
+DOTTED_COMPONENTS = {
+    "unet.": "lora_unet_",
+    "transformer.": "lora_unet_",
+    "diffusion_model.": "lora_unet_",
+    "model.diffusion_model.": "lora_unet_",
+    "text_encoder_2.": "lora_te2_",
+    "text_encoder.": "TE",
+}
+_STRIP_PREFIXES = ("base_model.model.",)
+_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out",
+               "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.")
+
+
+@dataclass(frozen=True)
+class ModuleKey:
+    """Canonical module identity: kohya-style ``name`` and, when known, the ``dotted`` path."""
+
+    name: str
+    dotted: str | None = None
+
+
+def split_suffix(key: str) -> tuple[str, str] | None:
+    """``"a.b.lora_up.weight"`` -> ``("a.b", "up")``; None if no known suffix."""
+    for suffix in _SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], SUFFIX_ROLES[suffix]
+    return None
+
+
+def _processor_form(key: str) -> tuple[str, str] | None:
+    m = _PROCESSOR_RE.match(key)
+    if not m:
+        return None
+    attn, proj = m.group("attn"), m.group("proj")
+    table = _TE_PROCESSOR_TARGET if ("text_model" in attn or attn.startswith("text_encoder")) else _PROCESSOR_TARGET
+    if proj not in table:
+        return None
+    return f"{attn}.{table[proj]}", m.group("ud")
+
+
+def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
+    """Map a module path as written in a file to its canonical :class:`ModuleKey`.
+
+    ``te_prefix`` is ``lora_te_`` or ``lora_te1_`` (the latter when the file also
+    has ``text_encoder_2`` keys, i.e. SDXL).
+    """
+    m = raw_module
+    for p in _STRIP_PREFIXES:
+        if m.startswith(p):
+            m = m[len(p):]
+    for p in KOHYA_PREFIXES:
+        if m.startswith(p) and "." not in m:
+            return ModuleKey(m)
+    for p, kp in UNDERSCORE_ALIASES.items():
+        if m.startswith(p) and "." not in m:
+            return ModuleKey(kp + m[len(p):])
+    for p, kp in DOTTED_COMPONENTS.items():
+        if m.startswith(p):
+            path = m[len(p):]
+            for sp in _STRIP_PREFIXES:  # "unet.base_model.model." from old PEFT scripts
+                if path.startswith(sp):
+                    path = path[len(sp):]
+            kp = te_prefix if kp == "TE" else kp
+            return ModuleKey(kp + path.replace(".", "_"), path)
+    if "." in m:  # a bare dotted path (PEFT injected into a bare model)
+        if m.startswith("text_model."):
+            return ModuleKey(te_prefix + m.replace(".", "_"), m)
+        if m.startswith(_UNET_ROOTS):
+            return ModuleKey("lora_unet_" + m.replace(".", "_"), m)
+    return None
+
+
+def parse_key(key: str, te_prefix: str) -> tuple[ModuleKey, str] | None:
+    """Split a raw key into (module, role), or None when the key is not understood."""
+    proc = _processor_form(key)
+    if proc is not None:
+        module, role = proc
+    else:
+        split = split_suffix(key)
+        if split is None:
+            return None
+        module, role = split
+    mk = canonical_module(module, te_prefix)
+    if mk is None:
+        return None
+    return mk, role
+
+
+def te_prefix_for(keys) -> str:
+    """``lora_te1_`` when the file carries a second text encoder, else ``lora_te_``."""
+    for k in keys:
+        if k.startswith(("text_encoder_2.", "lora_te2_", "base_model.model.text_encoder_2.")):
+            return "lora_te1_"
+    return "lora_te_"

@@ -1,0 +1,84 @@
+"""PEFT adapter folders (``adapter_model.safetensors`` + ``adapter_config.json``) and the
+alpha conventions of PEFT configs / diffusers' ``lora_adapter_metadata`` header."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ..adapters import AlphaSpec
+from ..errors import LoraFileError
+
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors")
+
+
+def is_peft_folder(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_NAMES)
+
+
+def folder_weights(path: str) -> str:
+    for n in WEIGHT_NAMES:
+        p = os.path.join(path, n)
+        if os.path.isfile(p):
+            return p
+    raise LoraFileError(path, "folder has no adapter_model.safetensors")
+
+
+def folder_config(path: str) -> dict:
+    p = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(p):
+        return {}
+    try:
+        with open(p, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoraFileError(p, f"unreadable adapter_config.json: {e}") from None
+    if not isinstance(cfg, dict):
+        raise LoraFileError(p, "adapter_config.json is not an object")
+    return cfg
+
+
+def _pattern_value(patterns: dict, dotted: str):
+    """PEFT's rule: a pattern matches ``(.*\\.)?(pattern)$``; the first matching key wins."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", dotted):
+            return value
+    return None
+
+
+class PeftAlpha:
+    """α per module from one LoraConfig dict (``r``, ``lora_alpha``, patterns, ``use_rslora``)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def for_module(self, dotted: str | None) -> AlphaSpec:
+        c = self.config
+        if "lora_alpha" not in c and "alpha" not in c:
+            return AlphaSpec()
+        alpha = c.get("lora_alpha", c.get("alpha"))
+        if dotted is not None:
+            pa = _pattern_value(c.get("alpha_pattern") or {}, dotted)
+            if pa is not None:
+                alpha = pa
+        return AlphaSpec(alpha=float(alpha), rslora=bool(c.get("use_rslora", False)))
+
+
+def diffusers_metadata_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """diffusers writes ``lora_adapter_metadata`` = JSON of ``{"unet.r": 4, "unet.lora_alpha": 8, ...}``
+    (keys prefixed by component). Returns ``{component: config}``."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, dict] = {}
+    for k, v in flat.items():
+        comp, _, field = k.partition(".")
+        if field:
+            out.setdefault(comp, {})[field] = v
+        else:
+            out.setdefault("", {})[k] = v
+    return out
