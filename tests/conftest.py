@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny real models built from configs (seeded), and helpers to run them."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Tests import helpers as "tests.<pkg>" (the repo root also holds ComfyUI's __init__.py).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0
