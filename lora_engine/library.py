@@ -1,0 +1,363 @@
+"""A library of LoRA files over one or more folders, and the one name resolver every host uses.
+
+A name resolves, in this order (each step exact first, then case-insensitive when that
+gives exactly one file):
+
+1. ``sub/folder/stem`` (or with its extension) relative to a configured folder;
+2. the file stem, or the ``ss_output_name`` alias from the file's metadata (stems win
+   over aliases, as A1111's forbidden-alias rule does);
+3. a hash prefix (A1111 short hash, addnet hash or sha256; at least 8 hex digits).
+
+Two files that answer the same name are a collision: resolving it raises
+:class:`NameResolutionError` naming both files, and :meth:`LoraLibrary.collisions` lists
+them. Names that could leave the folders (``..``, absolute paths, drive letters) are refused.
+
+Per file: size, mtime, safetensors metadata, hashes (:mod:`lora_engine.hashes`), format
+and architecture (:func:`lora_engine.diagnose.summarize`), and A1111-style sidecars:
+preview ``stem.{png,jpg,jpeg,webp,gif}`` or ``stem.preview.*``, user metadata
+``stem.json``, description ``stem.txt`` or ``stem.description.txt``. Everything read from
+the file is cached in a sidecar cache (:mod:`lora_engine.library_cache`), so a refresh
+only re-reads files whose size or mtime changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+from .errors import LoraEngineError, NameResolutionError
+from .hashes import hash_file, short_hash
+from .library_cache import DEFAULT_CACHE_NAME, LibraryCache
+
+LORA_EXTS = (".safetensors", ".ckpt", ".pt")
+PREVIEW_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "other": "other"}
+MAX_SIDECAR_BYTES = 1 << 20
+_HEX_RE = re.compile(r"(?:0x)?[0-9a-f]{8,64}\Z")
+
+
+@dataclass(frozen=True)
+class Sidecars:
+    preview: str | None = None
+    user_metadata: dict = field(default_factory=dict)
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One LoRA file. ``key`` is its path below its folder, ``/``-separated, without extension."""
+
+    path: str
+    root: str
+    key: str
+    stem: str
+    size: int
+    mtime_ns: int
+    metadata: dict
+    alias: str
+    sha256: str | None
+    addnet_hash: str | None
+    short_hash: str | None
+    legacy_hash: str | None
+    format: str
+    architecture: str
+    sidecars: Sidecars
+    problems: tuple[str, ...] = ()
+
+    @property
+    def sd_version(self) -> str:
+        """SD1 / SD2 / SDXL / other / unknown; the user metadata's "sd version" wins when set."""
+        user = str(self.sidecars.user_metadata.get("sd version", "") or "")
+        if user and user.lower() != "unknown":
+            return user
+        return SD_VERSIONS.get(self.architecture, "unknown")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["sd_version"] = self.sd_version
+        return d
+
+
+@dataclass(frozen=True)
+class Collision:
+    name: str
+    kind: str  # "stem" | "alias" | "path"
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    files: int
+    read: int  # files (re)read and hashed this scan
+    reused: int  # files taken from the cache
+    removed: int
+    seconds: float
+    warnings: tuple[str, ...]
+
+
+def _natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def _summarize(path: str) -> tuple[str, str, str | None]:
+    """(format, architecture, error) from the core diagnosis; degrades to unknown on any failure."""
+    try:
+        from .diagnose import summarize
+
+        s = summarize(path)
+        return str(s.format), str(s.architecture), getattr(s, "error", None)
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop a library scan
+        return "unknown", "unknown", f"{type(e).__name__}: {e}"
+
+
+def _read_metadata(path: str) -> tuple[dict, str | None]:
+    if not path.lower().endswith(".safetensors"):
+        return {}, None  # pickles are never opened for a listing
+    from .formats.safetensors_file import SafetensorsFile
+
+    try:
+        return dict(SafetensorsFile(path).metadata), None
+    except LoraEngineError as e:
+        return {}, str(e)
+
+
+def read_file_record(path: str, hash_files: bool = True) -> dict:
+    """Everything the cache keeps about one file (hashes, metadata without cover images, summary)."""
+    meta, meta_err = _read_metadata(path)
+    record: dict = {"has_cover": "ssmd_cover_images" in meta,
+                    "metadata": {k: v for k, v in meta.items() if k != "ssmd_cover_images"}}
+    problems = [meta_err] if meta_err else []
+    record.update(sha256=None, addnet=None, legacy=None)
+    if hash_files:
+        try:
+            h = hash_file(path)
+            record.update(sha256=h.sha256, addnet=h.addnet, legacy=h.legacy)
+        except LoraEngineError as e:
+            problems.append(str(e))
+    fmt, arch, err = _summarize(path)
+    record.update(format=fmt, architecture=arch)
+    if err and not meta_err:
+        problems.append(err)
+    record["problems"] = problems
+    return record
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read(MAX_SIDECAR_BYTES)
+
+
+def read_sidecars(folder: str, stem: str, siblings: set[str]) -> tuple[Sidecars, list[str]]:
+    problems: list[str] = []
+    preview = next((os.path.join(folder, n) for e in PREVIEW_EXTS for n in (stem + e, stem + ".preview" + e)
+                    if n in siblings), None)
+    user: dict = {}
+    if stem + ".json" in siblings:
+        p = os.path.join(folder, stem + ".json")
+        try:
+            data = json.loads(_read_text(p))
+            if isinstance(data, dict):
+                user = data
+            else:
+                problems.append(f"{p}: user metadata is not a JSON object; ignored")
+        except (OSError, ValueError) as e:
+            problems.append(f"{p}: unreadable user metadata ({e}); ignored")
+    desc = None
+    for n in (stem + ".txt", stem + ".description.txt"):
+        if n in siblings:
+            try:
+                desc = _read_text(os.path.join(folder, n))
+                break
+            except OSError as e:
+                problems.append(f"{os.path.join(folder, n)}: unreadable description ({e.strerror or e})")
+    if desc is None and isinstance(user.get("description"), str) and user["description"]:
+        desc = user["description"]
+    return Sidecars(preview, user, desc), problems
+
+
+def check_name(name: str) -> str:
+    """Normalise a prompt name (``\\`` -> ``/``, no empty or ``.`` parts) or refuse one that
+    could leave the library folders."""
+    if not isinstance(name, str) or not name.strip():
+        raise NameResolutionError("empty LoRA name")
+    n = name.strip().replace("\\", "/")
+    if "\x00" in n or n.startswith("/") or re.match(r"[A-Za-z]:", n) or ".." in n.split("/"):
+        raise NameResolutionError(f"LoRA name {name!r} refused: it points outside the LoRA folders")
+    return "/".join(p for p in n.split("/") if p not in ("", "."))
+
+
+class LoraLibrary:
+    """LoRA files under ``folders`` (recursive, following symlinks, loops cut).
+
+    ``cache_path``: the hash/metadata cache file (default: ``.lora-engine-cache.json`` in
+    the first folder; ``None`` with ``use_cache=False`` keeps it in memory only)."""
+
+    def __init__(self, folders: Iterable[str | os.PathLike], *, include_hidden: bool = True,
+                 cache_path: str | os.PathLike | None = None, use_cache: bool = True, hash_files: bool = True):
+        self.folders = [os.path.abspath(os.fspath(f)) for f in folders]
+        self.include_hidden = include_hidden
+        self.hash_files = hash_files
+        if use_cache and cache_path is None and self.folders:
+            cache_path = os.path.join(self.folders[0], DEFAULT_CACHE_NAME)
+        self.cache = LibraryCache(cache_path if use_cache else None)
+        self.entries: list[LoraEntry] = []
+        self._index: dict[str, dict[str, list[LoraEntry]]] = {"path": {}, "stem": {}, "alias": {}}
+
+    # ---- scanning ----
+
+    def _walk(self) -> Iterable[tuple[str, str, str, set[str]]]:
+        """(root, folder, filename, sibling names) for every LoRA file, in natural order."""
+        seen: set[str] = set()
+        for root in self.folders:
+            if not os.path.isdir(root):
+                continue
+            for folder, dirs, files in os.walk(root, followlinks=True):
+                real = os.path.realpath(folder)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                dirs[:] = sorted((d for d in dirs if self.include_hidden or not d.startswith(".")), key=_natural_key)
+                siblings = set(files)
+                for f in sorted(files, key=_natural_key):
+                    if f.lower().endswith(LORA_EXTS):
+                        yield root, folder, f, siblings
+
+    def scan(self, progress: Callable[[int, str], None] | None = None) -> ScanReport:
+        """(Re)build the library. Unchanged files come from the cache; ``progress(i, path)`` is
+        called per file (raise from it to cancel: what was read so far stays cached)."""
+        t0 = time.perf_counter()
+        entries: list[LoraEntry] = []
+        read = reused = 0
+        warnings = list(self.cache.warnings)
+        self.cache.warnings.clear()
+        try:
+            for i, (root, folder, fname, siblings) in enumerate(self._walk()):
+                path = os.path.join(folder, fname)
+                if progress is not None:
+                    progress(i, path)
+                try:
+                    st = os.stat(path)
+                except OSError as e:
+                    warnings.append(f"{path}: cannot stat ({e.strerror or e}); skipped")
+                    continue
+                rec = self.cache.get(path, st.st_size, st.st_mtime_ns)
+                if rec is None or (self.hash_files and rec.get("sha256") is None and not rec.get("problems")):
+                    rec = read_file_record(path, self.hash_files)
+                    self.cache.put(path, st.st_size, st.st_mtime_ns, rec)
+                    read += 1
+                else:
+                    reused += 1
+                entries.append(self._entry(root, folder, fname, siblings, st, rec))
+            removed = self.cache.prune({e.path for e in entries})
+        finally:
+            self.cache.save()
+        warnings.extend(self.cache.warnings)
+        self.cache.warnings.clear()
+        self._set_entries(entries)
+        return ScanReport(len(entries), read, reused, removed, time.perf_counter() - t0, tuple(warnings))
+
+    refresh = scan
+
+    def _entry(self, root, folder, fname, siblings, st, rec) -> LoraEntry:
+        stem = os.path.splitext(fname)[0]
+        rel = os.path.relpath(os.path.join(folder, stem), root).replace(os.sep, "/")
+        sidecars, side_problems = read_sidecars(folder, stem, siblings)
+        meta = rec.get("metadata") or {}
+        alias = str(meta.get("ss_output_name") or "").strip() or stem
+        if alias.lower() == "none":
+            alias = stem
+        return LoraEntry(os.path.join(folder, fname), root, rel, stem, st.st_size, st.st_mtime_ns, meta, alias,
+                         rec.get("sha256"), rec.get("addnet"), short_hash(rec.get("addnet"), meta), rec.get("legacy"),
+                         rec.get("format", "unknown"), rec.get("architecture", "unknown"), sidecars,
+                         tuple(rec.get("problems") or ()) + tuple(side_problems))
+
+    def _set_entries(self, entries: list[LoraEntry]) -> None:
+        self.entries = entries
+        index: dict[str, dict[str, list[LoraEntry]]] = {"path": {}, "stem": {}, "alias": {}}
+        for e in entries:
+            index["path"].setdefault(e.key.lower(), []).append(e)
+            index["stem"].setdefault(e.stem.lower(), []).append(e)
+            if e.alias != e.stem:
+                index["alias"].setdefault(e.alias.lower(), []).append(e)
+        self._index = index
+
+    # ---- resolving ----
+
+    def _match(self, kinds: tuple[str, ...], name: str, exact: bool) -> list[LoraEntry]:
+        attr = {"path": "key", "stem": "stem", "alias": "alias"}
+        out: list[LoraEntry] = []
+        for kind in kinds:
+            for e in self._index[kind].get(name.lower(), []):
+                if (not exact or getattr(e, attr[kind]) == name) and e not in out:
+                    out.append(e)
+        return out
+
+    def _pick(self, kinds: tuple[str, ...], name: str, shown: str) -> LoraEntry | None:
+        for exact in (True, False):
+            for group in ((kinds,) if not exact else tuple((k,) for k in kinds)):
+                hits = self._match(group, name, exact)
+                if len(hits) == 1:
+                    return hits[0]
+                if hits:
+                    raise NameResolutionError(_ambiguous(shown, hits))
+        return None
+
+    def find_by_hash(self, h: str) -> list[LoraEntry]:
+        """Entries whose short hash, addnet hash or sha256 starts with ``h`` (case-insensitive)."""
+        h = h.strip().lower()
+        if not _HEX_RE.match(h):
+            return []
+        return [e for e in self.entries
+                if any(v and v.lower().startswith(h) for v in (e.short_hash, e.addnet_hash, e.sha256))]
+
+    def resolve(self, name: str) -> LoraEntry:
+        """The single file ``name`` means, or :class:`NameResolutionError` with the reason."""
+        n = check_name(name)
+        candidates = [n]
+        base, ext = os.path.splitext(n)
+        if ext.lower() in LORA_EXTS:
+            candidates.append(base)
+        for c in candidates:
+            kinds = ("path",) if "/" in c else ("stem", "alias")
+            hit = self._pick(kinds, c, name)
+            if hit is not None:
+                return hit
+        by_hash = self.find_by_hash(n)
+        if by_hash and len({e.addnet_hash for e in by_hash}) == 1:
+            return by_hash[0]  # same tensor data: any copy gives the same result
+        if by_hash:
+            raise NameResolutionError(_ambiguous(name, by_hash))
+        raise NameResolutionError(f"LoRA {name!r} not found in {', '.join(self.folders) or 'no folders'}")
+
+    def preferred_name(self, entry: LoraEntry) -> str:
+        """The shortest name that resolves to ``entry``: its stem when unique, else its path key."""
+        for n in (entry.stem, entry.key):
+            try:
+                if self.resolve(n) is entry:
+                    return n
+            except NameResolutionError:
+                pass
+        return entry.key
+
+    def collisions(self) -> list[Collision]:
+        """Names that more than one file answers (stems and aliases case-insensitively, and path keys)."""
+        out: list[Collision] = []
+        for kind in ("path", "stem"):
+            for name, es in self._index[kind].items():
+                if len(es) > 1:
+                    out.append(Collision(es[0].key if kind == "path" else es[0].stem, kind, tuple(e.path for e in es)))
+        for name, es in self._index["alias"].items():
+            clash = es + [e for e in self._index["stem"].get(name, []) if e not in es]
+            if len(clash) > 1:
+                out.append(Collision(es[0].alias, "alias", tuple(e.path for e in clash)))
+        return out
+
+
+def _ambiguous(name: str, hits: list[LoraEntry]) -> str:
+    listed = ", ".join(e.path for e in hits[:4]) + (", ..." if len(hits) > 4 else "")
+    return (f"LoRA {name!r} is ambiguous: {len(hits)} files match ({listed}); "
+            "write it as sub/folder/name or by its short hash")
