@@ -9,6 +9,8 @@ import sys
 # Module names under lora_engine.cli, one per subcommand (order = order in --help).
 COMMANDS = [
     "inspect_cmd",
+    "parse_cmd",
+    "list_cmd",
 ]
 
 
