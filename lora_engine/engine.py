@@ -1,0 +1,77 @@
+"""The engine a host holds per model: the current stack, the mode, and the patcher.
+
+    engine = LoraEngine(root, build_keymap(shapes_of(root)), mode=Mode.MERGED)
+    engine.set_stack([StackEntry(cache.get(path), te=0.8, unet=1.0)])
+    ...
+    engine.restore()
+
+``set_stack`` moves from the current stack to the wanted one touching only modules whose
+effective delta changed. Changing mode restores first.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from .patch import MergedPatcher, OnTheFlyPatcher, PatchPlan, StackEntry, build_plan
+
+
+class Mode(str, enum.Enum):
+    MERGED = "merged"  # deltas added into the weights; fastest per step; restore by copy
+    ONTHEFLY = "onthefly"  # hooks on touched modules; weights untouched; runtime factors per LoRA / per sample
+
+
+def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{parameter key: shape} of a module tree, the input of ``keymap.build_keymap``."""
+    return {k: tuple(v.shape) for k, v in root.state_dict(keep_vars=True).items()}
+
+
+class LoraEngine:
+    def __init__(self, root: torch.nn.Module, keymap, mode: Mode | str = Mode.MERGED, backup_device: str = "cpu"):
+        self.root = root
+        self.keymap = keymap
+        self.mode = Mode(mode)
+        self.backup_device = backup_device
+        self.stack: list[StackEntry] = []
+        self.plan = PatchPlan()
+        self._patcher = self._make_patcher()
+
+    def _make_patcher(self):
+        if self.mode is Mode.MERGED:
+            return MergedPatcher(self.root, self.backup_device)
+        return OnTheFlyPatcher(self.root)
+
+    def set_mode(self, mode: Mode | str) -> None:
+        mode = Mode(mode)
+        if mode is self.mode:
+            return
+        stack = self.stack
+        self.restore()
+        self.mode = mode
+        self._patcher = self._make_patcher()
+        self.set_stack(stack)
+
+    def set_stack(self, stack: list[StackEntry]):
+        """Apply the wanted stack; returns the plan (with per-LoRA reports)."""
+        plan = build_plan(stack, self.keymap)
+        self._patcher.apply(plan)
+        self.stack, self.plan = list(stack), plan
+        return plan
+
+    def set_factor(self, lora_id: str, value) -> None:
+        """On-the-fly only: runtime multiplier (scalar or per-sample vector) of one LoRA in the stack."""
+        if self.mode is not Mode.ONTHEFLY:
+            raise ValueError("runtime factors need on-the-fly mode")
+        self._patcher.set_factor(lora_id, value)
+
+    @property
+    def stats(self):
+        return getattr(self._patcher, "stats", None)
+
+    def warnings(self) -> list[str]:
+        return [line for r in self.plan.reports.values() if (line := r.line())]
+
+    def restore(self) -> None:
+        self._patcher.restore()
+        self.stack, self.plan = [], PatchPlan()

@@ -1,0 +1,64 @@
+"""One line on why LoRA names matched nothing: usually a LoRA for another model family.
+
+The family of a LoRA is guessed from names alone (shapes are the patcher's business):
+
+- Flux: ``double_blocks``/``single_blocks``; SD3: ``joint_blocks``;
+- SDXL: a second text encoder (``lora_te2_``), ``label_emb``/``add_embedding``, transformer depth > 1
+  (``transformer_blocks_1``...), attention in the first up level (``up_blocks_0_attentions``,
+  ``output_blocks_0..2_1``);
+- SD1.x/SD2.x: a fourth level (``down_blocks_3``, ``up_blocks_3``, ``input_blocks_10/11``,
+  ``output_blocks_9..11``) or attention in the first down level (``down_blocks_0_attentions``,
+  ``input_blocks_1_1``/``_2_1``); SD2.x when the first text encoder has more than 12 layers.
+- OpenCLIP-native text-encoder names (``resblocks``, ``in_proj``, ``c_fc``) on an HF-CLIP model.
+"""
+from __future__ import annotations
+
+import re
+
+LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unrecognised"}
+
+_FAMILY_RULES: tuple[tuple[str, re.Pattern], ...] = (
+    ("Flux", re.compile(r"^lora_(unet|transformer)_(double_blocks|single_blocks)_")),
+    ("SD3", re.compile(r"^lora_(unet|transformer)_joint_blocks_")),
+    ("SDXL", re.compile(r"^lora_te2_|^lora_unet_(label_emb|add_embedding)_|_transformer_blocks_[1-9]"
+                        r"|^lora_unet_(up_blocks_0_attentions|output_blocks_[0-2]_1_)")),
+    ("SD1.x/SD2.x", re.compile(r"^lora_unet_(down_blocks_3|up_blocks_3|input_blocks_1[01]_|output_blocks_(9|10|11)_"
+                               r"|down_blocks_0_attentions|input_blocks_[12]_1_)")),
+)
+_TE_LAYER = re.compile(r"^lora_te1?_text_model_encoder_layers_(\d+)_")
+_OPENCLIP_NATIVE = re.compile(r"^lora_te\d?_.*(resblocks|in_proj|_c_fc|_c_proj|ln_final)")
+
+
+def lora_family(names: list[str]) -> str | None:
+    """Best guess of the family a LoRA was made for, from its (unmatched) names."""
+    for family, rule in _FAMILY_RULES:
+        if any(rule.search(n) for n in names):
+            return family
+    layers = [int(m.group(1)) for m in map(_TE_LAYER.match, names) if m]
+    if layers and max(layers) >= 12:
+        return "SD2.x"
+    return None
+
+
+def _matches_model(family: str, arch: str) -> bool:
+    return LABELS.get(arch, "") in family.split("/")
+
+
+def diagnose_unmatched(keymap, names: list[str]) -> str:
+    """E.g. ``"SDXL LoRA on an SD1.x model: 412 keys matched no module (e.g. lora_te2_...)"``."""
+    names = list(names)
+    if not names:
+        return "all keys matched"
+    count = f"{len(names)} key{'s' if len(names) != 1 else ''} matched no module (e.g. {', '.join(names[:2])})"
+    arch = LABELS.get(keymap.architecture, keymap.architecture)
+    family = lora_family(names)
+    if family is not None and not _matches_model(family, keymap.architecture):
+        return f"{family} LoRA on an {arch} model: {count}"
+    te_names = [n for n in names if n.startswith("lora_te")]
+    if te_names and not keymap.te_namings:
+        return f"text-encoder keys but this model part has no text encoder: {count}"
+    if len(te_names) < len(names) and keymap.unet_naming is None:
+        return f"UNet keys but this model part has no UNet: {count}"
+    if any(_OPENCLIP_NATIVE.search(n) for n in te_names) and "openclip" not in keymap.te_namings:
+        return f"text-encoder keys for OpenCLIP on a CLIP-L model: {count}"
+    return count

@@ -1,0 +1,84 @@
+"""Find the UNet and text encoders inside a host's parameter keys, whatever the host's naming.
+
+A root is a key prefix under which one model lives, recognised by a parameter only that model
+has (a *marker*). Where each host puts them:
+
+=========================  ==========================================  ==============================
+host                       UNet                                        text encoders
+=========================  ==========================================  ==============================
+diffusers pipeline parts   ``unet.`` (diffusers names)                 ``text_encoder.``, ``text_encoder_2.`` (HF CLIP)
+A1111 ldm, SD1             ``model.diffusion_model.`` (ldm names)      ``cond_stage_model.transformer.`` (HF CLIP)
+A1111 ldm, SD2             ``model.diffusion_model.``                  ``cond_stage_model.model.`` (OpenCLIP, fused MHA)
+A1111 sgm, SDXL            ``model.diffusion_model.``                  ``conditioner.embedders.0.transformer.`` (HF CLIP-L),
+                                                                       ``conditioner.embedders.1.model.`` (OpenCLIP-G)
+ComfyUI                    ``diffusion_model.`` (BaseModel)            ``clip_l.transformer.``, ``clip_h.transformer.``,
+                                                                       ``clip_g.transformer.`` (HF layout)
+=========================  ==========================================  ==============================
+
+The first text encoder (kohya ``lora_te_``/``lora_te1_``) is the first root in the order
+below; the second (``lora_te2_``) the next. ComfyUI orders ``clip_l`` before ``clip_g``.
+
+transformers>=5 ``CLIPTextModel`` has no ``text_model`` level (keys ``encoder.layers.…``,
+``final_layer_norm``); such a root is ``hf_clip_flat`` and LoRA paths get ``text_model.`` prepended.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Parameter key suffix -> (component, naming). The prefix before it is the root.
+MARKERS: dict[str, tuple[str, str]] = {
+    "time_embedding.linear_1.weight": ("unet", "diffusers"),
+    "time_embed.0.weight": ("unet", "ldm"),
+    "text_model.final_layer_norm.weight": ("te", "hf_clip"),  # not token_embedding: A1111 wraps that one
+    "embeddings.position_embedding.weight": ("te", "hf_clip_flat"),  # transformers>=5 CLIPTextModel
+    "transformer.resblocks.0.attn.in_proj_weight": ("te", "openclip"),
+}
+# ComfyUI's CLIP attribute names, in kohya text-encoder order.
+_COMFY_ORDER = {"clip_l.": "clip_0.", "clip_h.": "clip_1.", "clip_g.": "clip_2."}
+
+
+@dataclass(frozen=True)
+class Root:
+    """One model inside the host's keys: ``keys`` are relative to ``prefix``."""
+
+    component: str  # "unet" | "te"
+    naming: str  # "diffusers" | "ldm" | "hf_clip" | "hf_clip_flat" | "openclip"
+    prefix: str
+    shapes: dict  # relative parameter key -> shape
+
+    def full(self, rel: str) -> str:
+        return self.prefix + rel
+
+
+def _te_order(prefix: str) -> str:
+    for name, rank in _COMFY_ORDER.items():
+        if prefix.startswith(name):
+            return rank + prefix[len(name):]
+    return prefix
+
+
+def find_roots(named_shapes) -> tuple[Root | None, list[Root]]:
+    """``(unet root or None, text-encoder roots in kohya order)``.
+
+    If several UNets are present (unusual), the one with most parameters wins.
+    """
+    found: dict[str, tuple[str, str]] = {}
+    for key in named_shapes:
+        for marker, what in MARKERS.items():
+            if key.endswith(marker) and (len(key) == len(marker) or key[-len(marker) - 1] == "."):
+                prefix = key[: -len(marker)]
+                if what[1] == "hf_clip_flat" and prefix.endswith("text_model."):
+                    continue  # the nested layout, found by its own marker
+                found[prefix] = what
+    # Longest prefix first so a key is given to its innermost root.
+    prefixes = sorted(found, key=len, reverse=True)
+    buckets: dict[str, dict] = {p: {} for p in prefixes}
+    for key, shape in named_shapes.items():
+        for p in prefixes:
+            if key.startswith(p):
+                buckets[p][key[len(p):]] = tuple(shape)
+                break
+    roots = [Root(found[p][0], found[p][1], p, buckets[p]) for p in prefixes]
+    unets = sorted((r for r in roots if r.component == "unet"), key=lambda r: (-len(r.shapes), len(r.prefix)))
+    tes = sorted((r for r in roots if r.component == "te"), key=lambda r: _te_order(r.prefix))
+    return (unets[0] if unets else None), tes

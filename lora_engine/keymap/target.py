@@ -1,0 +1,40 @@
+"""The value a key map returns: where one LoRA target lives in the host's parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    """One patchable weight (or a row slice of a fused one).
+
+    ``weight_key``/``bias_key`` are full parameter keys under the root the map was built
+    from. ``rows`` is ``[start, stop)`` inside a fused weight (OpenCLIP's ``in_proj_weight``
+    holds q, k, v stacked on dim 0) and applies to the bias the same way; else None.
+    ``component`` is ``"unet"`` or ``"te"`` (which multiplier applies). ``shape`` is the
+    shape of the (sliced) weight.
+    """
+
+    weight_key: str
+    bias_key: str | None
+    rows: tuple[int, int] | None
+    component: str
+    shape: tuple[int, ...]
+
+
+def module_target(root, module: str, component: str) -> Target:
+    """Target of the module at relative path ``module`` (it has ``module.weight``)."""
+    shape = root.shapes[module + ".weight"]
+    bias = module + ".bias"
+    return Target(root.full(module + ".weight"), root.full(bias) if bias in root.shapes else None,
+                  None, component, tuple(shape))
+
+
+def weighted_modules(root):
+    """Relative module paths that own a ``.weight`` parameter, in key order."""
+    return [k[: -len(".weight")] for k in root.shapes if k.endswith(".weight")]
+
+
+def underscored(path: str) -> str:
+    """kohya's rule: the module path with every ``.`` replaced by ``_``."""
+    return path.replace(".", "_")

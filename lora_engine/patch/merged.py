@@ -1,0 +1,105 @@
+"""Merged mode: add the stack's deltas into the weights in place; restore by copying backups.
+
+Only touched slots are backed up, once, in their own dtype (on CPU or on the weight's device).
+A slot's new value is always computed from its backup: W = cast(W₀ + Σ m·ΔW), one add, one cast,
+so any sequence of stacks followed by ``restore()`` gives back the original bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .delta import summed_delta
+from .plan import PatchPlan, changed_slots
+
+
+@dataclass
+class PatchStats:
+    """Counts of what the last ``apply`` did (used by tests and benchmarks)."""
+
+    slots_written: int = 0
+    slots_restored: int = 0
+    bytes_written: int = 0
+
+
+def _param(root: torch.nn.Module, key: str) -> torch.Tensor:
+    module_path, _, name = key.rpartition(".")
+    module = root.get_submodule(module_path) if module_path else root
+    p = getattr(module, name)
+    if not isinstance(p, torch.Tensor):
+        raise KeyError(key)
+    return p
+
+
+def _region(t: torch.Tensor, rows):
+    return t if rows is None else t[rows[0]:rows[1]]
+
+
+@dataclass
+class MergedPatcher:
+    root: torch.nn.Module
+    backup_device: str = "cpu"  # "cpu" or "same"
+    plan: PatchPlan = field(default_factory=PatchPlan)
+    backups: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    stats: PatchStats = field(default_factory=PatchStats)
+
+    def _backup(self, slot: str, target) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if slot not in self.backups:
+            dev = None if self.backup_device == "same" else torch.device(self.backup_device)
+            w = _region(_param(self.root, target.weight_key), target.rows).detach()
+            b = None
+            if target.bias_key is not None:
+                try:
+                    b = _region(_param(self.root, target.bias_key), target.rows).detach()
+                except (KeyError, AttributeError):
+                    b = None
+            self.backups[slot] = (w.to(dev, copy=True) if dev else w.clone(),
+                                  None if b is None else (b.to(dev, copy=True) if dev else b.clone()))
+        return self.backups[slot]
+
+    @torch.no_grad()
+    def _write(self, slot: str, target, contributions) -> None:
+        w0, b0 = self._backup(slot, target)
+        w = _region(_param(self.root, target.weight_key), target.rows)
+        dw, db = summed_delta(contributions, w0, device=w.device)
+        if dw is not None:
+            w.copy_((w0.to(w.device, torch.float32) + dw).to(w.dtype))
+            self.stats.bytes_written += w.numel() * w.element_size()
+        if db is not None and target.bias_key is not None:
+            try:
+                b = _region(_param(self.root, target.bias_key), target.rows)
+            except (KeyError, AttributeError):
+                b = None
+            if b is not None:
+                b.copy_((b0.to(b.device, torch.float32) + db).to(b.dtype))
+        self.stats.slots_written += 1
+
+    @torch.no_grad()
+    def _restore_slot(self, slot: str) -> None:
+        target = self.plan.targets.get(slot)
+        w0, b0 = self.backups.pop(slot)
+        if target is None:
+            return
+        _region(_param(self.root, target.weight_key), target.rows).copy_(w0)
+        if b0 is not None:
+            _region(_param(self.root, target.bias_key), target.rows).copy_(b0)
+        self.stats.slots_restored += 1
+
+    def apply(self, new_plan: PatchPlan) -> PatchStats:
+        """Move the model from the current plan to ``new_plan``, touching only changed slots."""
+        self.stats = PatchStats()
+        changed = changed_slots(self.plan, new_plan)
+        for slot in changed:
+            if slot not in new_plan.contributions:
+                if slot in self.backups:
+                    self._restore_slot(slot)
+            else:
+                self._write(slot, new_plan.targets[slot], new_plan.contributions[slot])
+        # keep targets of removed slots out, of current slots in
+        self.plan = new_plan
+        return self.stats
+
+    def restore(self) -> PatchStats:
+        """Put every touched weight back, bit for bit, and forget the plan."""
+        return self.apply(PatchPlan())

@@ -1,0 +1,206 @@
+"""On-the-fly mode: forward hooks on the touched modules only; weights are never written.
+
+Linear/Conv2d targets:
+    y = base(x) + Σ_k m_k · f_k · s_k · up_k(mid_k(down_k(x)))      (low-rank types: LoRA, LoCon, Tucker)
+    y = base(x) + Σ_k m_k · f_k · (ΔW_k ⋆ x + Δb_k)                 (other types: dense ΔW computed once, cached)
+where m_k is the plan's strength and f_k a runtime factor per LoRA (``set_factor``): a scalar, or
+a vector with one value per sample of the batch, so images of one batch can carry different
+stacks and step schedules change nothing but a number.
+Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers) get the summed
+dense delta swapped in for the duration of the forward (pre-hook) and the original Parameter
+put back right after (post-hook); the stored weight is never modified. Those take a scalar factor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LoraEngineError
+from ..adapters.lora import LoRA
+from .delta import summed_delta
+from .merged import _param
+from .plan import Contribution, PatchPlan, changed_slots
+
+
+def _as_factor(f, out: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(f, (int, float)):
+        return float(f)
+    f = f.to(device=out.device, dtype=out.dtype)
+    if f.numel() == 1:
+        return f.reshape(())
+    if f.shape[0] != out.shape[0]:
+        raise LoraEngineError(f"per-sample multipliers for {f.shape[0]} samples, but the batch has {out.shape[0]}")
+    return f.reshape(-1, *([1] * (out.ndim - 1)))
+
+
+@dataclass
+class _Term:
+    contribution: Contribution
+    target: object
+    cache: dict = field(default_factory=dict)  # (dtype, device) -> prepared tensors
+
+
+class _ModuleHook:
+    """All on-the-fly terms of one module, and its torch hook handles."""
+
+    def __init__(self, patcher: "OnTheFlyPatcher", path: str, module: torch.nn.Module):
+        self.patcher, self.path, self.module = patcher, path, module
+        self.terms: dict[str, list[_Term]] = {}  # slot -> terms
+        self.handles = []
+        self.swapped: dict[str, torch.Tensor] = {}
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            self.handles.append(module.register_forward_hook(self._add_hook))
+        else:
+            self.handles.append(module.register_forward_pre_hook(self._swap_in))
+            self.handles.append(module.register_forward_hook(self._swap_out))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # ---- Linear / Conv2d: add the side path ---------------------------------------------------
+    def _lowrank(self, term: _Term, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        prep = term.cache.get(key)
+        m = self.module
+        if prep is None:
+            f = term.contribution.adapter.factors()
+            r = f.down.shape[0]
+            if isinstance(m, torch.nn.Linear):
+                down, up = f.down.reshape(r, -1), f.up.reshape(f.up.shape[0], -1)
+                mid = None
+            else:
+                up = f.up.reshape(f.up.shape[0], -1, 1, 1)
+                mid = f.mid
+                down = f.down if f.down.ndim == 4 else f.down.reshape(r, -1, 1, 1)
+            prep = tuple(None if t is None else t.to(device=x.device, dtype=x.dtype) for t in (down, mid, up, f.bias))
+            prep = prep + (f.scale,)
+            term.cache[key] = prep
+        down, mid, up, bias, scale = prep
+        if isinstance(m, torch.nn.Linear):
+            h = F.linear(F.linear(x, down), up)
+        elif mid is None:
+            h = F.conv2d(F.conv2d(x, down, None, m.stride, m.padding, m.dilation), up)
+        else:
+            h = F.conv2d(F.conv2d(F.conv2d(x, down), mid, None, m.stride, m.padding, m.dilation), up)
+        if bias is not None:
+            h = h + (bias.view(1, -1, 1, 1) if h.ndim == 4 else bias)
+        return h * scale
+
+    def _dense(self, term: _Term, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        prep = term.cache.get(key)
+        m = self.module
+        if prep is None:
+            base = self.patcher.original(term.target)
+            single = Contribution(term.contribution.lora_id, term.contribution.module_name, 1.0,
+                                  term.contribution.adapter)
+            dw, db = summed_delta([single], base)
+            prep = (dw.to(device=x.device, dtype=x.dtype), None if db is None else db.to(device=x.device, dtype=x.dtype))
+            term.cache[key] = prep
+        dw, db = prep
+        if isinstance(m, torch.nn.Linear):
+            return F.linear(x, dw, db)
+        return F.conv2d(x, dw, db, m.stride, m.padding, m.dilation, m.groups)
+
+    def _is_lowrank(self, term: _Term) -> bool:
+        a = term.contribution.adapter
+        if not isinstance(a, LoRA):
+            return False
+        m = self.module
+        if isinstance(m, torch.nn.Conv2d):
+            if m.groups != 1:
+                return False
+            k = tuple(m.kernel_size)
+            if a.mid is not None:
+                return tuple(a.mid.shape[2:]) == k
+            return a.down.ndim == 4 and tuple(a.down.shape[2:]) == k or (k == (1, 1))
+        return True
+
+    def _add_hook(self, module, args, out):
+        x = args[0]
+        for slot_terms in self.terms.values():
+            for term in slot_terms:
+                factor = self.patcher.factor(term.contribution.lora_id)
+                if isinstance(factor, float) and factor == 0.0:
+                    continue
+                side = self._lowrank(term, x) if self._is_lowrank(term) else self._dense(term, x)
+                out = out + side * (term.contribution.strength * _as_factor(factor, side))
+        return out
+
+    # ---- anything else: swap a dense patched tensor in for one forward -------------------------
+    def _swap_in(self, module, args):
+        by_key: dict[str, list] = {}
+        for slot, slot_terms in self.terms.items():
+            for term in slot_terms:
+                by_key.setdefault(term.target.weight_key, []).append(term)
+        for key, terms in by_key.items():
+            name = key.rpartition(".")[2]
+            original = module._parameters[name]
+            patched = original.detach().float().clone()
+            for term in terms:
+                factor = self.patcher.factor(term.contribution.lora_id)
+                if not isinstance(factor, float):
+                    if factor.numel() != 1 and not bool((factor == factor.flatten()[0]).all()):
+                        raise LoraEngineError(f"{self.path}: per-sample multipliers are not supported on this layer")
+                    factor = float(factor.flatten()[0])
+                t = term.target
+                region = patched if t.rows is None else patched[t.rows[0]:t.rows[1]]
+                dw, _ = summed_delta([term.contribution], self.patcher.original(t))
+                region += factor * dw.to(region.device)
+            self.swapped[name] = original
+            module._parameters[name] = patched.to(original.dtype)
+
+    def _swap_out(self, module, args, out):
+        for name, original in self.swapped.items():
+            module._parameters[name] = original
+        self.swapped = {}
+        return out
+
+
+class OnTheFlyPatcher:
+    def __init__(self, root: torch.nn.Module):
+        self.root = root
+        self.plan = PatchPlan()
+        self.hooks: dict[str, _ModuleHook] = {}
+        self.factors: dict[str, float | torch.Tensor] = {}
+
+    def factor(self, lora_id: str):
+        return self.factors.get(lora_id, 1.0)
+
+    def set_factor(self, lora_id: str, value) -> None:
+        """Runtime multiplier of one LoRA (scalar, or one value per sample). No re-patching."""
+        self.factors[lora_id] = value if isinstance(value, torch.Tensor) else float(value)
+
+    def original(self, target) -> torch.Tensor:
+        w = _param(self.root, target.weight_key).detach()
+        return w if target.rows is None else w[target.rows[0]:target.rows[1]]
+
+    def apply(self, new_plan: PatchPlan) -> int:
+        """Update hooks for changed slots only; returns the number of slots updated."""
+        changed = changed_slots(self.plan, new_plan)
+        for slot in changed:
+            target = new_plan.targets.get(slot) or self.plan.targets[slot]
+            path = target.weight_key.rpartition(".")[0]
+            hook = self.hooks.get(path)
+            contribs = new_plan.contributions.get(slot)
+            if contribs:
+                if hook is None:
+                    hook = self.hooks[path] = _ModuleHook(self, path, self.root.get_submodule(path))
+                hook.terms[slot] = [_Term(c, target) for c in contribs]
+            elif hook is not None:
+                hook.terms.pop(slot, None)
+                if not hook.terms:
+                    hook.remove()
+                    del self.hooks[path]
+        self.plan = new_plan
+        return len(changed)
+
+    def restore(self) -> None:
+        for hook in self.hooks.values():
+            hook.remove()
+        self.hooks = {}
+        self.plan = PatchPlan()

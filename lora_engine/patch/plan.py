@@ -1,0 +1,119 @@
+"""From a wanted stack of LoRAs to a plan: for every target weight, which adapters at which strength.
+
+A plan is a pure value; the difference between two plans is the set of target weights whose
+contributions changed. Merged and on-the-fly patchers both consume plans, so switching
+stacks touches only what changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..formats import LoraFile
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One LoRA in the wanted stack: ``te``/``unet`` strengths (negative allowed), optional
+    per-module multiplier (block weights) and A1111's ``dyn`` rank truncation."""
+
+    lora: LoraFile
+    te: float = 1.0
+    unet: float = 1.0
+    block_multiplier: Callable[[str], float] | None = None
+    dyn: int | None = None
+    key: str | None = None  # identity of the LoRA in the stack (defaults to its path)
+
+    @property
+    def ident(self) -> str:
+        return self.key or self.lora.path
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One adapter on one target at one strength. Equality = same LoRA, module, strength."""
+
+    lora_id: str
+    module_name: str
+    strength: float
+    adapter: object = field(compare=False, hash=False)
+
+    @property
+    def signature(self) -> tuple:
+        return (self.lora_id, self.module_name, self.strength)
+
+
+@dataclass
+class LoraReport:
+    name: str
+    touched: int = 0
+    unmatched: list[str] = field(default_factory=list)
+    diagnosis: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str | None:
+        """One warning line, or None when everything matched."""
+        if not self.unmatched and not self.problems:
+            return None
+        parts = []
+        if self.unmatched:
+            parts.append(f"{len(self.unmatched)} module(s) matched nothing in this model: {self.diagnosis}")
+        if self.problems:
+            parts.append(f"{len(self.problems)} module(s) unusable ({self.problems[0]})")
+        return f"{self.name}: " + "; ".join(parts)
+
+
+@dataclass
+class PatchPlan:
+    targets: dict[str, object] = field(default_factory=dict)  # slot -> keymap Target
+    contributions: dict[str, tuple[Contribution, ...]] = field(default_factory=dict)  # slot -> contributions
+    reports: dict[str, LoraReport] = field(default_factory=dict)
+
+    def signature(self, slot: str) -> tuple:
+        return tuple(sorted(c.signature for c in self.contributions.get(slot, ())))
+
+
+def slot_of(target) -> str:
+    """Identity of a patched region: the weight key plus its row slice (fused q/k/v share a weight)."""
+    return target.weight_key if target.rows is None else f"{target.weight_key}[{target.rows[0]}:{target.rows[1]}]"
+
+
+def _truncate(adapter, dyn: int | None):
+    if dyn and hasattr(adapter, "truncated"):
+        return adapter.truncated(dyn)
+    return adapter
+
+
+def build_plan(stack: list[StackEntry], keymap) -> PatchPlan:
+    plan = PatchPlan()
+    contributions: dict[str, list[Contribution]] = {}
+    for entry in stack:
+        lf = entry.lora
+        report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems)))
+        unmatched = []
+        for name, ma in lf.modules.items():
+            target = keymap.lookup(name, ma.dotted)
+            if target is None:
+                unmatched.append(name)
+                continue
+            strength = entry.te if target.component == "te" else entry.unet
+            if entry.block_multiplier is not None:
+                strength *= float(entry.block_multiplier(name))
+            report.touched += 1
+            if strength == 0.0:
+                continue
+            slot = slot_of(target)
+            plan.targets[slot] = target
+            contributions.setdefault(slot, []).append(
+                Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn)))
+        report.unmatched = unmatched
+        if unmatched:
+            report.diagnosis = keymap.diagnose(unmatched)
+    plan.contributions = {k: tuple(v) for k, v in contributions.items()}
+    return plan
+
+
+def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:
+    """Slots whose effective delta differs between two plans (added, removed or re-weighted)."""
+    slots = set(old.contributions) | set(new.contributions)
+    return {s for s in slots if old.signature(s) != new.signature(s)}
