@@ -66,7 +66,7 @@ class OpenCLIPText(nn.Module):
         out = cls(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
                   c.num_attention_heads, c.intermediate_size, proj.out_features if proj is not None else None,
                   c.layer_norm_eps)
-        tm = hf.text_model
+        tm = getattr(hf, "text_model", hf)  # transformers>=5 CLIPTextModel has no text_model level
         with torch.no_grad():
             out.token_embedding.weight.copy_(tm.embeddings.token_embedding.weight)
             out.positional_embedding.copy_(tm.embeddings.position_embedding.weight)
