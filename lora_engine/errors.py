@@ -28,3 +28,19 @@ class AdapterShapeError(LoraFileError):
 
 class NameResolutionError(LoraEngineError):
     """A LoRA name could not be resolved to exactly one file in the library."""
+
+
+class ToolError(LoraEngineError):
+    """A LoRA tool (merge, resize, extract, convert, bake) cannot do what was asked; the message says why."""
+
+
+class OperationCancelled(LoraEngineError):
+    """A long operation was cancelled by its caller (cancel flag set or progress callback raised it)."""
+
+
+class DatasetError(LoraEngineError):
+    """A training dataset cannot be used (empty, unreadable, no captions, images too small)."""
+
+
+class TrainingError(LoraEngineError):
+    """Training cannot start or continue (bad settings, persistent NaN/Inf, incompatible resume state)."""
