@@ -55,7 +55,8 @@ def _data_offset(path: str, fh, size: int) -> int | None:
     return 8 + n
 
 
-def hash_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> FileHashes:
+def hash_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None,
+              chunk_size: int = CHUNK) -> FileHashes:
     """Compute :class:`FileHashes` in one pass. ``progress(nbytes)`` is called after each chunk
     (raise from it to cancel). Raises :class:`LoraFileError` on unreadable files."""
     path = os.fspath(path)
@@ -66,7 +67,7 @@ def hash_file(path: str | os.PathLike, progress: Callable[[int], None] | None = 
             start = _data_offset(path, fh, size)
             pos = 0
             while True:
-                chunk = fh.read(CHUNK)
+                chunk = fh.read(chunk_size)
                 if not chunk:
                     break
                 end = pos + len(chunk)
