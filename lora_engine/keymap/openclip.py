@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import re
 
+from .clip import hf_spellings
 from .roots import Root
 from .target import Target, module_target, underscored, weighted_modules
 
 _LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$")
 # Per-layer OpenCLIP child -> HF child (exceptions table).
 LAYER_RENAMES: dict[str, str] = {
     "attn.out_proj": "self_attn.out_proj",
@@ -54,18 +56,22 @@ def _fused(root: Root, layer: str):
         yield f"text_model.encoder.layers.{layer}.self_attn.{proj}", target
 
 
+def _names(prefix: str, path: str) -> list[str]:
+    return [prefix + underscored(p) for p in hf_spellings(path)]
+
+
 def openclip_entries(root: Root, prefix: str):
     """Yield ``(kohya names, dotted HF paths, Target)`` for each mappable OpenCLIP weight."""
     for module in weighted_modules(root):
         path = hf_path(module)
         if path is not None:
-            yield [prefix + underscored(path)], [path], module_target(root, module, "te")
+            yield _names(prefix, path), hf_spellings(path), module_target(root, module, "te")
     for key in root.shapes:
-        m = re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$", key)
+        m = _IN_PROJ.match(key)
         if m:
             for path, target in _fused(root, m.group(1)):
-                yield [prefix + underscored(path)], [path], target
+                yield _names(prefix, path), hf_spellings(path), target
     native, path = POSITIONAL
     if native in root.shapes:
         target = Target(root.full(native), None, None, "te", tuple(root.shapes[native]))
-        yield [prefix + underscored(path)], [path], target
+        yield _names(prefix, path), hf_spellings(path), target
