@@ -204,12 +204,12 @@ class LoraLibrary:
             cache_path = os.path.join(self.folders[0], DEFAULT_CACHE_NAME)
         self.cache = LibraryCache(cache_path if use_cache else None)
         self.entries: list[LoraEntry] = []
-        self._index: dict[str, dict[str, list[LoraEntry]]] = {"path": {}, "stem": {}, "alias": {}}
+        self._index: dict[str, dict[str, list[LoraEntry]]] = {"path": {}, "stem": {}, "alias": {}, "hash": {}}
 
     # ---- scanning ----
 
-    def _walk(self) -> Iterable[tuple[str, str, str, set[str]]]:
-        """(root, folder, filename, sibling names) for every LoRA file, in natural order."""
+    def _walk(self) -> Iterable[tuple[str, str, str, str, set[str]]]:
+        """(root, folder, key prefix, filename, sibling names) for every LoRA file, in natural order."""
         seen: set[str] = set()
         for root in self.folders:
             if not os.path.isdir(root):
@@ -222,9 +222,11 @@ class LoraLibrary:
                 seen.add(real)
                 dirs[:] = sorted((d for d in dirs if self.include_hidden or not d.startswith(".")), key=_natural_key)
                 siblings = set(files)
+                rel = os.path.relpath(folder, root).replace(os.sep, "/")
+                prefix = "" if rel == "." else rel + "/"
                 for f in sorted(files, key=_natural_key):
                     if f.lower().endswith(LORA_EXTS):
-                        yield root, folder, f, siblings
+                        yield root, folder, prefix, f, siblings
 
     def scan(self, progress: Callable[[int, str], None] | None = None) -> ScanReport:
         """(Re)build the library. Unchanged files come from the cache; ``progress(i, path)`` is
@@ -235,7 +237,7 @@ class LoraLibrary:
         warnings = list(self.cache.warnings)
         self.cache.warnings.clear()
         try:
-            for i, (root, folder, fname, siblings) in enumerate(self._walk()):
+            for i, (root, folder, prefix, fname, siblings) in enumerate(self._walk()):
                 path = os.path.join(folder, fname)
                 if progress is not None:
                     progress(i, path)
@@ -251,7 +253,7 @@ class LoraLibrary:
                     read += 1
                 else:
                     reused += 1
-                entries.append(self._entry(root, folder, fname, siblings, st, rec))
+                entries.append(self._entry(root, folder, prefix, fname, siblings, st, rec))
             removed = self.cache.prune({e.path for e in entries})
         finally:
             self.cache.save()
@@ -262,9 +264,9 @@ class LoraLibrary:
 
     refresh = scan
 
-    def _entry(self, root, folder, fname, siblings, st, rec) -> LoraEntry:
+    def _entry(self, root, folder, prefix, fname, siblings, st, rec) -> LoraEntry:
         stem = os.path.splitext(fname)[0]
-        rel = os.path.relpath(os.path.join(folder, stem), root).replace(os.sep, "/")
+        rel = prefix + stem
         sidecars, side_problems = read_sidecars(folder, stem, siblings)
         meta = rec.get("metadata") or {}
         alias = str(meta.get("ss_output_name") or "").strip() or stem
@@ -277,8 +279,10 @@ class LoraLibrary:
 
     def _set_entries(self, entries: list[LoraEntry]) -> None:
         self.entries = entries
-        index: dict[str, dict[str, list[LoraEntry]]] = {"path": {}, "stem": {}, "alias": {}}
+        index: dict[str, dict[str, list[LoraEntry]]] = {"path": {}, "stem": {}, "alias": {}, "hash": {}}
         for e in entries:
+            for h in {v.lower()[:8] for v in (e.short_hash, e.addnet_hash, e.sha256) if v}:
+                index["hash"].setdefault(h, []).append(e)
             index["path"].setdefault(e.key.lower(), []).append(e)
             index["stem"].setdefault(e.stem.lower(), []).append(e)
             if e.alias != e.stem:
@@ -311,7 +315,7 @@ class LoraLibrary:
         h = h.strip().lower()
         if not _HEX_RE.match(h):
             return []
-        return [e for e in self.entries
+        return [e for e in self._index["hash"].get(h[:8], [])
                 if any(v and v.lower().startswith(h) for v in (e.short_hash, e.addnet_hash, e.sha256))]
 
     def resolve(self, name: str) -> LoraEntry:
