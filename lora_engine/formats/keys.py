@@ -87,6 +87,11 @@ DOTTED_COMPONENTS = {
     "text_encoder.": "TE",
 }
 _STRIP_PREFIXES = ("base_model.model.",)
+# Bare CLIP text-encoder paths. transformers 5's CLIPTextModel has no "text_model." level, so PEFT files of it say
+# "base_model.model.encoder.layers.0.self_attn.q_proj..." (CLIPTextModelWithProjection keeps "text_model.");
+# canonical_module restores "text_model." so the kohya name is the usual one.
+_TE_ROOTS = ("text_model.", "text_projection")
+_BARE_TOP = ("text_projection", "conv_in", "conv_out")  # top-level modules: no dot in their path
 _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out",
                "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.")
 
@@ -142,8 +147,10 @@ def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
                     path = path[len(sp):]
             kp = te_prefix if kp == "TE" else kp
             return ModuleKey(kp + path.replace(".", "_"), path)
-    if "." in m:  # a bare dotted path (PEFT injected into a bare model)
-        if m.startswith("text_model."):
+    if "." in m or m in _BARE_TOP:  # a bare dotted path (PEFT injected into a bare model)
+        if m.startswith("encoder.layers."):
+            m = "text_model." + m  # transformers 5 CLIPTextModel path -> the kohya/transformers 4 path
+        if m.startswith(_TE_ROOTS):
             return ModuleKey(te_prefix + m.replace(".", "_"), m)
         if m.startswith(_UNET_ROOTS):
             return ModuleKey("lora_unet_" + m.replace(".", "_"), m)
