@@ -97,3 +97,27 @@ def rewrite_prompt(prompt: str, hashes: dict[str, str], library) -> tuple[str, l
         return f"<{m.group(1)}:{library.preferred_name(found[0])}"
 
     return _TAG_NAME_RE.sub(replace, prompt), notes
+
+
+_ADDNET_NAME_RE = re.compile(r"(.*?)\s*\(([0-9a-fA-F]+)\)\s*\Z")
+
+
+def addnet_tags(params: dict[str, str], library=None) -> list[str]:
+    """Tags for the legacy kohya AddNet fields (``AddNet Module N: LoRA``, ``AddNet Model N:
+    name(hash)``, ``AddNet Weight A N``), as A1111 appends them on paste. With a library, a
+    name whose legacy 8-hex hash matches exactly one local file is replaced by that file."""
+    tags = []
+    for key in params:
+        if not key.startswith("AddNet Model ") or params.get("AddNet Module " + key[13:]) != "LoRA":
+            continue
+        name, legacy = str(params[key]).strip(), None
+        m = _ADDNET_NAME_RE.match(name)
+        if m:
+            name, legacy = m.group(1), m.group(2).lower()
+        if library is not None and legacy:
+            found = [e for e in library.entries if e.legacy_hash == legacy]
+            if len(found) == 1:
+                name = library.preferred_name(found[0])
+        weight = str(params.get("AddNet Weight A " + key[13:], "1.0")).strip()
+        tags.append(f"<lora:{name}:{weight}>")
+    return tags

@@ -347,6 +347,13 @@ class LoraLibrary:
                 pass
         return entry.key
 
+    def for_model(self, sd_version: str, include_unknown: bool = True) -> list[LoraEntry]:
+        """Entries made for ``sd_version`` (SD1/SD2/SDXL/other), plus unknown ones unless told not
+        to: for UIs that badge or filter, never for silently refusing a file."""
+        want = sd_version.lower()
+        return [e for e in self.entries
+                if e.sd_version.lower() == want or (include_unknown and e.sd_version == "unknown")]
+
     def collisions(self) -> list[Collision]:
         """Names that more than one file answers (stems and aliases case-insensitively, and path keys)."""
         out: list[Collision] = []

@@ -60,11 +60,16 @@ class LibraryCache:
         if not self.path or not self._dirty:
             return
         folder = os.path.dirname(os.path.abspath(self.path))
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".lora-engine-cache.", suffix=".tmp", dir=folder)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump({"version": CACHE_VERSION, "entries": self._entries}, fh, ensure_ascii=False)
             os.replace(tmp, self.path)
+            tmp = None
             self._dirty = False
         except OSError as e:
             self.warnings.append(f"{self.path}: cannot write hash cache ({e.strerror or e}); hashes will be recomputed")
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)

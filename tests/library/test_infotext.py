@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from lora_engine.infotext import (find_lora_hashes, hashes_for_tags, lora_hashes_field, lora_hashes_value,
+from lora_engine.infotext import (addnet_tags, find_lora_hashes, hashes_for_tags, lora_hashes_field, lora_hashes_value,
                                   parse_lora_hashes, rewrite_prompt)
 from lora_engine.library import LoraLibrary
 from lora_engine.prompt import parse_prompt
@@ -57,3 +57,29 @@ def test_unmatched_hash_is_reported(tmp_path):
     lib.scan()
     new, notes = rewrite_prompt("<lora:gone:1>", {"gone": "0123456789ab"}, lib)
     assert new == "<lora:gone:1>" and "no local file" in notes[0]
+
+
+def test_addnet_fields_become_tags(tmp_path):
+    root = tmp_path / "Lora"
+    write_lora(root / "renamed.safetensors", seed=4, rank=4, numel=80_000)  # > 1.1 MiB: a real legacy hash
+    write_lora(root / "small.safetensors", seed=5)
+    lib = LoraLibrary([root])
+    lib.scan()
+    legacy = lib.resolve("renamed").legacy_hash
+    assert legacy != "e3b0c442"
+    params = {"AddNet Enabled": "True", "AddNet Module 1": "LoRA", "AddNet Model 1": f"old_name({legacy})",
+              "AddNet Weight A 1": "0.6", "AddNet Module 2": "LoRA", "AddNet Model 2": "gone(deadbeef)",
+              "AddNet Module 3": "Hypernetwork", "AddNet Model 3": "hn(12345678)"}
+    assert addnet_tags(params) == ["<lora:old_name:0.6>", "<lora:gone:1.0>"]
+    assert addnet_tags(params, lib) == ["<lora:renamed:0.6>", "<lora:gone:1.0>"]
+
+
+def test_for_model_filters_without_hiding_unknown(tmp_path):
+    root = tmp_path / "Lora"
+    write_lora(root / "xl.safetensors", te2=True)
+    write_lora(root / "plain.safetensors", seed=2)           # no metadata, no TE: architecture unknown
+    write_lora(root / "sd1.safetensors", {"ss_base_model_version": "sd_v1"}, seed=3)
+    lib = LoraLibrary([root])
+    lib.scan()
+    assert sorted(e.stem for e in lib.for_model("SDXL")) == ["plain", "xl"]
+    assert sorted(e.stem for e in lib.for_model("SD1", include_unknown=False)) == ["sd1"]
