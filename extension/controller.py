@@ -1,0 +1,123 @@
+"""Process-wide state of the extension: settings, library, file cache, the current model's runtime.
+
+One ``Controller`` lives per A1111 process (``callbacks.controller()``); the extra network, the
+step callback, the API and the cards page all talk to it. It is plain Python: tests build one
+with their own ``opts`` object and folders.
+"""
+from __future__ import annotations
+
+import os
+
+from lora_engine.cache import LoraCache
+from lora_engine.engine import Mode as EngineMode
+from lora_engine.errors import NameResolutionError
+from lora_engine.hashes import hash_file
+from lora_engine.library import LoraLibrary
+
+from .conds import CondGuard
+from .runtime import ModelRuntime
+from .settings import Settings
+
+
+class ModeChooser:
+    """The ``automatic`` mode: merged while the stack stays put, on the fly when the batch needs
+    per-image/negative/scheduled factors or the stack changed at each of the last two generations
+    (a merge that is undone next time costs more than hooks)."""
+
+    def __init__(self):
+        self.last: dict[str, tuple] = {}
+        self.changes: dict[str, int] = {}
+
+    def choose(self, setting: str, batch, pass_kind: str, current: EngineMode) -> EngineMode:
+        sig = tuple(sorted(v.ident for v in batch.variants))
+        prev = self.last.get(pass_kind)
+        self.last[pass_kind] = sig
+        self.changes[pass_kind] = self.changes.get(pass_kind, 0) + 1 if prev is not None and prev != sig else 0
+        if setting == "merged":
+            return EngineMode.MERGED
+        if setting == "on the fly":
+            return EngineMode.ONTHEFLY
+        if not batch.variants:
+            return current
+        if not batch.uniform or self.changes[pass_kind] >= 2:
+            return EngineMode.ONTHEFLY
+        return EngineMode.MERGED
+
+
+class Controller:
+    def __init__(self, opts=None, folders: list[str] | tuple[str, ...] = (), cache_path: str | None = None):
+        self.opts = opts
+        self.base_folders = [os.fspath(f) for f in folders]
+        self.cache_path = cache_path
+        self.cache = LoraCache(int(self.settings().cache_mb * 1024 ** 2))
+        self.library: LoraLibrary | None = None
+        self.runtime: ModelRuntime | None = None
+        self.modes = ModeChooser()
+        self.cond_guard = CondGuard()
+        self.builtin = None  # the built-in Lora's extra network, when it exists
+        self.last_warnings: list[str] = []
+        self._hashes: dict[tuple[str, int], str] = {}
+
+    def settings(self) -> Settings:
+        return Settings.from_opts(self.opts)
+
+    def folders(self) -> list[str]:
+        return list(dict.fromkeys(self.base_folders + list(self.settings().folders)))
+
+    # ---- library --------------------------------------------------------------------------------
+    def get_library(self) -> LoraLibrary:
+        folders = [os.path.abspath(f) for f in self.folders()]
+        if self.library is None or self.library.folders != folders:
+            self.library = LoraLibrary(folders, cache_path=self.cache_path, hash_files=False)
+            self.library.scan()
+        self.cache.max_bytes = int(self.settings().cache_mb * 1024 ** 2)
+        return self.library
+
+    def refresh(self):
+        return self.get_library().scan()
+
+    def short_hash(self, entry) -> str | None:
+        """A1111's 12-hex shorthash; computed on first use (a listing never reads whole files)."""
+        if entry.short_hash:
+            return entry.short_hash
+        key = (entry.path, entry.mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = hash_file(entry.path).addnet[:12]
+        return self._hashes[key]
+
+    def entry(self, name: str):
+        lib = self.get_library()
+        try:
+            return lib.resolve(name)
+        except NameResolutionError:
+            lib.scan()  # a file added since the last scan
+            return lib.resolve(name)
+
+    def resolve(self, name: str):
+        """``batch.Resolver``: (LoraFile, identity incl. mtime, short hash); raises LoraEngineError."""
+        e = self.entry(name)
+        lf = self.cache.get(e.path)
+        return lf, f"{e.path}@{e.mtime_ns}", self.short_hash(e)
+
+    # ---- model ----------------------------------------------------------------------------------
+    def model_loaded(self, sd_model) -> None:
+        """A checkpoint was (re)loaded: its weights are new, so old backups are dropped unwritten."""
+        if self.runtime is not None:
+            self.runtime.drop()
+        self.runtime = None
+        self.cond_guard.last = None
+
+    def runtime_for(self, sd_model) -> ModelRuntime:
+        if self.runtime is None or self.runtime.sd_model is not sd_model:
+            if self.runtime is not None:
+                self.runtime.clear()
+            self.runtime = ModelRuntime(sd_model)
+        return self.runtime
+
+    def state(self) -> dict:
+        s = self.settings()
+        out = {"settings": vars(s) | {"folders": self.folders()}, "warnings": self.last_warnings,
+               "cache": {"files": len(self.cache), "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes,
+                         "hits": self.cache.hits, "misses": self.cache.misses},
+               "model": None if self.runtime is None else self.runtime.state()}
+        return out

@@ -1,0 +1,152 @@
+"""Merged weights after A1111's activate/deactivate sequence equal W + Σ m·ΔW (ΔW computed in the
+test from the file's tensors), restore is bit-exact, checkpoint reloads drop stale backups."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tests.hosts.a1111.conftest import make_network, module_of, write_lora, MODULES_A
+from tests.hosts.a1111.standin import Processing, activate, deactivate, parse_prompts
+from tests.models.tiny_sd import TinySD
+
+
+def _originals(tiny, dotted_names):
+    return {d: module_of(tiny, d).weight.detach().clone() for d in dotted_names}
+
+
+def _run_activate(net, sd_model, prompt, negative=""):
+    p = Processing(sd_model, [prompt], [negative], batch_size=1)
+    p.prompts, p.negative_prompts = [prompt], [negative]
+    p.prompts, data = parse_prompts(p.prompts)
+    activate(p, data, {"lora": net}, {"lyco": net})
+    return p, data
+
+
+def test_merged_equals_sum_of_deltas_and_restores_bit_exact(sd_model, tiny, loras):
+    folder, deltas = loras
+    names = set(deltas["a"]) | set(deltas["b"])
+    w0 = _originals(tiny, names)
+    _, net = make_network(folder, lora_engine_mode="merged")
+    p, data = _run_activate(net, sd_model, "a cat <lora:a:0.7> <lyco:b:-0.5:1.25>")
+    for d in names:
+        is_te = d.startswith("te.")
+        want = w0[d].clone()
+        want += (0.7 if True else 0) * deltas["a"].get(d, torch.zeros_like(want))
+        want += (-0.5 if is_te else 1.25) * deltas["b"].get(d, torch.zeros_like(want))
+        torch.testing.assert_close(module_of(tiny, d).weight, want, rtol=0, atol=1e-6, msg=d)
+    assert p.comments == {}
+    deactivate(p, data, {"lora": net}, {})
+    _run_activate(net, sd_model, "no tags at all")  # A1111: activate(p, []) removes everything
+    for d in names:
+        assert torch.equal(module_of(tiny, d).weight, w0[d]), d
+
+
+def test_unknown_name_warns_and_generation_continues(sd_model, tiny, loras):
+    folder, deltas = loras
+    w0 = _originals(tiny, deltas["a"])
+    _, net = make_network(folder, lora_engine_mode="merged")
+    p, _ = _run_activate(net, sd_model, "<lora:nope:1> <lora:a:1>")
+    lines = [c for c in p.comments if "nope" in c]
+    assert len(lines) == 1 and "not found" in lines[0], p.comments
+    for d, dw in deltas["a"].items():
+        torch.testing.assert_close(module_of(tiny, d).weight, w0[d] + dw, rtol=0, atol=1e-6)
+
+
+def test_broken_file_and_unmatched_keys_warn(sd_model, tiny, loras, tmp_path):
+    folder, _ = loras
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    other = TinySD.build("sd2")  # a LoRA for another architecture: its TE keys match nothing here
+    write_lora(folder / "sd2lora.safetensors", other,
+               {"lora_te_text_model_encoder_layers_2_self_attn_q_proj": "te.encoder.layers.2.self_attn.q_proj"}, 5)
+    _, net = make_network(folder)
+    p, _ = _run_activate(net, sd_model, "<lora:broken:1> <lora:sd2lora:1>")
+    text = "\n".join(p.comments)
+    assert "broken" in text and "sd2lora" in text and "matched nothing" in text, text
+
+
+def test_checkpoint_reload_drops_old_backups(sd_model, tiny, loras):
+    folder, deltas = loras
+    c, net = make_network(folder, lora_engine_mode="merged")
+    _run_activate(net, sd_model, "<lora:a:1>")
+    # A1111 loads another checkpoint's weights into the same modules, then calls on_model_loaded
+    new = TinySD.build("sd1", seed=3)
+    with torch.no_grad():
+        tiny.unet.load_state_dict(new.unet.state_dict())
+        tiny.text_encoders[0].load_state_dict(new.text_encoders[0].state_dict())
+    w_new = _originals(tiny, deltas["a"])
+    c.model_loaded(sd_model)
+    _run_activate(net, sd_model, "<lora:a:1>")
+    for d, dw in deltas["a"].items():
+        torch.testing.assert_close(module_of(tiny, d).weight, w_new[d] + dw, rtol=0, atol=1e-6)
+    _run_activate(net, sd_model, "")
+    for d in deltas["a"]:
+        assert torch.equal(module_of(tiny, d).weight, w_new[d]), d
+
+
+def test_lora_hashes_infotext_exact(sd_model, loras):
+    import hashlib
+    import struct
+
+    folder, _ = loras
+
+    def addnet(path):
+        raw = path.read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        return hashlib.sha256(raw[8 + n:]).hexdigest()[:12]
+
+    _, net = make_network(folder)
+    p, _ = _run_activate(net, sd_model, "<lora:a:1> x <lora:b:0.5>")
+    ha, hb = addnet(folder / "a.safetensors"), addnet(folder / "b.safetensors")
+    assert p.extra_generation_params["Lora hashes"] == f"a: {ha}, b: {hb}"
+
+
+def test_handover_to_builtin(sd_model, tiny, loras):
+    folder, deltas = loras
+    w0 = _originals(tiny, deltas["a"])
+    c, net = make_network(folder, lora_engine_mode="merged")
+    _run_activate(net, sd_model, "<lora:a:1>")
+
+    class Builtin:  # modules.extra_networks.ExtraNetwork("lora") of extensions-builtin/Lora
+        calls = []
+
+        def activate(self, p, params_list):
+            self.calls.append([x.items for x in params_list])
+
+        def deactivate(self, p):
+            self.calls.append("deactivate")
+
+    c.builtin = Builtin()
+    c.opts.values["lora_engine_handover"] = True
+    p, data = _run_activate(net, sd_model, "<lora:a:0.5>")
+    assert Builtin.calls == [[["a", "0.5"]]]
+    for d in deltas["a"]:
+        assert torch.equal(module_of(tiny, d).weight, w0[d]), d  # ours restored before the built-in runs
+    deactivate(p, data, {"lora": net}, {})
+    assert Builtin.calls[-1] == "deactivate"
+
+
+def test_release_builtin_restores_its_layers_first(sd_model, tiny, loras):
+    from extension.builtin import release_builtin
+
+    folder, deltas = loras
+    layer = module_of(tiny, "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    w0 = layer.weight.detach().clone()
+
+    class Networks:  # the built-in's `networks` module: list + restore-from-backup
+        loaded_networks = ["something"]
+
+        @staticmethod
+        def network_restore_weights_from_backup(m):
+            m.weight.copy_(m.network_weights_backup)
+
+    layer.network_weights_backup = w0.clone()
+    layer.network_current_names = (("old", 1.0, 1.0, None),)
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # the built-in's merged delta
+    assert release_builtin(sd_model, Networks) == 1
+    assert torch.equal(layer.weight, w0) and Networks.loaded_networks == []
+    _, net = make_network(folder, lora_engine_mode="merged")
+    _run_activate(net, sd_model, "<lora:a:1>")
+    d = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    torch.testing.assert_close(layer.weight, w0 + deltas["a"][d], rtol=0, atol=1e-6)
