@@ -66,6 +66,7 @@ class LoraEntry:
     architecture: str
     sidecars: Sidecars
     problems: tuple[str, ...] = ()
+    has_cover_image: bool = False  # ssmd_cover_images in the metadata (left out of ``metadata``)
 
     @property
     def sd_version(self) -> str:
@@ -275,7 +276,7 @@ class LoraLibrary:
         return LoraEntry(os.path.join(folder, fname), root, rel, stem, st.st_size, st.st_mtime_ns, meta, alias,
                          rec.get("sha256"), rec.get("addnet"), short_hash(rec.get("addnet"), meta), rec.get("legacy"),
                          rec.get("format", "unknown"), rec.get("architecture", "unknown"), sidecars,
-                         tuple(rec.get("problems") or ()) + tuple(side_problems))
+                         tuple(rec.get("problems") or ()) + tuple(side_problems), bool(rec.get("has_cover")))
 
     def _set_entries(self, entries: list[LoraEntry]) -> None:
         self.entries = entries
@@ -318,24 +319,35 @@ class LoraLibrary:
         return [e for e in self._index["hash"].get(h[:8], [])
                 if any(v and v.lower().startswith(h) for v in (e.short_hash, e.addnet_hash, e.sha256))]
 
-    def resolve(self, name: str) -> LoraEntry:
-        """The single file ``name`` means, or :class:`NameResolutionError` with the reason."""
+    def resolve(self, name: str, rescan_if_missing: bool = False) -> LoraEntry:
+        """The single file ``name`` means, or :class:`NameResolutionError` with the reason.
+
+        With ``rescan_if_missing`` an unknown name triggers one :meth:`refresh` (cheap: the
+        cache answers for unchanged files) before giving up, as A1111 rescans for new files."""
         n = check_name(name)
+        hit = self._lookup(n, name)
+        if hit is None and rescan_if_missing:
+            self.refresh()
+            hit = self._lookup(n, name)
+        if hit is None:
+            raise NameResolutionError(f"LoRA {name!r} not found in {', '.join(self.folders) or 'no folders'}")
+        return hit
+
+    def _lookup(self, n: str, shown: str) -> LoraEntry | None:
         candidates = [n]
         base, ext = os.path.splitext(n)
         if ext.lower() in LORA_EXTS:
             candidates.append(base)
         for c in candidates:
-            kinds = ("path",) if "/" in c else ("stem", "alias")
-            hit = self._pick(kinds, c, name)
+            hit = self._pick(("path",) if "/" in c else ("stem", "alias"), c, shown)
             if hit is not None:
                 return hit
         by_hash = self.find_by_hash(n)
         if by_hash and len({e.addnet_hash for e in by_hash}) == 1:
             return by_hash[0]  # same tensor data: any copy gives the same result
         if by_hash:
-            raise NameResolutionError(_ambiguous(name, by_hash))
-        raise NameResolutionError(f"LoRA {name!r} not found in {', '.join(self.folders) or 'no folders'}")
+            raise NameResolutionError(_ambiguous(shown, by_hash))
+        return None
 
     def preferred_name(self, entry: LoraEntry) -> str:
         """The shortest name that resolves to ``entry``: its stem when unique, else its path key."""

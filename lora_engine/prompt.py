@@ -254,7 +254,7 @@ def parse_prompt(text: str, presets: dict[str, str] | None = None,
             tag_warn.append(f"{e}; tag skipped")
         except Exception as e:  # noqa: BLE001 - the host must never see an exception from a prompt
             tag_warn.append(f"internal error ({type(e).__name__}: {e}); tag skipped")
-        warnings.extend(f"{_short(raw)}: {w}" for w in tag_warn)
+        warnings.extend(f"{_short(raw)}: {_one_line(w)}" for w in tag_warn)
     pieces.append(text[pos:])
     for piece in pieces:
         for lm in _LOOSE_RE.finditer(piece):
@@ -266,6 +266,14 @@ def _with_origin(tag: LoraTag, raw: str, span: tuple[int, int]) -> LoraTag:
     return replace(tag, raw=raw, span=span)
 
 
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _one_line(s: str) -> str:
+    """Warnings are one line each: line breaks are shown escaped."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group(0))[1:-1], s)
+
+
 def _short(s: str, n: int = 80) -> str:
-    s = s.replace("\n", "\\n")
+    s = _one_line(s)
     return s if len(s) <= n else s[: n - 1] + "…"

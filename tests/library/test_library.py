@@ -189,3 +189,17 @@ def test_progress_and_cancel(lora_dir):
         lib.scan(progress=stop_at_3)
     assert len(seen) == 4
     assert lib.scan().reused == 3                    # what was read before the cancel was kept
+
+
+def test_rescan_finds_new_files_and_metadata_only_mode(lora_dir):
+    write_lora(lora_dir / "a.safetensors", {"ssmd_cover_images": "[\"AAAA\"]", "sshs_model_hash": "f" * 64})
+    lib, _ = scan(lora_dir, hash_files=False)
+    a = lib.resolve("a")
+    assert a.sha256 is None and a.short_hash == "f" * 12           # short hash from metadata, no read
+    assert a.has_cover_image and "ssmd_cover_images" not in a.metadata
+    write_lora(lora_dir / "late.safetensors", seed=4)
+    with pytest.raises(NameResolutionError):
+        lib.resolve("late")
+    assert lib.resolve("late", rescan_if_missing=True).stem == "late"
+    lib2, rep = scan(lora_dir)                                       # hashing on: files without hashes re-read
+    assert rep.read == 2 and all(e.sha256 for e in lib2.entries)
