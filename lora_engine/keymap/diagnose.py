@@ -5,10 +5,11 @@ The family of a LoRA is guessed from names alone (shapes are the patcher's busin
 - Flux: ``double_blocks``/``single_blocks``; SD3: ``joint_blocks``;
 - SDXL: a second text encoder (``lora_te2_``), ``label_emb``/``add_embedding``, transformer depth > 1
   (``transformer_blocks_1``...), attention in the first up level (``up_blocks_0_attentions``,
-  ``output_blocks_0..2_1``);
+  ``output_blocks_0..2_1`` other than SD1's upsampler ``output_blocks_2_1_conv``);
 - SD1.x/SD2.x: a fourth level (``down_blocks_3``, ``up_blocks_3``, ``input_blocks_10/11``,
   ``output_blocks_9..11``) or attention in the first down level (``down_blocks_0_attentions``,
   ``input_blocks_1_1``/``_2_1``); SD2.x when the first text encoder has more than 12 layers.
+- The family most names point to wins.
 - OpenCLIP-native text-encoder names (``resblocks``, ``in_proj``, ``c_fc``) on an HF-CLIP model.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ _FAMILY_RULES: tuple[tuple[str, re.Pattern], ...] = (
     ("Flux", re.compile(r"^lora_(unet|transformer)_(double_blocks|single_blocks)_")),
     ("SD3", re.compile(r"^lora_(unet|transformer)_joint_blocks_")),
     ("SDXL", re.compile(r"^lora_te2_|^lora_unet_(label_emb|add_embedding)_|_transformer_blocks_[1-9]"
-                        r"|^lora_unet_(up_blocks_0_attentions|output_blocks_[0-2]_1_)")),
+                        r"|^lora_unet_(up_blocks_0_attentions|output_blocks_[0-2]_1_(?!conv))")),
     ("SD1.x/SD2.x", re.compile(r"^lora_unet_(down_blocks_3|up_blocks_3|input_blocks_1[01]_|output_blocks_(9|10|11)_"
                                r"|down_blocks_0_attentions|input_blocks_[12]_1_)")),
 )
@@ -30,10 +31,12 @@ _OPENCLIP_NATIVE = re.compile(r"^lora_te\d?_.*(resblocks|in_proj|_c_fc|_c_proj|l
 
 
 def lora_family(names: list[str]) -> str | None:
-    """Best guess of the family a LoRA was made for, from its (unmatched) names."""
-    for family, rule in _FAMILY_RULES:
-        if any(rule.search(n) for n in names):
-            return family
+    """Best guess of the family a LoRA was made for, from its (unmatched) names: the family whose
+    rule the most names fit (ties: the first rule)."""
+    hits = {family: sum(1 for n in names if rule.search(n)) for family, rule in _FAMILY_RULES}
+    best = max(hits, key=hits.get)
+    if hits[best]:
+        return best
     layers = [int(m.group(1)) for m in map(_TE_LAYER.match, names) if m]
     if layers and max(layers) >= 12:
         return "SD2.x"

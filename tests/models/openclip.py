@@ -63,9 +63,11 @@ class OpenCLIPText(nn.Module):
         """Copy an HF ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` into the OpenCLIP layout."""
         c = hf.config
         proj = getattr(hf, "text_projection", None)
-        out = cls(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
-                  c.num_attention_heads, c.intermediate_size, proj.out_features if proj is not None else None,
-                  c.layer_norm_eps)
+        device = next(hf.parameters()).device
+        with torch.device(device):  # "meta" too: full-size structure tests build no storage
+            out = cls(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
+                      c.num_attention_heads, c.intermediate_size, proj.out_features if proj is not None else None,
+                      c.layer_norm_eps)
         tm = getattr(hf, "text_model", hf)  # transformers>=5 CLIPTextModel has no text_model level
         with torch.no_grad():
             out.token_embedding.weight.copy_(tm.embeddings.token_embedding.weight)
@@ -75,7 +77,7 @@ class OpenCLIPText(nn.Module):
             out.ln_final.load_state_dict(tm.final_layer_norm.state_dict())
             if proj is not None:
                 out.text_projection.copy_(proj.weight.T)
-        return out.eval()
+        return out.to(next(hf.parameters()).dtype).eval()
 
 
 def _copy_layer(block: ResidualAttentionBlock, layer) -> None:
