@@ -1,0 +1,144 @@
+"""A lora-engine plan as ComfyUI weight patches: one adapter object per patched weight (or bias).
+
+ComfyUI keeps ``ModelPatcher.patches[key] = [(strength_patch, value, strength_model, offset,
+function), ...]`` and, when it loads the model (full load, partial/lowvram load, hooks), calls
+``comfy.lora.calculate_weight(patches, W, key)``: for a value that is a ``WeightAdapterBase`` it
+calls ``value.calculate_weight(W, key, strength_patch, strength_model, offset, function,
+intermediate_dtype, original_weight)`` on the working copy ``W`` (``offset`` already narrowed).
+Our value computes, for the slot's contributions ``(m_k, ΔW_k)`` of the node's whole stack:
+
+    W ← cast_W( fp32(W) + function(s · Σ_k m_k · ΔW_k(W)) )          (s = strength_patch)
+
+with ``Σ m_k ΔW_k`` from :func:`lora_engine.patch.delta.summed_delta` (the same function the
+engine's merged patcher calls), in fp32, in place. With ``s = 1`` (how the nodes add patches)
+and ComfyUI's fp32 working copy on CPU this is bit for bit the engine's merged weight
+``cast(W₀ + Σ m_k ΔW_k)``. ComfyUI-only imports happen inside :func:`adapter_class`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_engine.patch import build_plan
+from lora_engine.patch.delta import summed_delta
+from lora_engine.patch.plan import LoraReport
+
+# Adapter fields that carry a bias delta (LoRA ``up_bias``, full ``diff_b``, norm ``b_norm``); a
+# DoRA's bias is its inner adapter's. Only slots with one of these get a bias patch.
+_BIAS_FIELDS = ("up_bias", "diff_b", "b_norm")
+
+
+def _inner(adapter):
+    return getattr(adapter, "inner", adapter)
+
+
+def has_bias_delta(contributions) -> bool:
+    return any(getattr(_inner(c.adapter), f, None) is not None for c in contributions for f in _BIAS_FIELDS)
+
+
+class EngineWeightMath:
+    """The weight calculation of one patched slot; ``part`` is ``"weight"`` or ``"bias"``."""
+
+    name = "lora-engine"
+
+    def __init__(self, contributions: tuple, part: str, weight_shape: tuple[int, ...]):
+        self.contributions = tuple(contributions)
+        self.part = part
+        self.weight_shape = tuple(weight_shape)
+        self.loaded_keys: set[str] = set()
+        self.weights: list = []  # ComfyUI's adapters keep their tensors here; ours live in the contributions
+
+    def delta(self, current: torch.Tensor) -> torch.Tensor | None:
+        """fp32 ``Σ m_k ΔW_k`` (or ``Σ m_k Δb_k``) for the working tensor ``current``."""
+        if self.part == "weight":
+            return summed_delta(self.contributions, current)[0]
+        zero = torch.zeros(self.weight_shape, device=current.device)
+        bias_only = [dataclasses.replace(c, adapter=_inner(c.adapter)) for c in self.contributions]
+        return summed_delta(bias_only, zero)[1]
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None, *args, **kwargs):
+        """ComfyUI's ``WeightAdapterBase.calculate_weight`` signature; updates ``weight`` in place."""
+        d = self.delta(weight)
+        if d is None or strength == 0.0:
+            return weight
+        if function is None:
+            function = _identity
+        d = d.reshape(weight.shape)
+        if strength != 1.0:
+            d = float(strength) * d
+        weight.copy_((weight.to(torch.float32) + function(d)).to(weight.dtype))
+        return weight
+
+    def __repr__(self) -> str:
+        names = ", ".join(sorted({c.lora_id.rsplit("/", 1)[-1] for c in self.contributions}))
+        return f"<lora-engine {self.part} patch: {names}>"
+
+
+def _identity(t):
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def _class_for(base: type) -> type:
+    if base is object:
+        return EngineWeightMath
+    return type("LoraEngineWeightAdapter", (EngineWeightMath, base), {})
+
+
+def adapter_class() -> type:
+    """Our adapter type: a subclass of ComfyUI's ``WeightAdapterBase`` when ComfyUI is importable
+    (``calculate_weight`` dispatches on it), else the plain class (tests, other hosts)."""
+    try:
+        from comfy.weight_adapter import WeightAdapterBase
+    except ImportError:
+        return _class_for(object)
+    return _class_for(WeightAdapterBase)
+
+
+def make_adapter(contributions, part: str, weight_shape) -> EngineWeightMath:
+    return adapter_class()(contributions, part, weight_shape)
+
+
+def patch_key(key: str, rows):
+    """ComfyUI's patch key: the state-dict key, or ``(key, (dim, start, length))`` for a row slice."""
+    return key if rows is None else (key, (0, rows[0], rows[1] - rows[0]))
+
+
+@dataclass
+class PatchSet:
+    """Patches for the MODEL patcher and for the CLIP patcher, and one report per LoRA."""
+
+    model: dict = field(default_factory=dict)
+    clip: dict = field(default_factory=dict)
+    reports: dict[str, LoraReport] = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        return [line for r in self.reports.values() if (line := r.line())]
+
+
+def _only_present(report: LoraReport, keymap, have_model: bool, have_clip: bool) -> None:
+    """Names for a part the node was not given (no CLIP on a model-only node) are not 'unmatched'."""
+    keep = [n for n in report.unmatched
+            if (have_clip or not n.startswith("lora_te")) and (have_model or not n.startswith("lora_unet_"))]
+    if len(keep) != len(report.unmatched):
+        report.unmatched = keep
+        report.diagnosis = keymap.diagnose(keep) if keep else ""
+
+
+def build_patches(stack, keymap, have_model: bool = True, have_clip: bool = True) -> PatchSet:
+    """Plan ``stack`` (``StackEntry`` list) on ``keymap`` and turn each slot into patches."""
+    plan = build_plan(list(stack), keymap)
+    out = PatchSet(reports=plan.reports)
+    for report in plan.reports.values():
+        _only_present(report, keymap, have_model, have_clip)
+    for slot, contributions in plan.contributions.items():
+        target = plan.targets[slot]
+        dest = out.model if target.component == "unet" else out.clip
+        dest[patch_key(target.weight_key, target.rows)] = make_adapter(contributions, "weight", target.shape)
+        if target.bias_key is not None and has_bias_delta(contributions):
+            dest[patch_key(target.bias_key, target.rows)] = make_adapter(contributions, "bias", target.shape)
+    return out
