@@ -123,6 +123,11 @@ def _processor_form(key: str) -> tuple[str, str] | None:
     return f"{attn}.{table[proj]}", m.group("ud")
 
 
+def _te_path(path: str) -> str:
+    """transformers 5 CLIPTextModel path ``encoder.layers.…`` -> the kohya/transformers 4 ``text_model.encoder.layers.…``."""
+    return "text_model." + path if path.startswith("encoder.layers.") else path
+
+
 def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
     """Map a module path as written in a file to its canonical :class:`ModuleKey`.
 
@@ -135,6 +140,8 @@ def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
             m = m[len(p):]
     for p in KOHYA_PREFIXES:
         if m.startswith(p) and "." not in m:
+            if p.startswith("lora_te") and m.startswith(p + "encoder_layers_"):  # converted from transformers 5 paths
+                m = p + "text_model_" + m[len(p):]
             return ModuleKey(m)
     for p, kp in UNDERSCORE_ALIASES.items():
         if m.startswith(p) and "." not in m:
@@ -146,10 +153,11 @@ def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
                 if path.startswith(sp):
                     path = path[len(sp):]
             kp = te_prefix if kp == "TE" else kp
+            if kp.startswith("lora_te"):
+                path = _te_path(path)
             return ModuleKey(kp + path.replace(".", "_"), path)
     if "." in m or m in _BARE_TOP:  # a bare dotted path (PEFT injected into a bare model)
-        if m.startswith("encoder.layers."):
-            m = "text_model." + m  # transformers 5 CLIPTextModel path -> the kohya/transformers 4 path
+        m = _te_path(m)
         if m.startswith(_TE_ROOTS):
             return ModuleKey(te_prefix + m.replace(".", "_"), m)
         if m.startswith(_UNET_ROOTS):
