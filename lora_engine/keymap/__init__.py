@@ -93,25 +93,34 @@ def _entries(unet: Root | None, tes: list[Root]):
                     len(tes), ", ".join(r.prefix for r in tes))
 
 
+class _OneToOne(dict):
+    """A dict that drops a key put twice with different values, remembering it in ``clashes``."""
+
+    def __init__(self):
+        super().__init__()
+        self.clashes: set = set()
+
+    def put(self, key, target: Target) -> None:
+        if key in self.clashes:
+            return
+        if self.get(key, target) != target:
+            self.clashes.add(key)
+            del self[key]
+            return
+        self[key] = target
+
+
 def build_keymap(named_shapes: Mapping[str, tuple[int, ...]]) -> KeyMap:
     """Build the map from ``{parameter key: shape}`` of a root (a ``state_dict`` view)."""
     unet, tes = find_roots(named_shapes)
-    names: dict[str, Target] = {}
-    dotted: dict[tuple[str, str], Target] = {}
-    clashes: set = set()
+    names, dotted = _OneToOne(), _OneToOne()
     for slot, kohya, paths, target in _entries(unet, tes):
-        for table, keys in ((names, kohya), (dotted, [(slot, p) for p in paths])):
-            for key in keys:
-                if table.get(key, target) != target:
-                    clashes.add((id(table), key))
-                table[key] = target
-    ambiguous = []
-    for table in (names, dotted):
-        for tid, key in list(clashes):
-            if tid == id(table):
-                del table[key]
-                ambiguous.append(key if isinstance(key, str) else key[1])
+        for name in kohya:
+            names.put(name, target)
+        for path in paths:
+            dotted.put((slot, path), target)
+    ambiguous = sorted(names.clashes) + sorted(path for _, path in dotted.clashes)
     if ambiguous:
         log.warning("key map: %d names reach more than one weight and were dropped (e.g. %s)",
                     len(ambiguous), ambiguous[0])
-    return KeyMap(names, dotted, detect_architecture(unet, tes), unet, tes, sorted(ambiguous))
+    return KeyMap(dict(names), dict(dotted), detect_architecture(unet, tes), unet, tes, ambiguous)
