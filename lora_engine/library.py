@@ -125,8 +125,11 @@ def _read_metadata(path: str) -> tuple[dict, str | None]:
         return {}, str(e)
 
 
-def read_file_record(path: str, hash_files: bool = True) -> dict:
-    """Everything the cache keeps about one file (hashes, metadata without cover images, summary)."""
+def read_file_record(path: str, hash_files: bool = True, summarize_files: bool = True) -> dict:
+    """Everything the cache keeps about one file (hashes, metadata without cover images, summary).
+
+    ``summarize_files=False`` skips :func:`lora_engine.diagnose.summarize` (which reads every
+    tensor); format and architecture are then "unknown" until a scan that summarizes."""
     meta, meta_err = _read_metadata(path)
     record: dict = {"has_cover": "ssmd_cover_images" in meta,
                     "metadata": {k: v for k, v in meta.items() if k != "ssmd_cover_images"}}
@@ -138,8 +141,8 @@ def read_file_record(path: str, hash_files: bool = True) -> dict:
             record.update(sha256=h.sha256, addnet=h.addnet, legacy=h.legacy)
         except LoraEngineError as e:
             problems.append(str(e))
-    fmt, arch, err = _summarize(path)
-    record.update(format=fmt, architecture=arch)
+    fmt, arch, err = _summarize(path) if summarize_files else ("unknown", "unknown", None)
+    record.update(format=fmt, architecture=arch, summarized=summarize_files)
     if err and not meta_err:
         problems.append(err)
     record["problems"] = problems
@@ -197,10 +200,12 @@ class LoraLibrary:
     the first folder; ``None`` with ``use_cache=False`` keeps it in memory only)."""
 
     def __init__(self, folders: Iterable[str | os.PathLike], *, include_hidden: bool = True,
-                 cache_path: str | os.PathLike | None = None, use_cache: bool = True, hash_files: bool = True):
+                 cache_path: str | os.PathLike | None = None, use_cache: bool = True, hash_files: bool = True,
+                 summarize_files: bool = True):
         self.folders = [os.path.abspath(os.fspath(f)) for f in folders]
         self.include_hidden = include_hidden
         self.hash_files = hash_files
+        self.summarize_files = summarize_files
         if use_cache and cache_path is None and self.folders:
             cache_path = os.path.join(self.folders[0], DEFAULT_CACHE_NAME)
         self.cache = LibraryCache(cache_path if use_cache else None)
@@ -248,8 +253,8 @@ class LoraLibrary:
                     warnings.append(f"{path}: cannot stat ({e.strerror or e}); skipped")
                     continue
                 rec = self.cache.get(path, st.st_size, st.st_mtime_ns)
-                if rec is None or (self.hash_files and rec.get("sha256") is None and not rec.get("problems")):
-                    rec = read_file_record(path, self.hash_files)
+                if self._stale(rec):
+                    rec = read_file_record(path, self.hash_files, self.summarize_files)
                     self.cache.put(path, st.st_size, st.st_mtime_ns, rec)
                     read += 1
                 else:
@@ -264,6 +269,14 @@ class LoraLibrary:
         return ScanReport(len(entries), read, reused, removed, time.perf_counter() - t0, tuple(warnings))
 
     refresh = scan
+
+    def _stale(self, rec: dict | None) -> bool:
+        """No record, or one made without something this library wants (and not a known-bad file)."""
+        if rec is None:
+            return True
+        if rec.get("problems"):
+            return False
+        return (self.hash_files and rec.get("sha256") is None) or (self.summarize_files and not rec.get("summarized"))
 
     def _entry(self, root, folder, prefix, fname, siblings, st, rec) -> LoraEntry:
         stem = os.path.splitext(fname)[0]

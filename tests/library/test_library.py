@@ -203,3 +203,12 @@ def test_rescan_finds_new_files_and_metadata_only_mode(lora_dir):
     assert lib.resolve("late", rescan_if_missing=True).stem == "late"
     lib2, rep = scan(lora_dir)                                       # hashing on: files without hashes re-read
     assert rep.read == 2 and all(e.sha256 for e in lib2.entries)
+
+
+def test_summaries_can_be_skipped_and_filled_in_later(lora_dir):
+    write_lora(lora_dir / "xl.safetensors", te2=True)
+    lib, rep = scan(lora_dir, summarize_files=False)
+    assert lib.resolve("xl").architecture == "unknown" and lib.resolve("xl").short_hash
+    lib2, rep2 = scan(lora_dir)
+    assert rep2.read == 1 and lib2.resolve("xl").architecture == "sdxl"
+    assert scan(lora_dir, summarize_files=False)[1].read == 0    # a fuller record serves a lighter scan
