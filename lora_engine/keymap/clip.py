@@ -8,7 +8,7 @@ PEFT) say ``lora_te_encoder_layers_0_…``; both spellings are accepted on every
 from __future__ import annotations
 
 from .roots import Root
-from .target import module_target, underscored, weighted_modules
+from .target import module_target, underscored, unwrapped, weighted_modules
 
 
 NEST = "text_model."
@@ -24,5 +24,5 @@ def clip_entries(root: Root, prefix: str):
     """Yield ``(kohya names, dotted paths, Target)`` for each weighted module."""
     nest = NEST if root.naming == "hf_clip_flat" else ""
     for module in weighted_modules(root):
-        paths = hf_spellings(nest + module)
+        paths = hf_spellings(nest + unwrapped(module))
         yield [prefix + underscored(p) for p in paths], paths, module_target(root, module, "te")

@@ -15,7 +15,7 @@ import re
 
 from .clip import hf_spellings
 from .roots import Root
-from .target import Target, module_target, underscored, weighted_modules
+from .target import Target, module_target, underscored, unwrapped, weighted_modules
 
 _LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 _IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$")
@@ -63,7 +63,7 @@ def _names(prefix: str, path: str) -> list[str]:
 def openclip_entries(root: Root, prefix: str):
     """Yield ``(kohya names, dotted HF paths, Target)`` for each mappable OpenCLIP weight."""
     for module in weighted_modules(root):
-        path = hf_path(module)
+        path = hf_path(unwrapped(module))
         if path is not None:
             yield _names(prefix, path), hf_spellings(path), module_target(root, module, "te")
     for key in root.shapes:

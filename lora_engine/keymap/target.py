@@ -35,6 +35,14 @@ def weighted_modules(root):
     return [k[: -len(".weight")] for k in root.shapes if k.endswith(".weight")]
 
 
+WRAPPER = ".wrapped"  # A1111's hijack wraps token embeddings: "token_embedding.wrapped.weight"
+
+
+def unwrapped(path: str) -> str:
+    """The module's own path, without a host wrapper level at the end."""
+    return path[: -len(WRAPPER)] if path.endswith(WRAPPER) else path
+
+
 def underscored(path: str) -> str:
     """kohya's rule: the module path with every ``.`` replaced by ``_``."""
     return path.replace(".", "_")

@@ -58,3 +58,15 @@ def test_unknown_root():
     km = build_keymap({"encoder.conv_in.weight": (4, 3, 3, 3)})
     assert km.architecture == "unknown" and len(km) == 0
     assert km.lookup("lora_unet_conv_in") is None
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_a1111_hijacked_token_embedding(tiny_models, arch):
+    """A1111 wraps the token embedding (``token_embedding.wrapped.weight``); the name still resolves."""
+    state = shapes(a1111_root(tiny_models[arch], wrapped=True).state_dict())
+    hijacked = {k.replace("token_embedding.weight", "token_embedding.wrapped.weight"): v for k, v in state.items()}
+    assert hijacked != state
+    km = build_keymap(hijacked)
+    t = km.lookup("lora_te_text_model_embeddings_token_embedding")
+    assert t is not None and t.weight_key.endswith("token_embedding.wrapped.weight")
+    assert km.architecture == arch
