@@ -14,8 +14,10 @@ def register(sub) -> None:
 def _describe(tag) -> str:
     lines = [f"  {tag.kind} {tag.name!r}: te={tag.te} unet={tag.unet}" + (f" dyn={tag.dyn}" if tag.dyn else "")]
     if tag.lbw is not None:
-        vals = ",".join(v.text() for v in tag.lbw.values)
-        lines.append(f"    blocks ({tag.lbw.source}, {tag.lbw.length} given, 26 slots): {vals}")
+        from ..blocks import BLOCK_IDS_26
+
+        vals = " ".join(f"{b}={v.text()}" for b, v in zip(BLOCK_IDS_26, tag.lbw.values))
+        lines.append(f"    blocks ({tag.lbw.source}, {tag.lbw.length} values): {vals}")
     if tag.lbwe is not None:
         lines.append(f"    elemental {tag.lbwe}: {len(tag.elements)} directive(s)")
     if tag.x is not None:

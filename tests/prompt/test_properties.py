@@ -27,7 +27,7 @@ def valid_tag(name: str, te: float, unet: float) -> str:
     return LoraTag(name, te, unet).to_text()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.one_of(st.text(max_size=200), hostile))
 def test_never_raises(text):
     p = parse_prompt(text)
@@ -35,7 +35,7 @@ def test_never_raises(text):
     assert all(isinstance(w, str) and len(w.splitlines()) == 1 for w in p.warnings)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(st.tuples(neighbours, names, weights, weights), min_size=1, max_size=5), hostile)
 def test_valid_tags_survive_broken_neighbours(parts, tail):
     text = "".join(junk + valid_tag(n, te, un) for junk, n, te, un in parts) + tail
@@ -45,7 +45,7 @@ def test_valid_tags_survive_broken_neighbours(parts, tail):
     assert all(w in it for w in want), (text, got)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(names, weights, weights, st.one_of(st.none(), st.integers(1, 512)))
 def test_round_trip(name, te, unet, dyn):
     tag = LoraTag(name, te, unet, dyn)
@@ -85,7 +85,7 @@ simple_names = st.text(alphabet=st.characters(blacklist_characters=":<>=", black
                        min_size=1, max_size=12)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(st.lists(st.tuples(simple_names, st.lists(arg, max_size=4)), min_size=1, max_size=4))
 def test_agrees_with_a1111_on_well_formed_tags(spec):
     tags = []
