@@ -1,0 +1,116 @@
+"""The diffusers implementation of :class:`~lora_engine.train.host.TrainHost`.
+
+SD1/SD2: ``context`` = CLIP last hidden state (``clip_skip`` k > 1: hidden state −k, then the
+final layer norm). SDXL (two encoders): ``context`` = concat(te1 h[−2], te2 h[−2]) on features,
+``pooled`` = te2 ``text_embeds``, ``time_ids`` = (h, w, 0, 0, h, w) of the bucket.
+Latents: ``z = (E(x).sample(g) − shift) · scaling_factor``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import TrainingError
+from .host import Cond, TrainHost
+
+
+def _tokens(tokenizer, te, captions: list[str], device) -> torch.Tensor:
+    n = min(int(tokenizer.model_max_length), int(te.config.max_position_embeddings))
+    ids = tokenizer(captions, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def _hidden(te, ids: torch.Tensor, skip: int, final_norm: bool):
+    out = te(ids, output_hidden_states=True)
+    h = out.hidden_states[-skip] if skip > 1 else out.last_hidden_state
+    if skip > 1 and final_norm:
+        norm = getattr(te, "text_model", te).final_layer_norm
+        h = norm(h)
+    return h, out
+
+
+def _version(unet, n_te: int, prediction_type: str) -> str:
+    if n_te >= 2 or getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return "sdxl_base_v1-0"
+    if getattr(unet.config, "use_linear_projection", False):
+        return "sd_v2_768_v" if prediction_type == "v_prediction" else "sd_v2"
+    return "sd_v1"
+
+
+def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.Tensor,
+                   prediction_type: str = "epsilon", clip_skip: int = 1, model_name: str = "") -> TrainHost:
+    """Build the host from loaded diffusers/transformers parts (nothing is copied)."""
+    tes, toks = list(text_encoders), list(tokenizers)
+    if len(tes) != len(toks) or not tes:
+        raise TrainingError(f"need one tokenizer per text encoder, got {len(toks)} for {len(tes)}")
+    sdxl = len(tes) == 2
+    parts = {"unet": unet, "text_encoder": tes[0]}
+    if sdxl:
+        parts["text_encoder_2"] = tes[1]
+    root = torch.nn.ModuleDict(parts)
+    device = next(unet.parameters()).device
+    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0) if vae is not None else 1.0
+    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0) if vae is not None else 0.0
+
+    def encode_text(captions: list[str]) -> Cond:
+        if not sdxl:
+            h, _ = _hidden(tes[0], _tokens(toks[0], tes[0], captions, device), clip_skip, True)
+            return Cond(h)
+        h1, _ = _hidden(tes[0], _tokens(toks[0], tes[0], captions, device), max(2, clip_skip), False)
+        h2, out2 = _hidden(tes[1], _tokens(toks[1], tes[1], captions, device), max(2, clip_skip), False)
+        return Cond(torch.cat([h1, h2], dim=-1), out2.text_embeds)
+
+    def encode_image(pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if vae is None:
+            return pixels
+        pixels = pixels.to(device=device, dtype=vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        return ((dist.sample(generator) - shift) * scaling).float()
+
+    def denoise(latents, t, cond: Cond, sizes):
+        kwargs = {}
+        if cond.pooled is not None:
+            ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=latents.dtype, device=latents.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": ids}
+        return unet(latents, t, encoder_hidden_states=cond.context, **kwargs).sample
+
+    def checkpointing(on: bool) -> None:
+        (unet.enable_gradient_checkpointing if on else unet.disable_gradient_checkpointing)()
+        for te in tes:
+            if hasattr(te, "gradient_checkpointing_enable"):
+                (te.gradient_checkpointing_enable if on else te.gradient_checkpointing_disable)()
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    return TrainHost(root=root, denoise=denoise, encode_text=encode_text, encode_image=encode_image,
+                     alphas_cumprod=alphas_cumprod.float(), prediction_type=prediction_type, latent_factor=factor,
+                     base_model_version=_version(unet, len(tes), prediction_type), model_name=model_name,
+                     device=device, text_encoders=tuple(tes), unet=unet, gradient_checkpointing=checkpointing)
+
+
+def load_diffusers_folder(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                          clip_skip: int = 1) -> TrainHost:
+    """Load a diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = os.fspath(folder)
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if not os.path.isdir(os.path.join(folder, part)):
+            raise TrainingError(f"{folder}: not a diffusers model folder (no {part}/ inside)")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device)
+    tes = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).to(device)]
+    toks = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")]
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+        tes.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
+                                                               torch_dtype=dtype).to(device))
+        toks.append(AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
+    vae = None
+    if os.path.isdir(os.path.join(folder, "vae")):
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).to(device)
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    for m in (unet, vae, *tes):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return diffusers_host(unet, tes, toks, vae, sched.alphas_cumprod, sched.config.prediction_type, clip_skip,
+                          os.path.basename(os.path.normpath(folder)))
