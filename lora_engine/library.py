@@ -231,7 +231,7 @@ class LoraLibrary:
                 rel = os.path.relpath(folder, root).replace(os.sep, "/")
                 prefix = "" if rel == "." else rel + "/"
                 for f in sorted(files, key=_natural_key):
-                    if f.lower().endswith(LORA_EXTS):
+                    if f.lower().endswith(LORA_EXTS) and (self.include_hidden or not f.startswith(".")):
                         yield root, folder, prefix, f, siblings
 
     def scan(self, progress: Callable[[int, str], None] | None = None) -> ScanReport:
@@ -260,7 +260,7 @@ class LoraLibrary:
                 else:
                     reused += 1
                 entries.append(self._entry(root, folder, prefix, fname, siblings, st, rec))
-            removed = self.cache.prune({e.path for e in entries})
+            removed = self.cache.prune({e.path for e in entries}, self.folders)
         finally:
             self.cache.save()
         warnings.extend(self.cache.warnings)

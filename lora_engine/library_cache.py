@@ -48,9 +48,11 @@ class LibraryCache:
         self._entries[path] = dict(record, size=size, mtime_ns=mtime_ns)
         self._dirty = True
 
-    def prune(self, keep: set[str]) -> int:
-        """Forget files no longer present; returns how many were dropped."""
-        gone = [p for p in self._entries if p not in keep]
+    def prune(self, keep: set[str], under: list[str]) -> int:
+        """Forget files below the folders ``under`` that are not in ``keep`` (files of other
+        libraries sharing this cache are left alone); returns how many were dropped."""
+        prefixes = tuple(os.path.join(u, "") for u in under)
+        gone = [p for p in self._entries if p not in keep and p.startswith(prefixes)]
         for p in gone:
             del self._entries[p]
         self._dirty = self._dirty or bool(gone)

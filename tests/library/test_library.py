@@ -82,8 +82,9 @@ def test_hidden_folders_symlink_loops_and_other_files(lora_dir):
     write_lora(lora_dir / "v" / "v.safetensors", seed=2)
     (lora_dir / "v" / "notes.md").write_text("x")
     os.symlink(lora_dir, lora_dir / "v" / "loop")
+    write_lora(lora_dir / ".dot.safetensors", seed=3)
     lib, rep = scan(lora_dir)
-    assert sorted(e.key for e in lib.entries) == [".hidden/h", "v/v"]
+    assert sorted(e.key for e in lib.entries) == [".dot", ".hidden/h", "v/v"]
     lib2, _ = scan(lora_dir, include_hidden=False, use_cache=False)
     assert [e.key for e in lib2.entries] == ["v/v"]
 
@@ -212,3 +213,12 @@ def test_summaries_can_be_skipped_and_filled_in_later(lora_dir):
     lib2, rep2 = scan(lora_dir)
     assert rep2.read == 1 and lib2.resolve("xl").architecture == "sdxl"
     assert scan(lora_dir, summarize_files=False)[1].read == 0    # a fuller record serves a lighter scan
+
+
+def test_shared_cache_keeps_other_libraries_files(tmp_path):
+    write_lora(tmp_path / "A" / "a.safetensors", seed=1)
+    write_lora(tmp_path / "B" / "b.safetensors", seed=2)
+    cache = tmp_path / "shared.json"
+    LoraLibrary([tmp_path / "A", tmp_path / "B"], cache_path=cache).scan()
+    assert LoraLibrary([tmp_path / "A"], cache_path=cache).scan().removed == 0
+    assert LoraLibrary([tmp_path / "A", tmp_path / "B"], cache_path=cache).scan().read == 0
