@@ -138,8 +138,8 @@ def summarize(source: str | os.PathLike | LoraFile) -> Summary:
 
 
 def format_summary(s: Summary) -> str:
-    if s.error:
-        return f"{s.path}\n  error: {s.error}"
+    if s.error:  # one line; the error names the file
+        return f"error: {s.error}"
     lines = [s.path, f"  format: {s.format}    architecture: {s.architecture} ({s.architecture_source})",
              f"  modules: {s.modules}    types: " + ", ".join(f"{k}×{v}" for k, v in sorted(s.adapter_types.items()))]
     for b, info in s.blocks.items():

@@ -1,33 +1,80 @@
 """Legacy ``.pt``/``.ckpt``/``.bin`` LoRAs, read only through ``torch.load(weights_only=True)``.
 
 A full unpickle can execute arbitrary code; the restricted unpickler only
-rebuilds tensors and plain containers, and refuses anything else.
+rebuilds tensors and plain containers, and refuses anything else. When it refuses,
+the pickle's opcodes are *listed* (``pickletools.genops``, which never executes
+anything) to tell a code-calling pickle (:class:`UnsafeFileError`) from a corrupt
+one (:class:`LoraFileError`).
 """
 from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import re
 import zipfile
 
 import torch
 
 from ..errors import LoraFileError, UnsafeFileError
 
+# A pickle imports what it calls through these opcodes; torch's own rebuild helpers are expected.
+_IMPORTING_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST"}
+_EXPECTED_MODULES = ("torch", "collections")
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of torch's (long, multi-line) error message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
+    text = (useful or lines or [type(e).__name__])[0]
+    text = re.sub(r"^WeightsUnpickler error:\s*", "", text)
+    return text.split(". ")[0][:160]
+
+
+def _calls_code(path: str) -> str | None:
+    """``module.name`` of the first non-torch import in a raw pickle, listed without executing it."""
+    if zipfile.is_zipfile(path):
+        return None  # torch's zip format: its unpickler names the GLOBAL itself
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if isinstance(arg, str):
+                    strings = (strings + [arg])[-2:]
+                if op.name not in _IMPORTING_OPCODES:
+                    continue
+                target = ".".join(strings) if op.name == "STACK_GLOBAL" else str(arg).replace(" ", ".")
+                if not target.startswith(_EXPECTED_MODULES):
+                    return target
+    except Exception:  # noqa: BLE001 - corrupt stream: stop listing, nothing was executed
+        return None
+    return None
+
+
+def _load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = _reason(e)
+        m = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        what = m.group(1) if m else _calls_code(path)
+        if what:
+            raise UnsafeFileError(
+                path, f"refused: the pickle would call {what} (code execution); only plain tensors are loaded,"
+                " convert it to safetensors from a trusted copy"
+            ) from None
+        raise LoraFileError(path, f"not a readable tensor checkpoint: {why}") from None
+    except Exception as e:  # noqa: BLE001 - any corruption inside torch.load is one clear error, no traceback
+        raise LoraFileError(path, f"cannot read legacy checkpoint (corrupt or truncated): {_reason(e)}") from None
+
 
 def read_pickled(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = os.fspath(path)
     if os.path.getsize(path) == 0:
         raise LoraFileError(path, "empty file (0 bytes)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeFileError(
-            path, f"refused: the pickle wants more than plain tensors ({first[:160]}); convert it to safetensors"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoraFileError(path, f"cannot read legacy checkpoint: {msg[:200]}") from None
+    obj = _load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
