@@ -33,6 +33,10 @@ MARKERS: dict[str, tuple[str, str]] = {
     "embeddings.position_embedding.weight": ("te", "hf_clip_flat"),  # transformers>=5 CLIPTextModel
     "transformer.resblocks.0.attn.in_proj_weight": ("te", "openclip"),
 }
+# A flat CLIP marker also fits a CLIP *vision* tower (IP-Adapter image encoders): require a token embedding.
+CONFIRM: dict[str, tuple[str, ...]] = {
+    "hf_clip_flat": ("embeddings.token_embedding.weight", "embeddings.token_embedding.wrapped.weight"),
+}
 # ComfyUI's CLIP attribute names, in kohya text-encoder order.
 _COMFY_ORDER = {"clip_l.": "clip_0.", "clip_h.": "clip_1.", "clip_g.": "clip_2."}
 
@@ -69,6 +73,9 @@ def find_roots(named_shapes) -> tuple[Root | None, list[Root]]:
                 prefix = key[: -len(marker)]
                 if what[1] == "hf_clip_flat" and prefix.endswith("text_model."):
                     continue  # the nested layout, found by its own marker
+                confirm = CONFIRM.get(what[1])
+                if confirm and all(prefix + c not in named_shapes for c in confirm):
+                    continue
                 found[prefix] = what
     # Longest prefix first so a key is given to its innermost root.
     prefixes = sorted(found, key=len, reverse=True)

@@ -70,3 +70,17 @@ def test_a1111_hijacked_token_embedding(tiny_models, arch):
     t = km.lookup("lora_te_text_model_embeddings_token_embedding")
     assert t is not None and t.weight_key.endswith("token_embedding.wrapped.weight")
     assert km.architecture == arch
+
+
+def test_clip_vision_tower_is_not_a_text_encoder(tiny_models):
+    """An IP-Adapter image encoder (CLIP vision, same embedding names) in the pipeline changes nothing."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                                            num_attention_heads=2, image_size=8, patch_size=4))
+    root = diffusers_root(tiny_models["sdxl"])
+    plain = build_keymap(shapes(root.state_dict()))
+    state = shapes(root.state_dict()) | {"image_encoder." + k: v for k, v in shapes(vision.state_dict()).items()}
+    km = build_keymap(state)
+    assert km.te_prefixes == plain.te_prefixes == ("text_encoder.", "text_encoder_2.")
+    assert km.names() == plain.names()
