@@ -64,6 +64,24 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _coerce(cls, key: str, value):
+    """TOML/CLI values to the field's type (``alpha = 8`` is a float, ``rank = "4"`` an int)."""
+    default = getattr(cls(), key)
+    kind = type(default)
+    if kind is bool and not isinstance(value, bool):
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise TrainingError(f"setting {key!r} must be true or false, not {value!r}")
+    if kind in (int, float, str) and not isinstance(value, kind):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise TrainingError(f"setting {key!r} must be a {kind.__name__}, not {value!r}") from None
+    return value
+
+
 def _route(flat: dict) -> dict[str, dict]:
     """Split flat settings into {section: {field: value}}; unknown keys fail with their name."""
     out: dict[str, dict] = {"train": {}, "network": {}, "dataset": {}, "captions": {}}
@@ -72,7 +90,7 @@ def _route(flat: dict) -> dict[str, dict]:
         for section, cls in (("train", None), *_SECTIONS.items()):
             names = train_fields if cls is None else _fields(cls) - {"captions"}
             if key in names:
-                out[section][key] = value
+                out[section][key] = _coerce(cls or TrainConfig, key, value)
                 break
         else:
             raise TrainingError(f"unknown training setting {key!r}")
