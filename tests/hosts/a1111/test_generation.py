@@ -15,7 +15,7 @@ from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.patch import StackEntry
 from tests.hosts.a1111.conftest import make_network
-from tests.hosts.a1111.standin import Processing, SdConditioning, process_images
+from tests.hosts.a1111.standin import Processing, SdConditioning, parse_prompts, process_images
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def reference(sd_model, folder, prompt, negative, stack_at, steps, seed):
     put(stack_at(-1, True))
     uc = sd_model.get_learned_conditioning(SdConditioning([negative], True))
     put(stack_at(-1, False))
-    c = sd_model.get_learned_conditioning(SdConditioning([prompt]))
+    c = sd_model.get_learned_conditioning(SdConditioning(parse_prompts([prompt])[0]))  # A1111's tag removal
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     unet = sd_model.model.diffusion_model
     for step in range(steps):
@@ -68,7 +68,7 @@ def test_onthefly_equals_merged(sd_model, loras):
     assert mode is Mode.ONTHEFLY
     assert (merged - plain).abs().max() > 1e-2  # the LoRAs do something
     torch.testing.assert_close(fly, merged, rtol=0, atol=1e-4)
-    ref = reference(sd_model, folder, "a", "bad", lambda s, u: [("a", 0.8, 0.8), ("b", -0.6, 1.1)], 4, 0)
+    ref = reference(sd_model, folder, prompts[0], "bad", lambda s, u: [("a", 0.8, 0.8), ("b", -0.6, 1.1)], 4, 0)
     torch.testing.assert_close(merged[:1], ref, rtol=0, atol=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_per_image_loras_in_one_batch_equal_separate_runs(sd_model, loras):
     assert mode is Mode.ONTHEFLY  # automatic: per-image stacks need factors
     apart, _, _ = generate(sd_model, folder, prompts, negs, batch_size=1)
     torch.testing.assert_close(one, apart, rtol=0, atol=1e-4)
-    ref = reference(sd_model, folder, "dog", "bad",
+    ref = reference(sd_model, folder, prompts[1], "bad",
                     lambda s, u: [("b", 0.7, 0.7)] + ([("a", 0.5, 0.5)] if u else []), 4, 1)
     torch.testing.assert_close(one[1:2], ref, rtol=0, atol=1e-4)
 
@@ -101,7 +101,7 @@ def test_step_schedule(sd_model, loras, mode):
 
     out = process_images(p, {"lora": net}, {}, [functools.partial(on_cfg_denoiser, c), watch])
     on = lambda s: 2 <= s < 4  # noqa: E731 - 1-based steps 3 and 4
-    ref = reference(sd_model, folder, "x", "bad", lambda s, u: [("a", 1.0, 1.0 if (s < 0 or on(s)) else 0.0)], 6, 0)
+    ref = reference(sd_model, folder, p.all_prompts[0], "bad", lambda s, u: [("a", 1.0, 1.0 if (s < 0 or on(s)) else 0.0)], 6, 0)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     if mode == "merged":  # a re-merge of the 4 UNet modules of `a` exactly at steps 0 (off), 2 (on), 4 (off)
         applies = [(s, w) for i, (s, sid, w) in enumerate(seen) if i == 0 or sid != seen[i - 1][1]]
