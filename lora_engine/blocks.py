@@ -24,6 +24,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from .keymap.unet_blocks import DIRECT, RESNET_RENAMES
+
 BLOCK_IDS_26 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
 BLOCK_IDS_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(3, 12))
 BLOCK_IDS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(6))
@@ -240,11 +242,9 @@ DEFAULT_ELEMENT_PRESETS = parse_element_presets(DEFAULT_ELEMENT_PRESETS_TEXT)
 
 # ---- module name -> block ----
 
-_RESNET_PARTS = {"norm1": "in_layers_0", "conv1": "in_layers_2", "time_emb_proj": "emb_layers_1",
-                 "norm2": "out_layers_0", "conv2": "out_layers_3", "conv_shortcut": "skip_connection"}
-_DIFFUSERS_TOP = {"conv_in": "input_blocks_0_0", "time_embedding_linear_1": "time_embed_0",
-                  "time_embedding_linear_2": "time_embed_2", "conv_norm_out": "out_0", "conv_out": "out_2",
-                  "add_embedding_linear_1": "label_emb_0_0", "add_embedding_linear_2": "label_emb_0_2"}
+# The diffusers -> ldm tables of the key maps, in underscore form (kohya names have no dots).
+_RESNET_PARTS = {k: v.replace(".", "_") for k, v in RESNET_RENAMES.items()}
+_DIFFUSERS_TOP = {k.replace(".", "_"): v.replace(".", "_") for k, v in DIRECT.items()}
 _DOWN_RE = re.compile(r"down_blocks_(\d+)_(resnets|attentions)_(\d+)(_.*|)\Z")
 _DOWNSAMPLE_RE = re.compile(r"down_blocks_(\d+)_downsamplers_0_conv(_.*|)\Z")
 _UP_RE = re.compile(r"up_blocks_(\d+)_(resnets|attentions)_(\d+)(_.*|)\Z")

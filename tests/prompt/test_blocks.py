@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from lora_engine.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, ModuleMultiplier, module_block, module_multiplier,
                                 parse_directives, parse_presets, parse_vector)
 from lora_engine.prompt import parse_prompt
+from tests.models.ldm_view import ldm_unet_view
 
 
 def tag(text):
@@ -143,6 +144,28 @@ def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
         if ".attentions." in dotted or dotted.startswith("mid_block.attentions"):
             seen_attn.add(got)
     assert seen_attn == attn_blocks  # exactly the blocks the 17 (SD1) / 12 (SDXL) vectors name, minus BASE
+
+
+@pytest.mark.parametrize("cfg", [SD1, SDXL], ids=["sd1", "sdxl"])
+def test_ldm_names_match_the_ldm_view_of_the_same_model(cfg):
+    """Element directives match ldm names; the ldm view (checked against diffusers' converter in
+    tests/models) shares its leaf modules with the diffusers model, so each module has both names."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=2, **cfg)
+    ldm_of = {id(m): n for n, m in ldm_unet_view(unet).named_modules()}
+    checked = 0
+    for dotted, mod in unet.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        block, key = module_block("lora_unet_" + dotted.replace(".", "_"))
+        want = "diffusion_model_" + ldm_of[id(mod)].replace(".", "_")
+        if dotted == "up_blocks.0.upsamplers.0.conv" and cfg is SDXL:
+            assert key.replace("_1_conv", "_2_conv") == want   # the documented sub-index guess
+        else:
+            assert key == want, dotted
+        checked += 1
+    assert checked > 50
 
 
 def test_multiplier_combines_te_unet_and_blocks():
