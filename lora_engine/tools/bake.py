@@ -1,0 +1,193 @@
+"""Bake LoRAs into a checkpoint: W' = cast(W₀ + Σ_k m_k·ΔW_k(W₀)) for every touched weight (and
+bias), everything else copied byte for byte.
+
+The math is the engine's: ``patch.plan.build_plan`` maps each LoRA module onto the checkpoint's keys
+through ``keymap.build_keymap`` (ldm/sgm single files, diffusers folders), and ``patch.delta.summed_delta``
+gives the fp32 sum of deltas (one add, one cast per weight, exactly as the merged patcher writes it).
+Fused OpenCLIP q/k/v weights are patched by row slices.
+
+Streaming: the output header is known from the input header (same keys, dtypes, shapes), so it is
+written first, then each tensor in data order: untouched tensors as raw byte copies in bounded
+chunks, touched ones read, patched and written one at a time. Peak memory is a few times the largest
+touched tensor, not the checkpoint. Output is atomic (temporary name + ``os.replace``; a diffusers
+folder is assembled in a temporary folder and renamed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.base import COMPUTE
+from ..errors import ToolError
+from ..formats import load_lora
+from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic_file
+from ..keymap import build_keymap
+from ..patch.delta import summed_delta
+from ..patch.plan import PatchPlan, StackEntry, build_plan
+from .checkpoint import Checkpoint, Part, copy_bytes, diffusers_weight_files, open_checkpoint
+from .progress import Ticker
+
+
+@dataclass(frozen=True)
+class BakeLora:
+    """One LoRA to bake: file and strengths for the text encoder(s) and the UNet (negative allowed)."""
+
+    path: str
+    te: float = 1.0
+    unet: float = 1.0
+
+
+@dataclass
+class BakeResult:
+    out: str
+    touched: int = 0  # tensors rewritten
+    copied: int = 0  # tensors copied bit for bit
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Deltas:
+    """Each slot's (ΔW, Δb) computed once from the original weight, kept until both are written."""
+
+    def __init__(self, ckpt: Checkpoint, plan: PatchPlan):
+        self.ckpt, self.plan = ckpt, plan
+        self.memo: dict[str, list] = {}
+
+    def get(self, slot: str, role: str, weight_region: torch.Tensor | None = None):
+        if slot not in self.memo:
+            target = self.plan.targets[slot]
+            if weight_region is None:
+                weight_region = _region(self.ckpt.read(target.weight_key), target.rows)
+            dw, db = summed_delta(self.plan.contributions[slot], weight_region, device=torch.device("cpu"))
+            roles = {"weight"} | ({"bias"} if target.bias_key and target.bias_key in self.ckpt else set())
+            self.memo[slot] = [dw, db, roles]
+        entry = self.memo[slot]
+        entry[2].discard(role)
+        if not entry[2]:
+            del self.memo[slot]
+        return entry[0] if role == "weight" else entry[1]
+
+
+def _region(t: torch.Tensor, rows):
+    return t if rows is None else t[rows[0]:rows[1]]
+
+
+def _tasks(plan: PatchPlan, ckpt: Checkpoint) -> dict[str, list[tuple[str, str]]]:
+    """{tensor key: [(slot, "weight"|"bias")]} for every tensor the plan changes."""
+    tasks: dict[str, list[tuple[str, str]]] = {}
+    for slot, target in plan.targets.items():
+        tasks.setdefault(target.weight_key, []).append((slot, "weight"))
+        if target.bias_key and target.bias_key in ckpt:
+            tasks.setdefault(target.bias_key, []).append((slot, "bias"))
+    return tasks
+
+
+def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas) -> torch.Tensor:
+    t = ckpt.read(key)
+    for slot, role in jobs:
+        target = deltas.plan.targets[slot]
+        region = _region(t, target.rows)
+        d = deltas.get(slot, role, region.clone() if role == "weight" else None)
+        if d is not None:
+            region.copy_((region.to(COMPUTE) + d.reshape(region.shape)).to(t.dtype))
+    return t
+
+
+def _write_part(ckpt, part: Part, tasks, deltas, fh, ticker, result, extra_meta) -> None:
+    info = part.file.info
+    entries = [Entry(k, ti.dtype, ti.shape) for k, ti in info.items()]
+    meta = dict(part.file.metadata) | extra_meta
+    w = StreamWriter(fh, entries, meta or None)
+    for e in w.order:
+        ticker.check()
+        full = part.prefix + e.key
+        if full in tasks:
+            w.write(e.key, _baked(ckpt, full, tasks[full], deltas))
+            result.touched += 1
+        else:
+            ti = info[e.key]
+            copy_bytes(part.file.path, ti.begin, ti.end, fh)
+            w.wrote_raw(e.key, ti.end - ti.begin)
+            result.copied += 1
+        ticker.tick(full)
+    w.close()
+
+
+def plan_for(ckpt: Checkpoint, loras: list[BakeLora]) -> tuple[PatchPlan, list[str]]:
+    keymap = build_keymap(ckpt.shapes())
+    stack = [StackEntry(load_lora(l.path), te=l.te, unet=l.unet, key=f"{i}:{l.path}") for i, l in enumerate(loras)]
+    plan = build_plan(stack, keymap)
+    warnings = [line for r in plan.reports.values() if (line := r.line())]
+    if not plan.targets:
+        raise ToolError(f"{ckpt.path}: no LoRA module matched this checkpoint ({keymap.architecture}); "
+                        + ("; ".join(warnings) or "all strengths are 0"))
+    return plan, warnings
+
+
+def _bake_meta(loras: list[BakeLora]) -> dict[str, str]:
+    return {"lora_engine_baked": json.dumps([{"file": os.path.basename(l.path), "te": l.te, "unet": l.unet}
+                                             for l in loras])}
+
+
+def bake_single(src: str, loras: list[BakeLora], out: str, progress=None, cancel=None) -> BakeResult:
+    ckpt = open_checkpoint(src)
+    plan, warnings = plan_for(ckpt, loras)
+    result = BakeResult(out, warnings=warnings)
+    part = ckpt.parts[0]
+    ticker = Ticker(len(part.file.info), progress, cancel)
+    with atomic_file(out) as fh:
+        _write_part(ckpt, part, _tasks(plan, ckpt), _Deltas(ckpt, plan), fh, ticker, result, _bake_meta(loras))
+    return result
+
+
+def bake_diffusers(src: str, loras: list[BakeLora], out: str, overwrite: bool = False,
+                   progress=None, cancel=None) -> BakeResult:
+    result = BakeResult(out)
+    variants = diffusers_weight_files(src)
+    if not variants:
+        raise ToolError(f"{src}: no .safetensors weights under unet/ or text_encoder*/")
+    jobs = []
+    for variant in variants:
+        ckpt = open_checkpoint(src, variant)
+        plan, warnings = plan_for(ckpt, loras)
+        result.warnings.extend(w for w in warnings if w not in result.warnings)
+        jobs.append((ckpt, plan))
+    rewritten = {p.rel for ckpt, _ in jobs for p in ckpt.parts}
+    ticker = Ticker(sum(len(p.file.info) for ckpt, _ in jobs for p in ckpt.parts), progress, cancel)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        _copy_tree(src, tmp, skip=rewritten)
+        for ckpt, plan in jobs:
+            tasks, deltas = _tasks(plan, ckpt), _Deltas(ckpt, plan)
+            for part in ckpt.parts:
+                with open(os.path.join(tmp, part.rel), "wb") as fh:
+                    _write_part(ckpt, part, tasks, deltas, fh, ticker, result, {})
+    return result
+
+
+def _copy_tree(src: str, dst: str, skip: set[str]) -> None:
+    """Copy everything under ``src`` except the relative paths in ``skip`` (folders are created)."""
+    for dirpath, _, files in os.walk(src):
+        rel_dir = os.path.relpath(dirpath, src)
+        os.makedirs(os.path.join(dst, rel_dir), exist_ok=True)
+        for name in files:
+            rel = os.path.normpath(os.path.join(rel_dir, name)).replace(os.sep, "/")
+            if rel not in skip:
+                shutil.copy2(os.path.join(dirpath, name), os.path.join(dst, rel))
+
+
+def bake(src: str | os.PathLike, loras: list[BakeLora], out: str | os.PathLike, overwrite: bool = False,
+         progress=None, cancel=None) -> BakeResult:
+    """Bake ``loras`` into the checkpoint ``src`` (single .safetensors file or diffusers folder) → ``out``."""
+    src, out = os.fspath(src), os.fspath(out)
+    if not loras:
+        raise ToolError("bake needs at least one --lora")
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise ToolError(f"{out}: output must differ from the input checkpoint")
+    if os.path.isdir(src):
+        return bake_diffusers(src, loras, out, overwrite, progress, cancel)
+    if os.path.exists(out) and not overwrite:
+        raise ToolError(f"{out}: exists (pass --overwrite to replace it)")
+    return bake_single(src, loras, out, progress, cancel)
