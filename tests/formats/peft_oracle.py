@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.oracle_models import module_output, sample_input
+from tests.oracle_models import module_output, sample_input, tiny_clip, tiny_unet
 
 # fp32 on both sides, different summation order: rtol 1e-4, atol 1e-5 relative to the output's largest entry.
 RTOL, ATOL = 1e-4, 1e-5
@@ -82,3 +82,20 @@ def compare_with_peft_layers(model, ours: dict, *, min_layers: int = 4, what: st
     assert checked >= min_layers, (what, checked)
     assert checked == len(ours), f"{what}: read {len(ours)} modules, model has {checked} adapted layers"
     return checked
+
+
+def adapted_models(seed: int, unet_cfg: dict, te_cfg: dict, te2_cfg: dict | None = None, cross_dim: int = 32) -> dict:
+    """Real models with PEFT layers injected the way diffusers' training scripts do (``unet.add_adapter``;
+    for CLIP, peft's ``inject_adapter_in_model``, which transformers' ``add_adapter`` wraps), randomised."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet = tiny_unet(seed=seed, cross_dim=cross_dim)
+    unet.add_adapter(LoraConfig(init_lora_weights=False, **unet_cfg))
+    models = {"unet": unet}
+    models["text_encoder"] = inject_adapter_in_model(LoraConfig(init_lora_weights=False, **te_cfg), tiny_clip(seed + 1))
+    if te2_cfg:
+        te2 = tiny_clip(seed + 2, with_projection=True)
+        models["text_encoder_2"] = inject_adapter_in_model(LoraConfig(init_lora_weights=False, **te2_cfg), te2)
+    for i, m in enumerate(models.values()):
+        randomize(m, seed * 10 + i)
+    return models

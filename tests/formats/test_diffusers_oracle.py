@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from lora_engine.formats import load_lora
-from tests.formats.peft_oracle import TE_LINEARS, UNET_CONVS, UNET_LINEARS, by_dotted, compare_with_peft_layers, randomize
-from tests.oracle_models import tiny_clip, tiny_unet
+from tests.formats.peft_oracle import (TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models, by_dotted,
+                                       compare_with_peft_layers)
 
 UNET_CFG = dict(r=4, lora_alpha=8, target_modules=UNET_LINEARS + UNET_CONVS, rank_pattern={"to_v": 2},
                 alpha_pattern={"conv1": 3})
@@ -31,20 +31,7 @@ TE2_CFG = dict(r=3, lora_alpha=1, use_rslora=True, target_modules=TE_LINEARS + [
 
 
 def _adapted(seed: int, unet_cfg=UNET_CFG, te_cfg=TE_CFG, te2_cfg=None):
-    """Real models with PEFT layers injected the way diffusers' training scripts do (``unet.add_adapter``;
-    for CLIP, peft's ``inject_adapter_in_model``, which transformers' ``add_adapter`` wraps)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    unet = tiny_unet(seed=seed)
-    unet.add_adapter(LoraConfig(init_lora_weights=False, **unet_cfg))
-    models = {"unet": unet}
-    models["text_encoder"] = inject_adapter_in_model(LoraConfig(init_lora_weights=False, **te_cfg), tiny_clip(seed + 1))
-    if te2_cfg:
-        te2 = tiny_clip(seed + 2, with_projection=True)
-        models["text_encoder_2"] = inject_adapter_in_model(LoraConfig(init_lora_weights=False, **te2_cfg), te2)
-    for i, m in enumerate(models.values()):
-        randomize(m, seed * 10 + i)
-    return models
+    return adapted_models(seed, unet_cfg, te_cfg, te2_cfg)
 
 
 def _layers(models, convert=None) -> dict:
