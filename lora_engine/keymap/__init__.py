@@ -70,7 +70,7 @@ class KeyMap:
 
     def targets(self) -> list[Target]:
         """Every distinct target, in build order."""
-        return list(dict.fromkeys(self._names.values()))
+        return list(dict.fromkeys([*self._names.values(), *self._dotted.values()]))
 
     def diagnose(self, unmatched_names: list[str]) -> str:
         """One line saying why these names matched nothing (wrong family, wrong encoder, ...)."""
