@@ -11,6 +11,7 @@ COMMANDS = [
     "inspect_cmd",
     "parse_cmd",
     "list_cmd",
+    "demo_cmd",
 ]
 
 
