@@ -6,7 +6,8 @@
   only, so it survives metadata edits. For non-safetensors files it is the whole-file sha256.
 - ``short``: A1111's ``Lora hashes`` shorthash = ``sshs_model_hash`` metadata[:12] when the
   file carries it (LyCORIS writes ``0x`` + its own digest there, which A1111 shows as is),
-  else ``addnet[:12]``.
+  else ``addnet[:12]``. Deviation: the digest of no bytes, which ai-toolkit wrote into every
+  file (ostris/ai-toolkit#130), is ignored in favour of the computed hash.
 - ``legacy``: the old AddNet/A1111 model hash = first 8 hex of sha256(file[0x100000:0x110000])
   (``e3b0c442`` for files under 1 MiB: the hash of no bytes).
 
@@ -33,10 +34,20 @@ class FileHashes:
     legacy: str
 
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def bogus_metadata_hash(metadata: dict[str, str] | None) -> bool:
+    """True when ``sshs_model_hash`` is the digest of no bytes, which some trainers (ai-toolkit)
+    wrote into every file: trusting it would give unrelated LoRAs one shared short hash."""
+    return (metadata or {}).get("sshs_model_hash", "").strip().lower() in (EMPTY_SHA256, "0x" + EMPTY_SHA256)
+
+
 def short_hash(addnet: str | None, metadata: dict[str, str] | None = None) -> str | None:
-    """A1111's 12-character shorthash: ``sshs_model_hash`` metadata first, else the addnet hash."""
+    """A1111's 12-character shorthash: ``sshs_model_hash`` metadata first (unless bogus), else
+    the addnet hash."""
     meta_hash = (metadata or {}).get("sshs_model_hash")
-    if meta_hash:
+    if meta_hash and not bogus_metadata_hash(metadata):
         return meta_hash[:12]
     return addnet[:12] if addnet else None
 

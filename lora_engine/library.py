@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 from .errors import LoraEngineError, NameResolutionError
-from .hashes import hash_file, short_hash
+from .hashes import bogus_metadata_hash, hash_file, short_hash
 from .library_cache import DEFAULT_CACHE_NAME, LibraryCache
 
 LORA_EXTS = (".safetensors", ".ckpt", ".pt")
@@ -134,6 +134,8 @@ def read_file_record(path: str, hash_files: bool = True, summarize_files: bool =
     record: dict = {"has_cover": "ssmd_cover_images" in meta,
                     "metadata": {k: v for k, v in meta.items() if k != "ssmd_cover_images"}}
     problems = [meta_err] if meta_err else []
+    if bogus_metadata_hash(meta):
+        problems.append(f"{path}: sshs_model_hash is the hash of no bytes (a writer bug); computed hash used")
     record.update(sha256=None, addnet=None, legacy=None)
     if hash_files:
         try:
@@ -141,11 +143,13 @@ def read_file_record(path: str, hash_files: bool = True, summarize_files: bool =
             record.update(sha256=h.sha256, addnet=h.addnet, legacy=h.legacy)
         except LoraEngineError as e:
             problems.append(str(e))
+            meta_err = meta_err or str(e)
     fmt, arch, err = _summarize(path) if summarize_files else ("unknown", "unknown", None)
     record.update(format=fmt, architecture=arch, summarized=summarize_files)
     if err and not meta_err:
         problems.append(err)
     record["problems"] = problems
+    record["unreadable"] = bool(meta_err)  # not worth re-reading until it changes on disk
     return record
 
 
@@ -271,10 +275,10 @@ class LoraLibrary:
     refresh = scan
 
     def _stale(self, rec: dict | None) -> bool:
-        """No record, or one made without something this library wants (and not a known-bad file)."""
+        """No record, or one made without something this library wants (and not an unreadable file)."""
         if rec is None:
             return True
-        if rec.get("problems"):
+        if rec.get("unreadable"):
             return False
         return (self.hash_files and rec.get("sha256") is None) or (self.summarize_files and not rec.get("summarized"))
 

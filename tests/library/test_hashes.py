@@ -88,3 +88,10 @@ def test_truncated_safetensors_is_one_clear_error(tmp_path):
         assert type(e).__name__ == "LoraFileError" and "bad.safetensors" in str(e) and "header" in str(e)
     else:
         raise AssertionError("no error for a truncated file")
+
+
+def test_bogus_empty_digest_in_metadata_is_ignored(tmp_path):
+    """ai-toolkit wrote sha256(b"") as sshs_model_hash into every file (painpoints §2.8)."""
+    empty = hashlib.sha256(b"").hexdigest()
+    h = hash_file(write_lora(tmp_path / "t.safetensors", {"sshs_model_hash": empty}))
+    assert short_hash(h.addnet, {"sshs_model_hash": empty}) == h.addnet[:12] != empty[:12]

@@ -222,3 +222,13 @@ def test_shared_cache_keeps_other_libraries_files(tmp_path):
     LoraLibrary([tmp_path / "A", tmp_path / "B"], cache_path=cache).scan()
     assert LoraLibrary([tmp_path / "A"], cache_path=cache).scan().removed == 0
     assert LoraLibrary([tmp_path / "A", tmp_path / "B"], cache_path=cache).scan().read == 0
+
+
+def test_files_with_the_bogus_empty_hash_stay_distinct(lora_dir):
+    empty = hashlib.sha256(b"").hexdigest()
+    write_lora(lora_dir / "one.safetensors", {"sshs_model_hash": empty}, seed=1)
+    write_lora(lora_dir / "two.safetensors", {"sshs_model_hash": empty}, seed=2)
+    lib, _ = scan(lora_dir)
+    one, two = lib.resolve("one"), lib.resolve("two")
+    assert one.short_hash != two.short_hash and lib.resolve(two.short_hash) is two
+    assert any("hash of no bytes" in p for p in one.problems)
