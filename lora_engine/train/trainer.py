@@ -222,7 +222,12 @@ class Trainer:
                 self._log(f"cancelled at step {self.step}")
                 return self._finish(cancelled=True)
             epoch_before = self.epoch
-            loss = self._train_step()
+            try:
+                loss = self._train_step()
+            except TrainingError:
+                if self.step > 0:
+                    self.save()  # bad steps never touched the weights: the last save is the last good state
+                raise
             self.step += 1
             self.losses.append(loss)
             self._after_step(epoch_before, t0, start_step)
