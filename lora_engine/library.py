@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-from .errors import LoraEngineError, NameResolutionError
+from .errors import LoraEngineError, NameResolutionError, OperationCancelled
 from .hashes import bogus_metadata_hash, hash_file, short_hash
 from .library_cache import DEFAULT_CACHE_NAME, LibraryCache
 
@@ -238,9 +238,10 @@ class LoraLibrary:
                     if f.lower().endswith(LORA_EXTS) and (self.include_hidden or not f.startswith(".")):
                         yield root, folder, prefix, f, siblings
 
-    def scan(self, progress: Callable[[int, str], None] | None = None) -> ScanReport:
+    def scan(self, progress: Callable[[int, str], None] | None = None, cancel=None) -> ScanReport:
         """(Re)build the library. Unchanged files come from the cache; ``progress(i, path)`` is
-        called per file (raise from it to cancel: what was read so far stays cached)."""
+        called per file. Setting ``cancel`` (a ``threading.Event``) raises
+        :class:`OperationCancelled` before the next file; what was read so far stays cached."""
         t0 = time.perf_counter()
         entries: list[LoraEntry] = []
         read = reused = 0
@@ -249,6 +250,8 @@ class LoraLibrary:
         try:
             for i, (root, folder, prefix, fname, siblings) in enumerate(self._walk()):
                 path = os.path.join(folder, fname)
+                if cancel is not None and cancel.is_set():
+                    raise OperationCancelled(f"library scan cancelled after {i} files")
                 if progress is not None:
                     progress(i, path)
                 try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 
 import pytest
 
-from lora_engine.errors import NameResolutionError
+from lora_engine.errors import NameResolutionError, OperationCancelled
 from lora_engine.library import LoraLibrary
 from tests.library.conftest import write_lora
 
@@ -190,6 +191,11 @@ def test_progress_and_cancel(lora_dir):
         lib.scan(progress=stop_at_3)
     assert len(seen) == 4
     assert lib.scan().reused == 3                    # what was read before the cancel was kept
+
+    flag = threading.Event()
+    flag.set()
+    with pytest.raises(OperationCancelled, match="after 0 files"):
+        LoraLibrary([lora_dir]).scan(cancel=flag)
 
 
 def test_rescan_finds_new_files_and_metadata_only_mode(lora_dir):
