@@ -12,6 +12,7 @@ COMMANDS = [
     "parse_cmd",
     "list_cmd",
     "demo_cmd",
+    "train_cmd",
 ]
 
 

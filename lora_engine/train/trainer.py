@@ -73,7 +73,7 @@ class Trainer:
             raise TrainingError(f"bucket_step {cfg.dataset.bucket_step} is not a multiple of the VAE factor "
                                 f"{host.latent_factor}")
         self.host, self.cfg, self.engine = host, cfg, engine
-        self._progress, self._log = progress, log or (lambda line: None)
+        self.progress, self._log = progress, log or (lambda line: None)
         self.dataset = Dataset(cfg.data_dir, cfg.dataset)
         self.report = self.dataset.report
         per_epoch = math.ceil(self.dataset.batches_per_epoch / cfg.grad_accum)
@@ -237,10 +237,10 @@ class Trainer:
         cfg = self.cfg
         done = self.step - start_step
         rate = done / max(1e-9, time.perf_counter() - t0)
-        if self._progress is not None:
+        if self.progress is not None:
             eta = (self.total_steps - self.step) / rate if rate > 0 else None
             lr = self.optimizer.param_groups[0]["lr"]
-            self._progress(Progress(self.step, self.total_steps, self.epoch, self.losses[-1], smoothed(self.losses),
+            self.progress(Progress(self.step, self.total_steps, self.epoch, self.losses[-1], smoothed(self.losses),
                                     lr, rate, eta, self.skipped))
         by_steps = cfg.save_every_steps and self.step % cfg.save_every_steps == 0
         by_epochs = cfg.save_every_epochs and self.epoch > epoch_before and self.epoch % cfg.save_every_epochs == 0

@@ -1,0 +1,116 @@
+"""``lora-engine train [CONFIG.toml] --base FOLDER --data DIR --output FILE ...``
+
+Settings come from the TOML file (flat keys or [network]/[dataset]/[captions] tables, plus
+``base``/``device``), then the flags override them. Shows the dataset report, then a progress
+bar with loss and ETA. Ctrl-C stops after the current step and writes the LoRA and its resume
+state (``--resume OUTPUT.trainstate`` continues exactly).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+# flag dest -> TrainConfig setting
+FLAGS = {"data": "data_dir", "output": "output", "steps": "steps", "epochs": "epochs", "rank": "rank",
+         "alpha": "alpha", "resolution": "resolution", "batch_size": "batch_size", "lr": "unet_lr",
+         "te_lr": "te_lr", "save_every": "save_every_steps", "mixed_precision": "mixed_precision", "seed": "seed",
+         "optimizer": "optimizer", "train_text_encoder": "train_text_encoder"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a LoRA on a diffusers model folder",
+                              description=__doc__.split("\n\n")[1])
+    p.add_argument("config", nargs="?", help="TOML file with training settings")
+    p.add_argument("--base", help="diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
+    p.add_argument("--data", help="image folder (captions in .txt/.caption; N_name subfolders repeat N times)")
+    p.add_argument("--output", help="output .safetensors file")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float, help="UNet learning rate")
+    p.add_argument("--te-lr", type=float, dest="te_lr", help="text-encoder learning rate")
+    p.add_argument("--train-text-encoder", action="store_true", default=None, dest="train_text_encoder")
+    p.add_argument("--optimizer")
+    p.add_argument("--save-every", type=int, dest="save_every", help="save every N steps")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), dest="mixed_precision")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resume", help="a .trainstate file written by an earlier run with the same settings")
+    p.add_argument("--dry-run", action="store_true", help="validate the dataset and print the report only")
+    p.set_defaults(func=run)
+
+
+def _settings(args) -> tuple[dict, str | None, str | None]:
+    from ..train import load_toml
+
+    settings = load_toml(args.config) if args.config else {}
+    base, device = settings.pop("base", None), settings.pop("device", None)
+    for dest, key in FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            settings[key] = value
+    return settings, args.base or base, args.device or device
+
+
+class _Bar:
+    """A tqdm bar opened at the first step (after the dataset report and latent caching)."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+
+    def __call__(self, p) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=p.step - 1, unit="step", dynamic_ncols=True)
+        bar = self.bar
+        bar.n = p.step
+        bar.set_postfix(loss=f"{p.smoothed_loss:.4f}", lr=f"{p.lr:.2e}", epoch=p.epoch, refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args) -> int:
+    import torch
+
+    from ..errors import LoraEngineError
+    from ..train import Trainer, build_config
+    from ..train.diffusers_host import load_diffusers_folder
+
+    try:
+        settings, base, device = _settings(args)
+        cfg = build_config(settings)
+        if not base:
+            print("lora-engine train: no base model (--base FOLDER or base = ... in the config)", file=sys.stderr)
+            return 2
+        if not cfg.data_dir or not cfg.output:
+            print("lora-engine train: --data and --output are required", file=sys.stderr)
+            return 2
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        host = load_diffusers_folder(base, device=device)
+        log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        trainer = Trainer(host, cfg, log=log)
+        if args.dry_run:
+            for line in trainer.report.lines():
+                print(line)
+            return 0
+        bar = trainer.progress = _Bar(trainer.total_steps)
+        previous = signal.signal(signal.SIGINT, lambda *_: trainer.cancel())
+        try:
+            result = trainer.run(resume=args.resume)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            bar.close()
+    except LoraEngineError as e:
+        print(f"lora-engine train: {e}", file=sys.stderr)
+        return 1
+    what = "stopped" if result.cancelled else "done"
+    print(f"{what} at step {result.steps}/{trainer.total_steps}: {result.output}"
+          + (f" (resume with --resume {result.state_path})" if result.cancelled and result.state_path else ""))
+    return 0

@@ -1,0 +1,42 @@
+"""`lora-engine train`: TOML settings, flags overriding them, a diffusers model folder on disk."""
+from __future__ import annotations
+
+import pytest
+
+from lora_engine.cli import main
+from lora_engine.formats import load_lora
+from tests.train.models import make_dataset, tiny_parts
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tiny_parts(str(tmp_path)).save(str(tmp_path / "model"))
+    data = make_dataset(str(tmp_path / "data"), 2)
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'base = "{model}"\nresolution = 32\nbucket_step = 8\nsteps = 9\nseed = 4\n'
+                    "[network]\nrank = 2\nalpha = 1\n")
+    return tmp_path, str(toml), data
+
+
+def test_train_command_flags_override_file(setup, capsys):
+    tmp_path, toml, data = setup
+    out = str(tmp_path / "cli.safetensors")
+    rc = main(["train", toml, "--data", data, "--output", out, "--steps", "2", "--rank", "3", "--batch-size", "2",
+               "--lr", "0.001"])
+    assert rc == 0
+    assert "done at step 2/2" in capsys.readouterr().out
+    lf = load_lora(out)
+    assert lf.metadata["ss_network_dim"] == "3" and lf.metadata["ss_network_alpha"] == "1.0"
+    assert lf.metadata["ss_steps"] == "2" and lf.metadata["ss_unet_lr"] == "0.001"
+    assert all(m.adapter.rank == 3 for m in lf.modules.values())
+
+
+def test_train_command_errors_are_one_line(setup, capsys):
+    tmp_path, toml, data = setup
+    rc = main(["train", toml, "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].endswith("missing: dataset folder does not exist")
+    rc = main(["train", "--base", str(tmp_path), "--data", data, "--output", str(tmp_path / "x.safetensors")])
+    assert rc == 1 and "not a diffusers model folder (no unet/ inside)" in capsys.readouterr().err
+    rc = main(["train", toml, "--data", data, "--output", str(tmp_path / "x.safetensors"), "--dry-run"])
+    assert rc == 0 and "buckets: 32x32: 2" in capsys.readouterr().out
