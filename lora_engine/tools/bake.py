@@ -49,6 +49,13 @@ class BakeResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def _bias_slot(plan: PatchPlan, slot: str, ckpt: Checkpoint) -> bool:
+    """Whether the slot's bias is rewritten: it exists and some contribution carries a Δb."""
+    target = plan.targets[slot]
+    return bool(target.bias_key and target.bias_key in ckpt
+                and any(_has_bias(c.adapter) for c in plan.contributions[slot]))
+
+
 class _Deltas:
     """Each slot's (ΔW, Δb) computed once from the original weight, kept until both are written."""
 
@@ -62,7 +69,7 @@ class _Deltas:
             if weight_region is None:
                 weight_region = _region(self.ckpt.read(target.weight_key), target.rows)
             dw, db = summed_delta(self.plan.contributions[slot], weight_region, device=torch.device("cpu"))
-            roles = {"weight"} | ({"bias"} if target.bias_key and target.bias_key in self.ckpt else set())
+            roles = {"weight"} | ({"bias"} if _bias_slot(self.plan, slot, self.ckpt) else set())
             self.memo[slot] = [dw, db, roles]
         entry = self.memo[slot]
         entry[2].discard(role)
@@ -75,12 +82,22 @@ def _region(t: torch.Tensor, rows):
     return t if rows is None else t[rows[0]:rows[1]]
 
 
+BIAS_FIELDS = ("up_bias", "diff_b", "b_norm")  # the adapter fields that make a Δb
+
+
+def _has_bias(adapter) -> bool:
+    if any(getattr(adapter, f, None) is not None for f in BIAS_FIELDS):
+        return True
+    inner = getattr(adapter, "inner", None)
+    return inner is not None and _has_bias(inner)
+
+
 def _tasks(plan: PatchPlan, ckpt: Checkpoint) -> dict[str, list[tuple[str, str]]]:
     """{tensor key: [(slot, "weight"|"bias")]} for every tensor the plan changes."""
     tasks: dict[str, list[tuple[str, str]]] = {}
     for slot, target in plan.targets.items():
         tasks.setdefault(target.weight_key, []).append((slot, "weight"))
-        if target.bias_key and target.bias_key in ckpt:
+        if _bias_slot(plan, slot, ckpt):
             tasks.setdefault(target.bias_key, []).append((slot, "bias"))
     return tasks
 
