@@ -155,9 +155,12 @@ class Trainer:
         w = loss_weights(t, self.host.alphas_cumprod, cfg.min_snr_gamma, self.host.prediction_type)
         return diffusion_loss(pred, target, w)
 
-    def _finite_grads(self) -> bool:
-        grads = [p.grad for p in self.network.parameters() if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+    def _grad_norm(self) -> float:
+        """Total gradient 2-norm (NaN/Inf if any gradient is); clips to ``max_grad_norm`` when finite."""
+        params = [p for p in self.network.parameters() if p.grad is not None]
+        if self.cfg.max_grad_norm:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
 
     def _train_step(self) -> float:
         cfg = self.cfg
@@ -171,11 +174,10 @@ class Trainer:
             total += float(loss.detach())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if not math.isfinite(total) or (self.scaler is None and not self._finite_grads()):
+        norm = self._grad_norm()
+        if not math.isfinite(total) or (self.scaler is None and not math.isfinite(norm)):
             return self._bad_step(total)
         self.bad_streak = 0
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
