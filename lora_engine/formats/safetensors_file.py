@@ -11,6 +11,7 @@ file gives one clear :class:`LoraFileError` and never a crash.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import mmap
@@ -39,6 +40,18 @@ DTYPES: dict[str, torch.dtype] = {
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
+
+
+def _parse_json(raw: bytes):
+    """json.loads with the cyclic GC paused: a 3000-key header builds ~10k containers, which in a host
+    process holding millions of objects can trigger a full collection (measured: 0.9 s vs 3 ms)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class SafetensorsFile:
                 )
             raw = fh.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = _parse_json(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LoraFileError(self.path, f"garbage safetensors header (not JSON: {e})") from None
         if not isinstance(header, dict):
