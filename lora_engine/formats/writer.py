@@ -37,7 +37,7 @@ PEFT_CONFIG = "adapter_config.json"
 class LoraTensors:
     down: torch.Tensor
     up: torch.Tensor
-    alpha: float
+    alpha: float | torch.Tensor  # a 0-d tensor is written as is (lossless conversion)
     mid: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
@@ -47,7 +47,9 @@ class LoraTensors:
         return int(self.down.shape[0])
 
 
-def alpha_tensor(alpha: float, like: torch.Tensor) -> torch.Tensor:
+def alpha_tensor(alpha, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(alpha, torch.Tensor):
+        return alpha.reshape(())
     return torch.tensor(float(alpha), dtype=like.dtype if like.is_floating_point() else torch.float32)
 
 
