@@ -13,6 +13,11 @@ COMMANDS = [
     "list_cmd",
     "demo_cmd",
     "train_cmd",
+    "merge_cmd",
+    "resize_cmd",
+    "extract_cmd",
+    "convert_cmd",
+    "bake_cmd",
 ]
 
 

@@ -1,0 +1,66 @@
+"""The tool subcommands end to end through ``lora_engine.cli.main`` (files on disk, real parsing).
+The numerics are tested in the other files here; these check wiring, output files, errors, exit codes."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_engine.cli import main
+from lora_engine.cli.bake_cmd import parse_lora
+from lora_engine.cli.tool_common import split_weights
+from lora_engine.formats import load_lora
+from lora_engine.keymap import build_keymap
+from tests.models.hosts import a1111_root
+from tests.models.tiny_sd import TinySD
+from tests.tools.writers import deltas, lycoris_file
+
+
+def test_weight_specs():
+    assert split_weights("a.safetensors:0.5", 1) == ("a.safetensors", [0.5])
+    assert split_weights("C:\\loras\\a.safetensors", 1) == ("C:\\loras\\a.safetensors", [])
+    assert split_weights("dir:x/a.safetensors:-1:0.25", 2) == ("dir:x/a.safetensors", [-1.0, 0.25])
+    assert (parse_lora("a:0.5").te, parse_lora("a:0.5").unet) == (0.5, 0.5)
+    assert (parse_lora("a:0.5:-1").te, parse_lora("a:0.5:-1").unet) == (0.5, -1.0)
+
+
+def test_merge_resize_convert_commands(tmp_path, capsys):
+    a = lycoris_file(tmp_path / "a.safetensors", seed=1)
+    b = lycoris_file(tmp_path / "b.safetensors", seed=2)
+    assert main(["merge", f"{a}:0.5", f"{b}:-1", "-o", str(tmp_path / "m.safetensors"), "--quiet"]) == 0
+    m = deltas(load_lora(tmp_path / "m.safetensors"))
+    da, db = deltas(load_lora(a)), deltas(load_lora(b))
+    name = next(iter(da))
+    torch.testing.assert_close(m[name], 0.5 * da[name] - db[name], rtol=1e-5, atol=1e-6)
+    assert main(["resize", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "r.safetensors"), "--rank", "3",
+                 "--method", "sv_fro", "--param", "0.95"]) == 0
+    out = capsys.readouterr().out
+    assert "retained Frobenius" in out and out.count("rank 8 -> ") >= 10
+    assert main(["convert", str(tmp_path / "r.safetensors"), "-o", str(tmp_path / "p"), "--to", "peft"]) == 0
+    assert (tmp_path / "p" / "adapter_config.json").exists()
+
+
+def test_extract_and_bake_commands(tmp_path, capsys):
+    state = {k: v.detach().clone().contiguous() for k, v in a1111_root(TinySD.build("sd1")).state_dict().items()}
+    keymap = build_keymap({k: tuple(v.shape) for k, v in state.items()})
+    tuned = dict(state)
+    t = keymap.lookup("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k")
+    tuned[t.weight_key] = state[t.weight_key] + torch.ones(t.shape) * 0.01
+    save_file(state, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    assert main(["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                 "-o", str(tmp_path / "x.safetensors"), "--rank", "2", "--quiet"]) == 0
+    assert list(load_lora(tmp_path / "x.safetensors").modules) == \
+        ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
+    assert main(["bake", str(tmp_path / "base.safetensors"), "--lora", f"{tmp_path / 'x.safetensors'}:1:2",
+                 "-o", str(tmp_path / "baked.safetensors"), "--quiet"]) == 0
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    torch.testing.assert_close(baked[t.weight_key], state[t.weight_key] + 0.02, rtol=1e-5, atol=1e-6)
+    assert "1 tensors changed" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
+    assert main(["resize", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "o.safetensors"), "--rank", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.safetensors" in err and "truncated" in err
+    assert not (tmp_path / "o.safetensors").exists()
