@@ -87,6 +87,23 @@ class BatchStacks:
     def hashes(self) -> list[tuple[str, str]]:
         return [(v.mentioned, v.short_hash) for v in self.variants if v.short_hash]
 
+    def te_conflicts(self) -> list[str]:
+        """A1111 encodes each distinct prompt text once per batch (``prompt_parser`` dedups), so
+        images with the same text but different text-encoder LoRAs share the first one's conds."""
+        out = []
+        for negative, texts in ((False, self.positives), (True, self.negatives)):
+            seen: dict[str, tuple] = {}
+            for i, t in enumerate(texts):
+                te = tuple(v.ident for v in self.variants if v.entry.te != 0.0 and v.te_on(i, negative))
+                key = str(t)
+                if key in seen and seen[key] != te:
+                    which = "negative prompt" if negative else "prompt"
+                    out.append(f"images share the {which} {t!r} but not its text-encoder LoRAs; A1111 encodes "
+                               "it once, so they all get the first image's (UNet LoRAs stay per image)")
+                    break
+                seen.setdefault(key, te)
+        return out
+
     def te_signature(self) -> tuple:
         """Changes whenever what the text encoder computes for some prompt of the batch changes."""
         return tuple((v.ident, tuple(sorted((u.image, u.negative) for u in v.uses)), v.entry.te)

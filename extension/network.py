@@ -9,6 +9,7 @@ writes ``Lora hashes`` and the warnings into the output. Like A1111, weights sta
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from lora_engine.infotext import lora_hashes_value, parse_lora_hashes
@@ -66,6 +67,9 @@ class LoraNetwork:
         pos, neg, from_p = batch_prompts(p, params_list, hires)
         batch = build_batch(pos, neg, c.resolve)
         if from_p:
+            shown = getattr(p, "hr_prompts" if hires else "prompts", None)
+            if shown and len(shown) == batch.n_images:  # the texts A1111 will encode (its own tag removal)
+                batch = dataclasses.replace(batch, positives=tuple(shown))
             self._strip_negatives(p, batch, hires)
         runtime = c.runtime_for(model)
         mode = c.modes.choose(s.mode, batch, "hires" if hires else "first", runtime.engine.mode)

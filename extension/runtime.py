@@ -108,6 +108,7 @@ class ModelRuntime:
                 self.engine.set_factor(v.ident, 1.0)
             if not batch.uniform:
                 self._install_hooks()
+                self.notes.extend(batch.te_conflicts())
         return self.notes + self.engine.warnings()
 
     def _merged_stack(self, step_index: int, total_steps: int) -> list:
@@ -182,9 +183,11 @@ class ModelRuntime:
         return None
 
     def _image_of(self, texts: list, prompts: tuple[str, ...]) -> int:
-        for t in texts:
-            if t in prompts:
-                return prompts.index(t)
+        for norm in (str, _squash):
+            wanted = [norm(p) for p in prompts]
+            for t in texts:
+                if norm(t) in wanted:
+                    return wanted.index(norm(t))
         note = "a text-encoder call matched no prompt of the batch; the first image's LoRAs were used for it"
         if note not in self.notes:
             self.notes.append(note)
@@ -213,6 +216,10 @@ class ModelRuntime:
                      "negative": any(u.negative for u in v.uses)} for v in b.variants],
                 "merged_slots": len(getattr(self.engine._patcher, "backups", {})),
                 "hooked_modules": len(getattr(self.engine._patcher, "hooks", {}))}
+
+
+def _squash(text) -> str:
+    return " ".join(str(text).split())
 
 
 def _scalar_or(vec: torch.Tensor):

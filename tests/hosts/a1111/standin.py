@@ -146,9 +146,20 @@ class Processing:
         key = (list(texts), data)
         if cache[0] is not None and cache[0] == key:
             return cache[1]
-        cache[1] = self.sd_model.get_learned_conditioning(texts)
+        cache[1] = get_learned_conditioning(self.sd_model, texts)
         cache[0] = key
         return cache[1]
+
+
+def get_learned_conditioning(model, prompts):
+    """``prompt_parser.get_learned_conditioning`` without schedules: one model call per distinct prompt,
+    each with an ``SdConditioning`` that keeps ``is_negative_prompt``."""
+    done = {}
+    for prompt in prompts:
+        if prompt not in done:
+            texts = SdConditioning([prompt], getattr(prompts, "is_negative_prompt", False))
+            done[prompt] = model.get_learned_conditioning(texts)[0]
+    return torch.stack([done[prompt] for prompt in prompts])
 
 
 def tokenize(texts, n_ctx: int, vocab: int) -> torch.Tensor:
@@ -235,8 +246,8 @@ def process_images(p, registry, aliases=None, callbacks=(), seed=0, hires_steps=
         if hires_steps:
             p.is_hr_pass = True
             activate(p, hr_data, registry, aliases)
-            uc = p.sd_model.get_learned_conditioning(SdConditioning(p.hr_negative_prompts, True))
-            c = p.sd_model.get_learned_conditioning(SdConditioning(p.hr_prompts))
+            uc = get_learned_conditioning(p.sd_model, SdConditioning(p.hr_negative_prompts, True))
+            c = get_learned_conditioning(p.sd_model, SdConditioning(p.hr_prompts))
             for step in range(hires_steps):
                 x = x - 0.05 * cfg_step(p.sd_model, x, c, uc, step, hires_steps, callbacks)
         results.append(x)

@@ -75,14 +75,20 @@ def test_onthefly_equals_merged(sd_model, loras):
 def test_per_image_loras_in_one_batch_equal_separate_runs(sd_model, loras):
     folder, _ = loras
     prompts = ["cat <lora:a:1>", "dog <lora:b:0.7>", "cow", "cat <lora:a:1> <lora:b:-1>"]
-    negs = ["bad", "bad <lora:a:0.5>", "ugly", "bad"]
-    one, _, mode = generate(sd_model, folder, prompts, negs, batch_size=4)
-    assert mode is Mode.ONTHEFLY  # automatic: per-image stacks need factors
+    negs = ["bad", "poor <lora:a:0.5>", "ugly", "worse"]
+    one, p, mode = generate(sd_model, folder, prompts, negs, batch_size=4)
+    assert mode is Mode.ONTHEFLY and not p.comments  # automatic: per-image stacks need factors
     apart, _, _ = generate(sd_model, folder, prompts, negs, batch_size=1)
     torch.testing.assert_close(one, apart, rtol=0, atol=1e-4)
-    ref = reference(sd_model, folder, prompts[1], "bad",
+    ref = reference(sd_model, folder, prompts[1], "poor",
                     lambda s, u: [("b", 0.7, 0.7)] + ([("a", 0.5, 0.5)] if u else []), 4, 1)
     torch.testing.assert_close(one[1:2], ref, rtol=0, atol=1e-4)
+
+
+def test_shared_prompt_text_with_different_te_loras_is_reported(sd_model, loras):
+    folder, _ = loras
+    _, p, _ = generate(sd_model, folder, ["cat <lora:a:1>", "cat <lora:b:1>"], ["bad", "bad"], 2)
+    assert any("share the prompt" in c for c in p.comments), p.comments
 
 
 @pytest.mark.parametrize("mode", ["on the fly", "merged"])
@@ -95,17 +101,18 @@ def test_step_schedule(sd_model, loras, mode):
 
     def watch(prm):
         st = c.runtime.engine.stats
-        seen.append((prm.sampling_step, id(st), getattr(st, "slots_written", None)))
+        seen.append((prm.sampling_step, id(st), getattr(st, "slots_written", 0), getattr(st, "slots_restored", 0)))
         if mode == "on the fly":
             assert all(torch.equal(v, params[k]) for k, v in sd_model.state_dict().items())
 
     out = process_images(p, {"lora": net}, {}, [functools.partial(on_cfg_denoiser, c), watch])
+    c.runtime.clear()
     on = lambda s: 2 <= s < 4  # noqa: E731 - 1-based steps 3 and 4
     ref = reference(sd_model, folder, p.all_prompts[0], "bad", lambda s, u: [("a", 1.0, 1.0 if (s < 0 or on(s)) else 0.0)], 6, 0)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    if mode == "merged":  # a re-merge of the 4 UNet modules of `a` exactly at steps 0 (off), 2 (on), 4 (off)
-        applies = [(s, w) for i, (s, sid, w) in enumerate(seen) if i == 0 or sid != seen[i - 1][1]]
-        assert applies == [(0, 4), (2, 4), (4, 4)], seen
+    if mode == "merged":  # the 4 UNet modules of `a` are written at step index 2 and restored at 4, nothing else
+        work = [(s, w, r) for i, (s, sid, w, r) in enumerate(seen) if (i == 0 or sid != seen[i - 1][1]) and (w or r)]
+        assert work == [(2, 4, 0), (4, 0, 4)], seen
 
 
 def test_negative_prompt_tags(sd_model, loras):
@@ -120,13 +127,13 @@ def test_cond_cache_cleared_when_other_images_tags_change(sd_model, loras):
     folder, _ = loras
     c, net = make_network(folder)
     hooks = [functools.partial(on_cfg_denoiser, c)]
-    p1 = Processing(sd_model, ["x", "y <lora:a:1>"], ["bad", "bad"], 2)
+    p1 = Processing(sd_model, ["x", "y <lora:a:1>"], ["bad", "poor"], 2)
     process_images(p1, {"lora": net}, {}, hooks)
-    c.runtime.engine.restore()
-    p2 = Processing(sd_model, ["x", "y <lora:b:1>"], ["bad", "bad"], 2)  # A1111's key: same prompts, same first-prompt data
+    p2 = Processing(sd_model, ["x", "y <lora:b:1>"], ["bad", "poor"], 2)  # A1111's key: same prompts, same first-prompt data
     second = process_images(p2, {"lora": net}, {}, hooks)
+    c.runtime.clear()
     Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
-    fresh, _, _ = generate(sd_model, folder, ["x", "y <lora:b:1>"], ["bad", "bad"], 2)
+    fresh, _, _ = generate(sd_model, folder, ["x", "y <lora:b:1>"], ["bad", "poor"], 2)
     torch.testing.assert_close(second, fresh, rtol=0, atol=1e-6)
 
 
