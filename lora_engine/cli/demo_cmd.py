@@ -45,7 +45,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="train a LoRA on the built-in demo model and write a weight-sweep grid",
                        description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--weights", default="-1,-0.5,0,0.5,1", help="LoRA weights of the grid columns")
+    p.add_argument("--weights", default="-1,-0.5,0,0.5,1", help="LoRA weights of the grid columns, e.g. --weights=-1,0,1 (write = before a leading minus)")
     p.add_argument("--steps", type=int, default=None, help="LoRA training steps (default 240)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per image")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row r uses seed + r)")

@@ -52,7 +52,7 @@ def write_concept_images(folder: str, n: int, seed: int) -> list[str]:
 
 
 def demo_host(model: DemoModel):
-    """The :class:`~lora_engine.train.TrainHost` of the demo model (pixel space, epsilon)."""
+    """The :class:`~lora_engine.train.TrainHost` of the demo model (pixel space, v prediction)."""
     from ..train import Cond, TrainHost
 
     def denoise(x, t, cond: Cond, sizes):
@@ -60,7 +60,7 @@ def demo_host(model: DemoModel):
 
     return TrainHost(root=model, denoise=denoise, encode_text=lambda caps: Cond(model.encode(caps)),
                      encode_image=lambda pixels, generator: pixels,
-                     alphas_cumprod=train_scheduler().alphas_cumprod.float(), prediction_type="epsilon",
+                     alphas_cumprod=train_scheduler().alphas_cumprod.float(), prediction_type="v_prediction",
                      latent_factor=1, base_model_version="sd_v1", model_name="lora-engine demo base",
                      text_encoders=(model.text_encoder,), unet=model.unet)
 

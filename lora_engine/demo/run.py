@@ -14,6 +14,7 @@ purple, low for green/yellow), reported per weight.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -107,17 +108,30 @@ def render_sweep(model, lora_dir: str, opts: DemoOptions, progress=None) -> tupl
     return cells, sorted(set(warnings))
 
 
+class QuietUI:
+    """Progress sink that shows nothing (library use, tests); the CLI passes tqdm bars."""
+
+    class _Bar:
+        def step_to(self, n: int, total: int, loss: float | None = None) -> None:
+            pass
+
+    @contextlib.contextmanager
+    def bar(self, desc: str, total: int, unit: str):
+        yield self._Bar()
+
+
 def _publish(staging: str, out: str, names: list[str]) -> None:
     os.makedirs(out, exist_ok=True)
     for name in names:
         os.replace(os.path.join(staging, name), os.path.join(out, name))
 
 
-def run_demo(opts: DemoOptions, ui) -> DemoResult:
+def run_demo(opts: DemoOptions, ui=None) -> DemoResult:
     """Run every phase; ``ui`` supplies progress bars (see :mod:`lora_engine.cli.demo_cmd`)."""
     from .base import get_base
     from .grid import make_grid
 
+    ui = ui or QuietUI()
     t0 = time.perf_counter()
     out = os.path.abspath(opts.out)
     parent = os.path.dirname(out)
