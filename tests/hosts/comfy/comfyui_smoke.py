@@ -112,6 +112,25 @@ restored = all(torch.equal(after[k], base[k]) for k in base)
 print("restored bit-exact:", restored)
 assert restored
 
+# ---- partial load (lowvram): ComfyUI computes the patched weight on the fly in each forward ----------------------
+import comfy.ops
+(lv,) = N["LoraEngineLoaderModelOnly"]().load(mp, files["locon"][0], -0.7)
+merged_lv = state(lv)
+lv.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+try:
+    worst, seen = 0.0, 0
+    for key in lv.patches:
+        module = comfy.utils.get_attr(m, key.rsplit(".", 1)[0])
+        if not getattr(module, "weight_function", None):
+            continue
+        w = comfy.ops.cast_bias_weight(module, input=torch.zeros(1, dtype=torch.float32))[0]
+        worst, seen = max(worst, (w - merged_lv[key]).abs().max().item()), seen + 1
+finally:
+    lv.unpatch_model(device_to=torch.device("cpu"))
+print(f"lowvram on-the-fly: {seen} weights computed in forward; max|d| vs merged = {worst:.3g}")
+assert seen > 0 and worst <= 1e-6
+assert all(torch.equal(mp.model_state_dict()[k], base[k]) for k in base)
+
 # ---- scheduled strength through ComfyUI's hooks ------------------------------------------------------------------
 (hooks,) = N["LoraEngineHookLora"]().create(mp, files["lora"][0], 0.8, 0.0, 0.0, 1.0)
 hp = mp.clone()

@@ -1,0 +1,86 @@
+"""Everything A1111 learns about us, registered in one place (called by ``scripts/lora_engine_a1111.py``).
+
+=============================  ==================================================================
+callback                       what it does
+=============================  ==================================================================
+``on_ui_settings``             the "lora-engine" settings section (``settings.register``)
+``on_before_ui``               extra network ``lora`` + alias ``lyco`` (after the built-in, which
+                               stays installed but idle; order pinned in ``metadata.ini``); the page
+``on_model_loaded``            new weights: drop the old engine (its backups hold the old weights)
+``on_cfg_denoiser``            per-step factors / re-merges (``steps.on_cfg_denoiser``)
+``on_infotext_pasted``         ``<lora:NAME`` -> local file by ``Lora hashes``
+``on_app_started``             REST routes (``api.register``)
+``on_script_unloaded``         UI reload: remove our patches and hooks
+=============================  ==================================================================
+"""
+from __future__ import annotations
+
+import logging
+
+from . import api, infotext, page, settings, steps
+from .controller import Controller
+from .network import LoraNetwork, make_extra_network
+
+log = logging.getLogger("lora_engine")
+_CONTROLLER: Controller | None = None
+
+
+def controller() -> Controller:
+    """The process-wide controller, built from A1111's opts and LoRA folders on first use."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from modules import paths, shared
+
+        folders = settings.a1111_folders(shared.cmd_opts, getattr(paths, "models_path", None))
+        _CONTROLLER = Controller(shared.opts, folders)
+    return _CONTROLLER
+
+
+def before_ui() -> None:
+    from modules import extra_networks
+
+    c = controller()
+    body = LoraNetwork(c)
+    ours = make_extra_network(body)
+    c.builtin = extra_networks.extra_network_registry.get("lora")  # the built-in, registered before us
+    if c.settings().handover and c.builtin is not None:
+        log.info("lora-engine: <lora> tags handed to the built-in Lora (setting lora_engine_handover)")
+    extra_networks.register_extra_network(ours)  # every activation decides handover at run time
+    extra_networks.register_extra_network_alias(ours, "lyco")
+    if not (c.settings().handover and c.builtin is not None):
+        page.register(c)
+
+
+def model_loaded(sd_model) -> None:
+    controller().model_loaded(sd_model)
+
+
+def infotext_pasted(infotext_text: str, params: dict) -> None:
+    for note in infotext.on_infotext_pasted(controller(), infotext_text, params):
+        log.warning("lora-engine: %s", note)
+
+
+def app_started(demo, app) -> None:
+    api.register(controller(), app)
+
+
+def script_unloaded() -> None:
+    global _CONTROLLER
+    if _CONTROLLER is not None and _CONTROLLER.runtime is not None:
+        _CONTROLLER.runtime.clear()
+    _CONTROLLER = None
+
+
+def register() -> None:
+    from modules import script_callbacks as cb
+
+    cb.on_ui_settings(settings.register)
+    cb.on_before_ui(before_ui)
+    cb.on_model_loaded(model_loaded)
+    cb.on_cfg_denoiser(lambda params: steps.on_cfg_denoiser(controller(), params))
+    cb.on_infotext_pasted(infotext_pasted)
+    cb.on_app_started(app_started)
+    cb.on_script_unloaded(script_unloaded)
+
+
+__all__ = ["register", "controller"]

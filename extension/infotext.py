@@ -1,0 +1,46 @@
+"""Infotext glue: the paste hook that maps ``<lora:NAME`` back to local files by ``Lora hashes``.
+
+(Writing ``Lora hashes`` happens in ``network._record``: ``p.extra_generation_params``; A1111 quotes
+the value.) ``on_infotext_pasted(infotext, params)`` receives the parsed fields; the core does the
+rewrite (``lora_engine.infotext.rewrite_prompt``), here we only pick the fields.
+"""
+from __future__ import annotations
+
+from lora_engine.infotext import parse_lora_hashes, rewrite_prompt
+
+PROMPT_FIELDS = ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt")
+
+
+def on_infotext_pasted(controller, infotext: str, params: dict) -> list[str]:
+    """Rewrite pasted prompts in ``params`` in place; returns notes for names that could not be mapped."""
+    raw = params.get("Lora hashes")
+    if not raw:
+        return []
+    hashes = parse_lora_hashes(str(raw))
+    library = controller.get_library()
+    for e in library.entries:  # hashes are computed lazily; the pasted ones must be comparable
+        if e.short_hash is None and any(h for h in hashes.values()):
+            controller.short_hash(e)
+    lookup = _HashLookup(controller)
+    notes: list[str] = []
+    for key in PROMPT_FIELDS:
+        if isinstance(params.get(key), str):
+            params[key], n = rewrite_prompt(params[key], hashes, lookup)
+            notes.extend(n)
+    return notes
+
+
+class _HashLookup:
+    """The library as ``rewrite_prompt`` needs it, with lazily computed short hashes included."""
+
+    def __init__(self, controller):
+        self.c = controller
+        self.lib = controller.get_library()
+
+    def find_by_hash(self, h: str):
+        h = h.strip().lower()
+        return [e for e in self.lib.entries
+                if any(v and v.lower().startswith(h) for v in (self.c.short_hash(e), e.addnet_hash, e.sha256))]
+
+    def preferred_name(self, entry) -> str:
+        return self.lib.preferred_name(entry)
