@@ -12,7 +12,7 @@ median reported:
   load+touch load, then sum every tensor of every module (every byte used once more)
   st.load    safetensors.torch.load_file, for reference
 
-    python bench/bench_load.py [--rank 128] [--dtype fp16] [--repeat 5]
+    python bench/bench_load.py [--rank 128] [--dtype fp16] [--repeat 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -117,7 +117,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared/busy box more threads oversubscribe the"
+                         " cores and every torch op slows down 10×; raise it on a quiet machine)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shapes = sdxl_linear_shapes()
     with tempfile.TemporaryDirectory() as tmp:
