@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tiny models are launch-bound, and CI has 2 cores (several test processes may share them).
+torch.set_num_threads(1)
 
 
 @pytest.fixture
