@@ -77,9 +77,11 @@ def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.T
 
     def checkpointing(on: bool) -> None:
         (unet.enable_gradient_checkpointing if on else unet.disable_gradient_checkpointing)()
-        for te in tes:
-            if hasattr(te, "gradient_checkpointing_enable"):
-                (te.gradient_checkpointing_enable if on else te.gradient_checkpointing_disable)()
+        for te in tes:  # transformers >= 5 renamed the switch
+            name = "activation_checkpointing" if hasattr(te, "activation_checkpointing_enable") else \
+                "gradient_checkpointing"
+            if hasattr(te, f"{name}_enable"):
+                getattr(te, f"{name}_enable" if on else f"{name}_disable")()
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     return TrainHost(root=root, denoise=denoise, encode_text=encode_text, encode_image=encode_image,
