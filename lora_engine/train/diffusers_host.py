@@ -69,11 +69,12 @@ def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.T
         return ((dist.sample(generator) - shift) * scaling).float()
 
     def denoise(latents, t, cond: Cond, sizes):
+        dtype = unet.dtype  # a half-precision base gets half inputs; autocast handles the fp32 case
         kwargs = {}
         if cond.pooled is not None:
-            ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=latents.dtype, device=latents.device)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": ids}
-        return unet(latents, t, encoder_hidden_states=cond.context, **kwargs).sample
+            ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=dtype, device=latents.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": ids}
+        return unet(latents.to(dtype), t, encoder_hidden_states=cond.context.to(dtype), **kwargs).sample
 
     def checkpointing(on: bool) -> None:
         (unet.enable_gradient_checkpointing if on else unet.disable_gradient_checkpointing)()
