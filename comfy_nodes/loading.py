@@ -31,14 +31,25 @@ def load_named(name: str) -> LoraFile:
     return CACHE.get(folders.lora_path(name))
 
 
+def path_signature(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def file_signature(name: str) -> str:
     """What ``IS_CHANGED`` returns: path, size and mtime of the file (a re-saved file re-runs the node)."""
     try:
-        path = folders.lora_path(name)
-        st = os.stat(path)
+        return path_signature(folders.lora_path(name))
     except (LoraEngineError, OSError):
         return f"missing:{name}"
-    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def tag_signature(name: str) -> str:
+    """The same for a ``<lora:NAME>`` tag name (resolved with the library)."""
+    try:
+        return path_signature(resolve(name).path)
+    except (LoraEngineError, OSError):
+        return f"missing:{name}"
 
 
 def block_ratio(block_weights: str | None):

@@ -103,6 +103,10 @@ class LoraEnginePromptTags:
                 "optional": {"steps": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
                                                "sampling steps, to place whole-number start=/stop= (0: fractions only)"})}}
 
+    @classmethod
+    def IS_CHANGED(cls, text, **_):
+        return "|".join(loading.tag_signature(t.name) for t in parse_prompt(text).tags)
+
     def apply(self, model, clip, text, steps=0):
         parsed = parse_prompt(text)
         plan = plan_tags(parsed.tags, int(steps), _hooks_available())

@@ -222,7 +222,7 @@ def cfg_step(sd_model, x, c, uc, step, total, callbacks, cfg_scale=5.0):
 
 
 @torch.no_grad()
-def process_images(p, registry, aliases=None, callbacks=(), seed=0, hires_steps=0):
+def process_images(p, registry, aliases=None, callbacks=(), seed=0, hires_steps=0, latent=8):
     """``process_images_inner`` (txt2img) for each batch; returns the final latents of every image."""
     aliases = aliases or {}
     results = []
@@ -239,7 +239,7 @@ def process_images(p, registry, aliases=None, callbacks=(), seed=0, hires_steps=
         activate(p, data, registry, aliases)
         uc = p.get_conds_with_caching(SdConditioning(p.negative_prompts, True), Processing.cached_uc, data)
         c = p.get_conds_with_caching(SdConditioning(p.prompts), Processing.cached_c, data)
-        x = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed + n * p.batch_size + i))
+        x = torch.cat([torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(seed + n * p.batch_size + i))
                        for i in range(len(p.prompts))])
         for step in range(p.steps):
             x = x - 0.05 * cfg_step(p.sd_model, x, c, uc, step, p.steps, callbacks)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from comfy_nodes.prompt_tags import LoraEnginePromptTags
+from lora_engine.formats import load_lora
+from lora_engine.patch import StackEntry
 from comfy_nodes.schedule import keyframes, tag_window
 from lora_engine.prompt import parse_prompt
 from tests.hosts.comfy.files import kohya_lora, lycoris_file
@@ -34,9 +36,6 @@ def test_tags_applied_and_text_cleaned(loras, sd1, engine, caplog):
     ours = patched_state(new_model) | patched_state(new_clip.patcher)
     assert assert_equal_weights(ours, ref, base) > 20
     # the CONDITIONING is the cleaned text encoded by the text encoder carrying te=0.8
-    engine.set_stack([])
-    from lora_engine.formats import load_lora
-    from lora_engine.patch import StackEntry
     engine.set_stack([StackEntry(load_lora(loras / "styles" / "ink.safetensors"), te=0.8, unet=0.5)])
     try:
         with torch.no_grad():
@@ -53,6 +52,19 @@ def _clip_part(root):
     holder = torch.nn.Module()
     holder.clip_l = root.clip_l
     return holder
+
+
+def test_is_changed_follows_the_tagged_files(loras, sd1):
+    import os
+
+    _, _, m = sd1
+    kohya_lora(loras / "ink.safetensors", m)
+    text = "x <lora:ink:1> <lora:gone:1>"
+    sig = LoraEnginePromptTags.IS_CHANGED(text)
+    assert sig == LoraEnginePromptTags.IS_CHANGED(text, steps=3) and "missing:gone" in sig
+    st = os.stat(loras / "ink.safetensors")
+    os.utime(loras / "ink.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert LoraEnginePromptTags.IS_CHANGED(text) != sig
 
 
 def test_no_tags_passes_models_through(loras, sd1):
