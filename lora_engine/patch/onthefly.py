@@ -49,7 +49,7 @@ class _ModuleHook:
         self.patcher, self.path, self.module = patcher, path, module
         self.terms: dict[str, list[_Term]] = {}  # slot -> terms
         self.handles = []
-        self.swapped: dict[str, torch.Tensor] = {}
+        self.swapped: dict[str, tuple] = {}
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             self.handles.append(module.register_forward_hook(self._add_hook))
         else:
@@ -134,12 +134,13 @@ class _ModuleHook:
     # ---- anything else: swap a dense patched tensor in for one forward -------------------------
     def _swap_in(self, module, args):
         by_key: dict[str, list] = {}
-        for slot, slot_terms in self.terms.items():
+        for slot_terms in self.terms.values():
             for term in slot_terms:
                 by_key.setdefault(term.target.weight_key, []).append(term)
         for key, terms in by_key.items():
-            name = key.rpartition(".")[2]
-            original = module._parameters[name]
+            owner_path, _, name = key.rpartition(".")
+            owner = self.patcher.root.get_submodule(owner_path)
+            original = owner._parameters[name]
             patched = original.detach().float().clone()
             for term in terms:
                 factor = self.patcher.factor(term.contribution.lora_id)
@@ -151,14 +152,24 @@ class _ModuleHook:
                 region = patched if t.rows is None else patched[t.rows[0]:t.rows[1]]
                 dw, _ = summed_delta([term.contribution], self.patcher.original(t))
                 region += factor * dw.to(region.device)
-            self.swapped[name] = original
-            module._parameters[name] = patched.to(original.dtype)
+            self.swapped[key] = (owner, name, original)
+            owner._parameters[name] = patched.to(original.dtype)
 
     def _swap_out(self, module, args, out):
-        for name, original in self.swapped.items():
-            module._parameters[name] = original
+        for owner, name, original in self.swapped.values():
+            owner._parameters[name] = original
         self.swapped = {}
         return out
+
+
+def hook_path(root: torch.nn.Module, weight_key: str) -> str:
+    """The module whose forward sees this weight. nn.MultiheadAttention reads its ``out_proj``
+    weight directly (the Linear's forward never runs), so its hook goes on the attention module."""
+    path = weight_key.rpartition(".")[0]
+    parent = path.rpartition(".")[0]
+    if path.endswith("out_proj") and isinstance(root.get_submodule(parent), torch.nn.MultiheadAttention):
+        return parent
+    return path
 
 
 class OnTheFlyPatcher:
@@ -184,7 +195,7 @@ class OnTheFlyPatcher:
         changed = changed_slots(self.plan, new_plan)
         for slot in changed:
             target = new_plan.targets.get(slot) or self.plan.targets[slot]
-            path = target.weight_key.rpartition(".")[0]
+            path = hook_path(self.root, target.weight_key)
             hook = self.hooks.get(path)
             contribs = new_plan.contributions.get(slot)
             if contribs:
