@@ -158,3 +158,20 @@ def _by_kohya_name(lf, model, prefix: str) -> dict:
     from tests.formats.peft_oracle import lora_layers
 
     return {dotted: lf.modules[prefix + dotted.replace(".", "_")] for dotted, _ in lora_layers(model)}
+
+
+def test_pipeline_file_with_dora(tmp_path):
+    """DoRA through diffusers: ``unet.….lora_magnitude_vector`` (o,) for linears, (1,o,1,1) for convs,
+    always per output row."""
+    from diffusers import StableDiffusionPipeline
+
+    models = _adapted(seed=6, unet_cfg=dict(r=4, lora_alpha=8, use_dora=True, target_modules=UNET_LINEARS + UNET_CONVS),
+                      te_cfg=dict(r=2, lora_alpha=3, use_dora=True, target_modules=TE_LINEARS))
+    layers, meta = _layers(models), _meta(models)
+    assert any(k.endswith("lora_magnitude_vector") for k in layers["unet"])
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta["text_encoder"])
+    lf = load_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    assert {m.kind for m in lf.modules.values()} == {"dora"}
+    _check(models, lf, {"unet": ("lora_unet_",), "text_encoder": ("lora_te_",)})
