@@ -21,16 +21,20 @@ from ..errors import LoraFileError, UnsafeFileError
 # A pickle imports what it calls through these opcodes; torch's own rebuild helpers are expected.
 _IMPORTING_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST"}
 _EXPECTED_MODULES = ("torch", "collections")
-_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running",
+                      "(1)", "(2)")
 
 
 def _reason(e: BaseException) -> str:
     """The informative line of torch's (long, multi-line) error message."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for k, ln in enumerate(lines):  # "WeightsUnpickler error: <why>", the why sometimes on the next line
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            if rest or k + 1 < len(lines):
+                return (rest or lines[k + 1]).split(". ")[0][:160]
     useful = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
-    text = (useful or lines or [type(e).__name__])[0]
-    text = re.sub(r"^WeightsUnpickler error:\s*", "", text)
-    return text.split(". ")[0][:160]
+    return (useful or lines or [type(e).__name__])[0].split(". ")[0][:160]
 
 
 def _calls_code(path: str) -> str | None:
@@ -58,11 +62,11 @@ def _load(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = _reason(e)
-        m = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        m = re.search(r"\bGLOBAL ([\w.]+)", str(e))  # torch names the global it refused
         what = m.group(1) if m else _calls_code(path)
         if what:
             raise UnsafeFileError(
-                path, f"refused: the pickle would call {what} (code execution); only plain tensors are loaded,"
+                path, f"refused: the pickle would import and call {what} (code execution); only plain tensors are loaded,"
                 " convert it to safetensors from a trusted copy"
             ) from None
         raise LoraFileError(path, f"not a readable tensor checkpoint: {why}") from None

@@ -147,21 +147,29 @@ def test_inspect_bad_file_exits_nonzero_one_line(tmp_path, capsys, case):
 
 
 class _Payload:
-    """A pickle that runs a shell command when unpickled."""
+    """A pickle that, when unpickled, creates ``marker`` through ``how``."""
 
-    def __init__(self, marker: str):
-        self.marker = marker
+    def __init__(self, marker: str, how: str):
+        self.marker, self.how = marker, how
 
     def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(self.marker)}",)
+        import builtins
+        import subprocess
+
+        if self.how == "os.system":
+            return os.system, (f"touch {shlex.quote(self.marker)}",)
+        if self.how == "exec":
+            return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+        return subprocess.call, (["touch", self.marker],)
 
 
+@pytest.mark.parametrize("payload,word", [("os.system", "system"), ("exec", "exec"), ("subprocess", "call")])
 @pytest.mark.parametrize("how", ["zip", "legacy", "raw-pickle"])
-def test_code_executing_pickle_is_refused_and_does_not_run(tmp_path, how):
+def test_code_executing_pickle_is_refused_and_does_not_run(tmp_path, capsys, how, payload, word):
     import pickle
 
     marker = str(tmp_path / "PWNED")
-    obj = {"lora_unet_x.lora_down.weight": torch.zeros(2, 2), "x": _Payload(marker)}
+    obj = {"lora_unet_x.lora_down.weight": torch.zeros(2, 2), "x": _Payload(marker, payload)}
     path = str(tmp_path / "evil.pt")
     if how == "zip":
         torch.save(obj, path)
@@ -170,11 +178,12 @@ def test_code_executing_pickle_is_refused_and_does_not_run(tmp_path, how):
     else:
         with open(path, "wb") as fh:
             pickle.dump(obj, fh)
-    e = _expect(path, UnsafeFileError, "refused", "system")
-    assert isinstance(e, LoraFileError)
+    _expect(path, UnsafeFileError, "refused", word)
     assert not os.path.exists(marker), "the payload ran"
     rc = cli_main(["inspect", path])
+    out = capsys.readouterr().out
     assert rc != 0 and not os.path.exists(marker)
+    assert len(out.strip().splitlines()) == 1 and "refused" in out
 
 
 @pytest.mark.parametrize("legacy", [False, True])
