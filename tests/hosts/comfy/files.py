@@ -1,7 +1,8 @@
 """LoRA files for the node tests, written by real writers onto the tiny model's own modules.
 
-- ``kohya_lora``: kohya-style ``lora_unet_*``/``lora_te_*`` ``lora_down``/``lora_up``/``alpha`` (safetensors),
-  for every attention projection of the UNet and every q/k/v/out/fc projection of the text encoder;
+- ``kohya_lora``: kohya-style ``lora_unet_*``/``lora_te_*`` (``lora_te2_*`` for SDXL's second encoder)
+  ``lora_down``/``lora_up``/``alpha`` (safetensors), for every attention projection of the UNet and every
+  q/k/v/out/fc projection of the text encoders;
 - ``lycoris_file``: lycoris-lora's own writer (LoCon with 3×3 convs, LoHa, LoKr, DoRA, OFT), random
   trainable tensors, names renamed ``lycoris_`` → ``lora_unet_`` as kohya's trainer writes them;
 - ``diffusers_peft_lora``: peft's own ``LoraConfig`` on the diffusers UNet (attention to_q/k/v/out.0,
@@ -37,10 +38,10 @@ def kohya_lora(path, m, rank: int = 4, alpha: float = 2.0, seed: int = 3, te_pre
     targets = [("lora_unet_", n, mod) for n, mod in m.unet.named_modules()
                if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")
                and ".attn" in n]
-    te = m.text_encoders[0]
-    nest = "" if hasattr(te, "text_model") else "text_model."
-    targets += [(te_prefix, nest + n, mod) for n, mod in te.named_modules()
-                if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")]
+    for te, prefix in zip(m.text_encoders, (te_prefix, "lora_te2_")):
+        nest = "" if hasattr(te, "text_model") else "text_model."
+        targets += [(prefix, nest + n, mod) for n, mod in te.named_modules() if isinstance(mod, torch.nn.Linear)
+                    and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")]
     for prefix, name, mod in targets:
         key = prefix + name.replace(".", "_")
         sd[key + ".lora_down.weight"] = _randn((rank, mod.in_features), g)

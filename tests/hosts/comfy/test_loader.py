@@ -9,6 +9,7 @@ import torch
 
 from comfy_nodes.loader import LoraEngineLoader, LoraEngineLoaderModelOnly
 from comfy_nodes.stack import LoraEngineStack
+from lora_engine.formats import load_lora
 from tests.hosts.comfy.files import kohya_lora, lycoris_file
 from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patched_state
 
@@ -79,7 +80,6 @@ def test_stack_equals_engine_stack(loras, sd1, engine):
 
 
 def test_block_weights_match_engine(loras, sd1, engine):
-    from lora_engine.formats import load_lora
     from lora_engine.patch import StackEntry
     from comfy_nodes.loading import block_ratio
 
@@ -102,3 +102,23 @@ def test_bad_block_weights_is_one_clear_error(loras, sd1):
     kohya_lora(loras / "kohya.safetensors", m)
     with pytest.raises(LoraEngineError, match="kohya.safetensors: block weights 'NOPE'"):
         LoraEngineLoader().load(model, clip, "kohya.safetensors", 1.0, 1.0, "NOPE")
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_kohya_lora_sd2_sdxl_match_engine(loras, arch):
+    """SD2's ``clip_h`` and SDXL's ``clip_l`` + ``clip_g`` (``lora_te1_``/``lora_te2_``) in the CLIP patcher."""
+    from lora_engine.engine import LoraEngine, shapes_of
+    from lora_engine.keymap import build_keymap
+    from tests.hosts.comfy.models import comfy_pair, reference_root
+
+    model, clip, m = comfy_pair(arch)
+    kohya_lora(loras / "k.safetensors", m, te_prefix="lora_te1_" if arch == "sdxl" else "lora_te_")
+    base = _base((model, clip, m))
+    new_model, new_clip = LoraEngineLoader().load(model, clip, "k.safetensors", -0.8, 1.3)
+    root = reference_root(arch)
+    ref = engine_state(LoraEngine(root, build_keymap(shapes_of(root))), [(loras / "k.safetensors", 1.3, -0.8)])
+    ours = patched_state(new_model) | patched_state(new_clip.patcher)
+    n_modules = len(load_lora(loras / "k.safetensors").modules)
+    assert assert_equal_weights(ours, ref, base) == n_modules
+    prefixes = {k.split(".")[0] for k in new_clip.patcher.patches}
+    assert prefixes == ({"clip_l", "clip_g"} if arch == "sdxl" else {"clip_h"})

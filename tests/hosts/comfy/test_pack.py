@@ -36,7 +36,7 @@ def test_root_init_imports_like_comfyui(tmp_path):
 
 
 def test_node_contracts(loras):
-    kohya_lora(loras / "k.safetensors", __import__("tests.models.tiny_sd", fromlist=["TinySD"]).TinySD.build("sd1"))
+    (loras / "k.safetensors").write_bytes(b"")  # only listed, never read
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
         assert node_id.startswith("LoraEngine") and node_id not in BUILTINS
         assert cls.CATEGORY == "lora-engine" and callable(getattr(cls, cls.FUNCTION))
