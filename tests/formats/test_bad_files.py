@@ -45,7 +45,7 @@ def _real_file(tmp_path) -> str:
     return str(p)
 
 
-def _header_file(tmp_path, name: str, header: dict, data: bytes) -> str:
+def _header_file(tmp_path, name: str, header, data: bytes) -> str:
     raw = json.dumps(header).encode()
     return _write(tmp_path, name, struct.pack("<Q", len(raw)) + raw + data)
 
@@ -55,7 +55,8 @@ def _expect(path: str, exc=LoraFileError, *words: str) -> LoraFileError:
         load_lora(path)
     e = info.value
     msg = str(e)
-    assert msg.startswith(os.fspath(path) + ": ") and e.path == os.fspath(path), msg
+    # names the file (or, for a PEFT folder, the file inside it that is wrong)
+    assert msg.startswith(e.path + ": ") and e.path.startswith(os.fspath(path)), msg
     assert "\n" not in msg and len(msg) < 400, msg
     assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), "traceback chained into the error"
     for w in words:
@@ -89,9 +90,23 @@ def _bad_cases(tmp_path) -> dict[str, tuple[str, type, tuple[str, ...]]]:
         "garbage-pt": (_write(tmp_path, "garbage.pt", bytes(range(13, 256)) * 3), LoraFileError, ("checkpoint",)),
         "no-lora-keys": (_no_lora_keys(tmp_path), LoraFileError, ("not a LoRA",)),
         "missing": (str(tmp_path / "does-not-exist.safetensors"), LoraFileError, ("no such file",)),
+        "bad-dtype": (_header_file(tmp_path, "dtype.safetensors",
+                                   {"lora_unet_x.lora_down.weight": {**entry, "dtype": "Q4_K"}}, b"\0" * 64),
+                      LoraFileError, ("unsupported dtype",)),
+        "header-not-object": (_header_file(tmp_path, "list.safetensors", [1, 2, 3], b""), LoraFileError,
+                              ("not a JSON object",)),
+        "peft-bad-config": (_peft_bad_config(tmp_path), LoraFileError, ("adapter_config.json",)),
         "all-nonfinite": (_all_nonfinite(tmp_path), AdapterShapeError, ("no usable module", "NaN/Inf")),
         "none-chain": (_none_chain(tmp_path), AdapterShapeError, ("no usable module", "do not chain", "1 more")),
     }
+
+
+def _peft_bad_config(tmp_path) -> str:
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(_kohya(), str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text('{"r": 4, "lora_alpha": ')
+    return str(folder)
 
 
 def _all_nonfinite(tmp_path) -> str:
@@ -119,8 +134,8 @@ def _no_lora_keys(tmp_path) -> str:
 
 
 CASES = ["truncated", "truncated-header", "garbage-header", "absurd-header-length", "offsets-outside",
-         "offsets-vs-shape", "empty", "empty-pt", "tiny", "garbage-pt", "no-lora-keys", "missing", "all-nonfinite",
-         "none-chain"]
+         "offsets-vs-shape", "empty", "empty-pt", "tiny", "garbage-pt", "no-lora-keys", "missing", "bad-dtype",
+         "header-not-object", "peft-bad-config", "all-nonfinite", "none-chain"]
 
 
 @pytest.mark.parametrize("case", CASES)
