@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,15 +70,17 @@ def lycoris_file(path, m, case: str, seed: int = 7) -> None:
     save_file(sd, str(path))
 
 
-def diffusers_peft_lora(path, m, rank: int = 4, seed: int = 5) -> int:
-    """Returns the number of adapted modules."""
+def diffusers_peft_lora(path, m, rank: int = 4, seed: int = 5, bias: bool = False) -> int:
+    """Returns the number of adapted modules. ``bias``: PEFT's ``lora_bias`` (a ``lora_B.bias`` per module)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     unet = copy.deepcopy(m.unet)
-    pm = get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+    pm = get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, lora_bias=bias,
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     g = torch.Generator().manual_seed(seed)
-    state = get_peft_model_state_dict(pm)
+    with warnings.catch_warnings():  # peft 0.21 takes a 1-D lora_B.bias for an unsharded ZeRO-3 tensor
+        warnings.filterwarnings("ignore", message=".*invalid shape.*")
+        state = get_peft_model_state_dict(pm)
     sd = {"unet." + k.removeprefix("base_model.model."): _randn(v.shape, g) for k, v in state.items()}
     save_file(sd, str(path))
-    return len(sd) // 2
+    return sum(k.endswith("lora_A.weight") for k in sd)

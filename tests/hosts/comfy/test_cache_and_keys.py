@@ -69,3 +69,30 @@ def test_diffusers_peft_file_applies_every_key(loras, sd1, engine, caplog):
     assert len(new_model.patches) == n and len(attn) == n  # every module is an attention projection, all applied
     ref = engine_state(engine, [(loras / "peft.safetensors", 1.0, 0.9)])
     assert assert_equal_weights(patched_state(new_model), ref, base) == n
+
+
+def test_bias_deltas_patch_the_bias(loras, sd1, engine):
+    """PEFT ``lora_B.bias``: the bias gets its own patch (Δb = s·bias) where the layer has a bias."""
+    model, clip, m = sd1
+    n = diffusers_peft_lora(loras / "b.safetensors", m, bias=True)
+    base = {k: v.clone() for k, v in model.model_state_dict().items()}
+    new_model, _ = LoraEngineLoader().load(model, clip, "b.safetensors", -0.5, 1.0)
+    biases = [k for k in new_model.patches if k.endswith(".bias")]
+    assert biases and all(".to_out.0." in k for k in biases)  # to_q/k/v have no bias in the UNet
+    ref = engine_state(engine, [(loras / "b.safetensors", 1.0, -0.5)])
+    assert assert_equal_weights(patched_state(new_model), ref, base) == n + len(biases)
+
+
+def test_chained_loaders_add_up(loras, sd1, engine):
+    """Two chained loader nodes (ComfyUI's usual graph): the second adapter sees the first one's weight;
+    for additive types the result is the engine's joint stack up to fp32 rounding."""
+    model, clip, m = sd1
+    kohya_lora(loras / "a.safetensors", m, seed=1)
+    kohya_lora(loras / "b.safetensors", m, seed=2)
+    m1, c1 = LoraEngineLoader().load(model, clip, "a.safetensors", 0.7, 0.4)
+    m2, c2 = LoraEngineLoader().load(m1, c1, "b.safetensors", -1.1, 0.9)
+    assert m1.patches and len(next(iter(m2.patches.values()))) == 2 and len(next(iter(m1.patches.values()))) == 1
+    ours = patched_state(m2) | patched_state(c2.patcher)
+    ref = engine_state(engine, [(loras / "a.safetensors", 0.4, 0.7), (loras / "b.safetensors", 0.9, -1.1)])
+    for k, v in ours.items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=2e-7)
