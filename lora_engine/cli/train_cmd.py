@@ -14,7 +14,8 @@ import sys
 FLAGS = {"data": "data_dir", "output": "output", "steps": "steps", "epochs": "epochs", "rank": "rank",
          "alpha": "alpha", "resolution": "resolution", "batch_size": "batch_size", "lr": "unet_lr",
          "te_lr": "te_lr", "save_every": "save_every_steps", "mixed_precision": "mixed_precision", "seed": "seed",
-         "optimizer": "optimizer", "train_text_encoder": "train_text_encoder"}
+         "optimizer": "optimizer", "train_text_encoder": "train_text_encoder",
+         "sample_every": "sample_every_steps", "sample_prompt": "sample_prompts"}
 
 
 def register(subparsers) -> None:
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--train-text-encoder", action="store_true", default=None, dest="train_text_encoder")
     p.add_argument("--optimizer")
     p.add_argument("--save-every", type=int, dest="save_every", help="save every N steps")
+    p.add_argument("--sample-every", type=int, dest="sample_every", help="render preview images every N steps")
+    p.add_argument("--sample-prompt", action="append", dest="sample_prompt",
+                   help="a preview prompt (repeat the flag for several); images go to OUTPUT-samples/")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), dest="mixed_precision")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -76,6 +80,22 @@ class _Bar:
             self.bar.close()
 
 
+def _saving_samples(host, output: str) -> None:
+    """Wrap the host's sampler so previews are also written to ``<output stem>-samples/``."""
+    import os
+
+    render, folder = host.sample, os.path.splitext(output)[0] + "-samples"
+
+    def sample(prompts, step):
+        images = render(prompts, step)
+        os.makedirs(folder, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(os.path.join(folder, f"step{step:06d}-{i}.png"))
+        return images
+
+    host.sample = sample
+
+
 def run(args) -> int:
     import torch
 
@@ -94,6 +114,8 @@ def run(args) -> int:
             return 2
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         host = load_diffusers_folder(base, device=device)
+        if host.sample is not None:
+            _saving_samples(host, cfg.output)
         log = lambda line: print(line, file=sys.stderr)  # noqa: E731
         trainer = Trainer(host, cfg, log=log)
         if args.dry_run:

@@ -38,9 +38,39 @@ def _version(unet, n_te: int, prediction_type: str) -> str:
     return "sd_v1"
 
 
+def _sampler(unet, vae, encode_text, denoise, scheduler_config, size, factor, scaling, shift,
+             steps: int = 20, guidance: float = 7.0):
+    """``sample(prompts, step) -> [PIL.Image]``: DDIM, classifier-free guidance
+    ``ε = ε_u + g·(ε_c − ε_u)``, seed = prompt index (the same noise at every step, so samples compare)."""
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    def sample(prompts: list[str], step: int) -> list:
+        sched = DDIMScheduler.from_config(scheduler_config)
+        sched.set_timesteps(steps)
+        dev, images = next(unet.parameters()).device, []
+        w, h = size
+        for i, prompt in enumerate(prompts):
+            g = torch.Generator(device=dev).manual_seed(i)
+            lat = torch.randn((1, unet.config.in_channels, h // factor, w // factor), generator=g, device=dev)
+            cond = Cond.cat([encode_text([""]), encode_text([prompt])])
+            for t in sched.timesteps:
+                x = sched.scale_model_input(torch.cat([lat, lat]), t)
+                u, c = denoise(x, t.reshape(1).expand(2).to(dev), cond, [size, size]).float().chunk(2)
+                lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+            px = vae.decode((lat / scaling + shift).to(vae.dtype)).sample[0].float()
+            px = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            images.append(Image.fromarray(px))
+        return images
+
+    return sample
+
+
 def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.Tensor,
-                   prediction_type: str = "epsilon", clip_skip: int = 1, model_name: str = "") -> TrainHost:
-    """Build the host from loaded diffusers/transformers parts (nothing is copied)."""
+                   prediction_type: str = "epsilon", clip_skip: int = 1, model_name: str = "",
+                   scheduler_config=None, sample_size: int | None = None) -> TrainHost:
+    """Build the host from loaded diffusers/transformers parts (nothing is copied). With a scheduler
+    config, ``host.sample`` renders preview images (DDIM, 20 steps, CFG 7) at ``sample_size`` px."""
     tes, toks = list(text_encoders), list(tokenizers)
     if len(tes) != len(toks) or not tes:
         raise TrainingError(f"need one tokenizer per text encoder, got {len(toks)} for {len(tes)}")
@@ -85,10 +115,15 @@ def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.T
                 getattr(te, f"{name}_enable" if on else f"{name}_disable")()
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    sample = None
+    if scheduler_config is not None and vae is not None:
+        size = sample_size or int(unet.config.sample_size) * factor
+        sample = _sampler(unet, vae, encode_text, denoise, scheduler_config, (size, size), factor, scaling, shift)
     return TrainHost(root=root, denoise=denoise, encode_text=encode_text, encode_image=encode_image,
                      alphas_cumprod=alphas_cumprod.float(), prediction_type=prediction_type, latent_factor=factor,
                      base_model_version=_version(unet, len(tes), prediction_type), model_name=model_name,
-                     device=device, text_encoders=tuple(tes), unet=unet, gradient_checkpointing=checkpointing)
+                     device=device, text_encoders=tuple(tes), unet=unet, gradient_checkpointing=checkpointing,
+                     sample=sample)
 
 
 def load_diffusers_folder(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -116,4 +151,4 @@ def load_diffusers_folder(folder: str | os.PathLike, device: str = "cpu", dtype:
         if m is not None:
             m.requires_grad_(False).eval()
     return diffusers_host(unet, tes, toks, vae, sched.alphas_cumprod, sched.config.prediction_type, clip_skip,
-                          os.path.basename(os.path.normpath(folder)))
+                          os.path.basename(os.path.normpath(folder)), scheduler_config=sched.config)

@@ -1,6 +1,8 @@
 """`lora-engine train`: TOML settings, flags overriding them, a diffusers model folder on disk."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lora_engine.cli import main
@@ -22,13 +24,14 @@ def test_train_command_flags_override_file(setup, capsys):
     tmp_path, toml, data = setup
     out = str(tmp_path / "cli.safetensors")
     rc = main(["train", toml, "--data", data, "--output", out, "--steps", "2", "--rank", "3", "--batch-size", "2",
-               "--lr", "0.001"])
+               "--lr", "0.001", "--sample-every", "2", "--sample-prompt", "red square"])
     assert rc == 0
     assert "done at step 2/2" in capsys.readouterr().out
     lf = load_lora(out)
     assert lf.metadata["ss_network_dim"] == "3" and lf.metadata["ss_network_alpha"] == "1.0"
     assert lf.metadata["ss_steps"] == "2" and lf.metadata["ss_unet_lr"] == "0.001"
     assert all(m.adapter.rank == 3 for m in lf.modules.values())
+    assert os.listdir(tmp_path / "cli-samples") == ["step000002-0.png"]
 
 
 def test_train_command_errors_are_one_line(setup, capsys):

@@ -52,3 +52,15 @@ def test_job_failure_is_a_status(tmp_path):
     assert job.wait(60)
     st = job.status()
     assert st.state == "failed" and st.error.endswith("none: dataset folder does not exist")
+
+
+def test_diffusers_host_samples_preview_images(tmp_path):
+    from lora_engine.train.diffusers_host import diffusers_host
+
+    parts = tiny_parts(str(tmp_path))
+    host = diffusers_host(parts.unet, [parts.text_encoder], [parts.tokenizer], parts.vae,
+                          parts.scheduler.alphas_cumprod, scheduler_config=parts.scheduler.config, sample_size=16)
+    a = host.sample(["red square", "blue background"], 0)
+    b = host.sample(["red square"], 5)
+    assert [im.size for im in a] == [(16, 16), (16, 16)] and a[0].tobytes() == b[0].tobytes()
+    assert a[0].tobytes() != a[1].tobytes()
