@@ -18,6 +18,7 @@ COMMANDS = [
     "extract_cmd",
     "convert_cmd",
     "bake_cmd",
+    "serve_cmd",
 ]
 
 

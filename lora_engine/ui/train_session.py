@@ -1,0 +1,125 @@
+"""The Train page's state without gradio: one :class:`~lora_engine.train.job.TrainingJob` at a time
+on a host built from the form (the demo model, or a diffusers folder), and its status as text.
+
+``TrainForm`` holds the form's values; ``TrainSession.start`` validates them, builds the host and
+the config, starts the job (dataset errors come back as the job's ``failed`` status, one line).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from ..errors import LoraEngineError, TrainingError
+from .context import UiContext
+
+FINISHED = ("done", "cancelled", "failed")
+
+
+@dataclass(frozen=True)
+class TrainForm:
+    base: str  # "demo" (the built-in demo model), a demo base file, or a diffusers folder
+    data_dir: str
+    output: str  # name in the output folder, or an absolute path
+    steps: int = 200
+    rank: int = 4
+    alpha: float = 4.0
+    unet_lr: float = 1e-3
+    te_lr: float = 5e-4
+    train_text_encoder: bool = False
+    batch_size: int = 4
+    resolution: int = 512
+    seed: int = 42
+
+
+def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
+    base = form.base.strip()
+    if base == "demo" or (os.path.isfile(base) and base.endswith(".safetensors")):
+        from ..demo.base import get_base
+        from ..demo.concept import demo_host
+        from ..demo.model import RESOLUTION
+
+        model, _ = get_base(None if base == "demo" else base)
+        return demo_host(model), {"resolution": RESOLUTION, "enable_buckets": False, "bucket_step": 1}
+    if os.path.isdir(base):
+        from ..train.diffusers_host import load_diffusers_folder
+
+        return load_diffusers_folder(base, device=device), {"resolution": int(form.resolution)}
+    raise TrainingError(f"base model {base!r}: give 'demo', a demo base .safetensors file or a diffusers folder")
+
+
+def build_job(ctx: UiContext, form: TrainForm):
+    import torch
+
+    from ..train import build_config
+    from ..train.job import TrainingJob
+
+    if not form.data_dir.strip() or not os.path.isdir(form.data_dir.strip()):
+        raise TrainingError(f"image folder {form.data_dir!r} does not exist")
+    output = ctx.output_path(form.output)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    host, dataset = _host_and_dataset(form, device)
+    dataset["batch_size"] = int(form.batch_size)
+    cfg = build_config({
+        "data_dir": form.data_dir.strip(), "output": output, "steps": int(form.steps), "seed": int(form.seed),
+        "unet_lr": float(form.unet_lr), "te_lr": float(form.te_lr),
+        "output_name": os.path.splitext(os.path.basename(output))[0],
+        "network": {"rank": int(form.rank), "alpha": float(form.alpha),
+                    "train_text_encoder": bool(form.train_text_encoder)},
+        "dataset": dataset,
+    })
+    return TrainingJob(host, cfg)
+
+
+def status_text(s) -> str:
+    lines = [f"state: {s.state}"]
+    if s.total_steps:
+        lines.append(f"step {s.step}/{s.total_steps}  epoch {s.epoch}")
+    if s.loss is not None:
+        lines.append(f"loss {s.loss:.5f}  smoothed {s.smoothed_loss:.5f}")
+    if s.it_per_s:
+        eta = f"  ETA {s.eta_s:.0f} s" if s.eta_s is not None else ""
+        lines.append(f"{s.it_per_s:.2f} it/s{eta}")
+    if s.error:
+        lines.append(f"error: {s.error}")
+    if s.output:
+        lines.append(f"output: {s.output}")
+    lines += list(s.report[:12])
+    lines += list(s.log[-8:])
+    return "\n".join(lines)
+
+
+class TrainSession:
+    """At most one running job per UI; a finished one stays readable until the next start."""
+
+    def __init__(self, ctx: UiContext):
+        self.ctx = ctx
+        self.job = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def start(self, form: TrainForm) -> str:
+        with self._lock:
+            if self.job is not None and self.job.status().state not in FINISHED:
+                return "a training run is already in progress (cancel it first)"
+            self.error = None
+            try:
+                self.job = build_job(self.ctx, form)
+            except LoraEngineError as e:
+                self.job, self.error = None, str(e)
+                return f"error: {e}"
+            self.job.start()
+            return "started"
+
+    def cancel(self) -> str:
+        if self.job is None:
+            return "nothing is running"
+        self.job.cancel()
+        return "cancelling after the current step (the last save is written)"
+
+    def status(self):
+        """(text, losses, finished)."""
+        if self.job is None:
+            return (f"error: {self.error}" if self.error else "state: idle"), (), True
+        s = self.job.status()
+        return status_text(s), s.losses, s.state in FINISHED
