@@ -107,7 +107,7 @@ def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas) -> torch.Tensor:
     for slot, role in jobs:
         target = deltas.plan.targets[slot]
         region = _region(t, target.rows)
-        d = deltas.get(slot, role, region.clone() if role == "weight" else None)
+        d = deltas.get(slot, role, region if role == "weight" else None)  # read before this region is written
         if d is not None:
             region.copy_((region.to(COMPUTE) + d.reshape(region.shape)).to(t.dtype))
     return t
