@@ -11,7 +11,7 @@ PYTHONPATH for this CPU check.)
 """
 import asyncio, copy, logging, os, sys, tempfile
 sys.path.insert(0, os.getcwd())
-PACK = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else os.path.join(os.getcwd(), "custom_nodes", "lora-engine")
+PACK = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join("custom_nodes", "lora-engine"))
 from comfy.cli_args import args
 args.cpu = True
 import torch
@@ -23,11 +23,12 @@ logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(mes
 LORAS = tempfile.mkdtemp(prefix="lora-engine-smoke-")
 folder_paths.add_model_folder_path("loras", LORAS, is_default=True)
 
-cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-       "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-       "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-       "context_dim": 32, "num_heads": 2, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
-       "use_temporal_resblock": False}
+# ComfyUI's SD15 UNet config at toy size (32 channels: its GroupNorm has 32 groups).
+cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+       "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4, "model_channels": 32,
+       "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+       "use_linear_in_transformer": False, "context_dim": 32, "num_heads": 2,
+       "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False}
 mc = comfy.supported_models.SD15(cfg)
 mc.set_inference_dtype(torch.float32, None)
 torch.manual_seed(0)
@@ -38,31 +39,51 @@ with torch.no_grad():
 mp = comfy.model_patcher.ModelPatcher(m, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 print("model keys", len(mp.model_state_dict()))
 
-# ---- LoRA files in ComfyUI's models/loras, ldm (ComfyUI-native) kohya names -------------------------------
+# ---- LoRA files (kohya names of ComfyUI's own ldm layout) in the registered loras folder ----------------------
 g = torch.Generator().manual_seed(1)
-def rnd(*s): return torch.randn(*s, generator=g) * 0.1
-mods = [(n, mod) for n, mod in m.diffusion_model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def rnd(*shape):
+    return torch.randn(*shape, generator=g) * 0.1
+
+
+def dora_scale(w, axis):
+    """A magnitude near the weight's norms: (out, 1, ...) for the output axis, (1, in, ...) for the input axis."""
+    keep = [1] * w.ndim
+    keep[axis] = w.shape[axis]
+    norm = w.detach().transpose(0, axis).reshape(w.shape[axis], -1).norm(dim=1).reshape(keep)
+    return norm * (1 + rnd(*keep))
+
+
+def module_tensors(kind, mod):
+    w = mod.weight
+    out, inn, ks = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    if kind in ("locon", "dora-out", "dora-in") or (kind == "lora" and isinstance(mod, torch.nn.Linear)):
+        t = {"lora_down.weight": rnd(4, inn, *ks), "lora_up.weight": rnd(out, 4, *([1] * len(ks))),
+             "alpha": torch.tensor(2.0)}
+        if kind.startswith("dora"):
+            t["dora_scale"] = dora_scale(w, 0 if kind == "dora-out" else 1)
+        return t
+    if kind == "loha":
+        flat = w[0].numel()
+        return {"hada_w1_a": rnd(out, 4), "hada_w1_b": rnd(4, flat), "hada_w2_a": rnd(out, 4),
+                "hada_w2_b": rnd(4, flat), "alpha": torch.tensor(2.0)}
+    if kind == "lokr" and out % 2 == 0 and inn % 2 == 0:
+        return {"lokr_w1": rnd(2, 2), "lokr_w2": rnd(out // 2, inn // 2, *ks)}
+    return {}
+
+
 def write(kind):
     sd = {}
-    for n, mod in mods:
-        k = "lora_unet_" + n.replace(".", "_")
-        w = mod.weight
-        out, inn = w.shape[0], w.shape[1]
-        ks = w.shape[2:] if w.ndim == 4 else ()
-        if kind == "lora" and isinstance(mod, torch.nn.Linear) or kind in ("locon", "dora-out", "dora-in"):
-            sd[k + ".lora_down.weight"] = rnd(4, inn, *ks); sd[k + ".lora_up.weight"] = rnd(out, 4, *([1, 1] if ks else []))
-            sd[k + ".alpha"] = torch.tensor(2.0)
-            if kind == "dora-out": sd[k + ".dora_scale"] = w.detach().reshape(out, -1).norm(dim=1).reshape(out, *([1] * (w.ndim - 1))) * (1 + rnd(out, *([1] * (w.ndim - 1))))
-            if kind == "dora-in": sd[k + ".dora_scale"] = w.detach().transpose(0, 1).reshape(inn, -1).norm(dim=1).reshape(1, inn, *([1] * (w.ndim - 2))) * (1 + rnd(1, inn, *([1] * (w.ndim - 2))))
-        elif kind == "loha":
-            flat = w[0].numel()
-            sd[k + ".hada_w1_a"] = rnd(out, 4); sd[k + ".hada_w1_b"] = rnd(4, flat); sd[k + ".hada_w2_a"] = rnd(out, 4); sd[k + ".hada_w2_b"] = rnd(4, flat)
-            sd[k + ".alpha"] = torch.tensor(2.0)
-        elif kind == "lokr" and out % 2 == 0 and inn % 2 == 0:
-            sd[k + ".lokr_w1"] = rnd(2, 2); sd[k + ".lokr_w2"] = rnd(out // 2, inn // 2, *ks)
-    path = os.path.join(LORAS, f"smoke_{kind}.safetensors")
-    save_file(sd, path)
-    return f"smoke_{kind}.safetensors", path
+    for n, mod in m.diffusion_model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            for role, t in module_tensors(kind, mod).items():
+                sd[f"lora_unet_{n.replace('.', '_')}.{role}"] = t
+    name = f"smoke_{kind}.safetensors"
+    save_file(sd, os.path.join(LORAS, name))
+    return name, os.path.join(LORAS, name)
+
+
 files = {k: write(k) for k in ("lora", "locon", "loha", "lokr", "dora-out", "dora-in")}
 listed = [n for n in folder_paths.get_filename_list("loras") if n.startswith("smoke_")]
 print("loras listed by folder_paths:", listed)
@@ -203,7 +224,8 @@ save_file(sd, os.path.join(LORAS, "smoke_peft.safetensors"))
 (ours_mp,) = N["LoraEngineLoaderModelOnly"]().load(mp, "smoke_peft.safetensors", 1.0)
 logging.getLogger().setLevel(logging.ERROR)
 comfy_mp, _ = comfy.sd.load_lora_for_models(mp, None, load_file(os.path.join(LORAS, "smoke_peft.safetensors")), 1.0, 0)
-print(f"diffusers/PEFT file: {len(sd) // 2} modules; lora-engine patched {len(ours_mp.patches)}, ComfyUI LoraLoader patched {len(comfy_mp.patches)}")
+print(f"diffusers/PEFT file: {len(sd) // 2} modules; lora-engine patched {len(ours_mp.patches)}, "
+      f"ComfyUI LoraLoader patched {len(comfy_mp.patches)}")
 assert len(ours_mp.patches) == len(sd) // 2 > 0
 (info,) = N["LoraEngineInfo"]().info("smoke_te.safetensors", mp, clip)["result"]
 print(info.splitlines()[1], "|", info.splitlines()[-1])

@@ -1,0 +1,105 @@
+"""Smaller glue: the script entry (unique package name, callbacks registered), paste hook by hash,
+the /sdapi/v1/loras answer, settings, install.py, cards, denoiser row layout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from safetensors.torch import save_file
+import torch
+
+from extension import api, infotext
+from extension.page import card_fields
+from extension.runtime import denoiser_rows
+from extension.settings import Settings
+from tests.hosts.a1111.conftest import make_network
+from tests.hosts.a1111.standin import Opts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+# modules.script_callbacks as A1111 1.10 declares it: on_X(callback, *, name=None)
+FAKE_CALLBACKS = textwrap.dedent('''
+    registered = []
+    def _on(kind):
+        def register(callback, *, name=None):
+            registered.append(kind)
+        return register
+    for _k in ("ui_settings", "before_ui", "model_loaded", "cfg_denoiser", "infotext_pasted",
+               "app_started", "script_unloaded"):
+        globals()["on_" + _k] = _on(_k)
+''')
+
+
+def test_entry_script_registers_callbacks_under_a_unique_package(tmp_path):
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "__init__.py").write_text("")
+    (tmp_path / "modules" / "script_callbacks.py").write_text(FAKE_CALLBACKS)
+    code = textwrap.dedent(f'''
+        import runpy, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        runpy.run_path({os.path.join(ROOT, "scripts", "lora_engine_a1111.py")!r})
+        from modules import script_callbacks
+        bad = [m for m in ("extension", "networks", "network", "lora", "lora_patches") if m in sys.modules]
+        print(sorted(script_callbacks.registered), "lora_engine_a1111.callbacks" in sys.modules, bad)
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("['app_started', 'before_ui', 'cfg_denoiser', 'infotext_pasted', 'model_loaded', "
+                                  "'script_unloaded', 'ui_settings'] True []"), out.stdout
+
+
+def _file(path, meta=None):
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1)},
+              str(path), metadata=meta or {})
+
+
+def test_paste_hook_maps_renamed_file_by_hash(tmp_path):
+    _file(tmp_path / "new_name.safetensors")
+    c, _ = make_network(tmp_path)
+    entry = c.entry("new_name")
+    short = c.short_hash(entry)
+    params = {"Prompt": "a <lora:old name:0.7> b <lora:other:1>", "Lora hashes": f"old name: {short}, other: 0123456789ab"}
+    notes = infotext.on_infotext_pasted(c, "", params)
+    assert params["Prompt"] == "a <lora:new_name:0.7> b <lora:other:1>"
+    assert len(notes) == 1 and "other" in notes[0]
+
+
+def test_api_loras_answers_like_a1111(tmp_path):
+    _file(tmp_path / "one.safetensors", {"ss_output_name": "One Alias"})
+    c, _ = make_network(tmp_path)
+    (item,) = api.list_loras(c)
+    assert item["name"] == "one" and item["alias"] == "One Alias"
+    assert item["path"] == str(tmp_path / "one.safetensors") and item["metadata"]["ss_output_name"] == "One Alias"
+    assert json.dumps(api.list_loras(c))  # JSON-serialisable, as FastAPI needs
+
+
+def test_settings_defaults_and_bad_values():
+    s = Settings.from_opts(Opts({"lora_engine_mode": "bogus", "lora_engine_folders": " a ; ;b"}))
+    assert s.mode == "automatic" and s.folders == ("a", "b") and s.warnings and not s.handover
+    assert Settings.from_opts(None) == Settings()
+
+
+def test_install_never_touches_torch_or_gradio():
+    sys.path.insert(0, ROOT)
+    import install
+
+    assert install.missing(lambda mod: False) == ["safetensors>=0.3", "numpy"]
+    assert install.missing(lambda mod: True) == []
+
+
+def test_card_tag_uses_preferred_weight_activation_text_and_badges(tmp_path):
+    _file(tmp_path / "c.safetensors")
+    (tmp_path / "c.json").write_text(json.dumps({"preferred weight": 0.6, "activation text": "red hat"}))
+    c, _ = make_network(tmp_path)
+    e = c.entry("c")
+    f = card_fields(e, "c", 1.0, "sdxl")
+    assert f["tag"] == "<lora:c:0.6> red hat"
+    assert f["description"].startswith("⚠") or e.architecture in ("unknown", "other", "sdxl")
+
+
+def test_denoiser_rows_follow_cfg_denoiser_layout():
+    assert denoiser_rows(4, ("a", "b")) == [(0, False), (1, False), (0, True), (1, True)]
+    assert denoiser_rows(5, ("x AND y", "z")) == [(0, False), (0, False), (1, False), (0, True), (1, True)]
