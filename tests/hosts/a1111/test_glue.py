@@ -2,6 +2,7 @@
 the /sdapi/v1/loras answer, settings, install.py, cards, denoiser row layout."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,7 +98,11 @@ def test_card_tag_uses_preferred_weight_activation_text_and_badges(tmp_path):
     e = c.entry("c")
     f = card_fields(e, "c", 1.0, "sdxl")
     assert f["tag"] == "<lora:c:0.6> red hat"
-    assert f["description"].startswith("⚠") or e.architecture in ("unknown", "other", "sdxl")
+    sd1 = dataclasses.replace(e, architecture="sd1")
+    assert card_fields(sd1, "c", 1.0, "sdxl")["description"].startswith("⚠ SD1 LoRA, the loaded model is SDXL")
+    assert not card_fields(sd1, "c", 1.0, "sd1")["description"].startswith("⚠")
+    (tmp_path / "c.json").unlink()
+    assert card_fields(c.refresh() and c.entry("c"), "c", 0.8, None)["tag"] == "<lora:c:0.8>"
 
 
 def test_denoiser_rows_follow_cfg_denoiser_layout():
