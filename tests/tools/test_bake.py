@@ -181,3 +181,27 @@ def test_bake_diffusers_folder(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
     k0 = next(k for k in want if k.startswith("unet."))
     assert torch.equal(unet.state_dict()[k0[len("unet."):]], got[k0])
+
+
+def test_bake_equals_engine_merge_bit_for_bit(tmp_path):
+    """A LyCORIS DoRA file (delta depends on W₀) baked into a diffusers-named single file equals what
+    the engine's merged patcher writes into the live model: both go through ``summed_delta``."""
+    from lora_engine.engine import LoraEngine, shapes_of
+    from lora_engine.formats import load_lora
+    from lora_engine.patch import StackEntry
+    from tests.oracle_models import tiny_unet
+    from tests.tools.writers import lycoris_file
+
+    lora = lycoris_file(tmp_path / "dora.safetensors", seed=21, dora_wd=True, wd_on_output=True)
+    unet = tiny_unet(seed=0).half()
+    base = {"unet." + k: v.detach().clone().contiguous() for k, v in unet.state_dict().items()}
+    save_file(base, str(tmp_path / "m.safetensors"))
+    bake(tmp_path / "m.safetensors", [BakeLora(lora, 1.0, -0.7)], tmp_path / "o.safetensors")
+    eng = LoraEngine(unet, build_keymap(shapes_of(unet)))
+    eng.set_stack([StackEntry(load_lora(lora), te=1.0, unet=-0.7)])
+    got = load_file(str(tmp_path / "o.safetensors"))
+    changed = 0
+    for k, v in unet.state_dict().items():
+        assert torch.equal(got["unet." + k], v), k
+        changed += not torch.equal(v, base["unet." + k])
+    assert changed > 50

@@ -159,3 +159,26 @@ def test_resize_dynamic_rank_choice(three, method, param, oracle):
 def resize_lora_meta(res):
     from lora_engine.formats.writer import network_metadata
     return network_metadata(res.modules)["ss_network_dim"]
+
+
+def test_svd_merge_of_lycoris_types_uses_their_dense_delta(tmp_path, three):
+    """LoHa (rank(ΔW) up to r², not concatenable) + LoCon: SVD merge error = discarded energy."""
+    loha = lycoris_file(tmp_path / "loha.safetensors", seed=12, algo="loha", linear_dim=2, conv_dim=2)
+    paths, weights = [loha, three[0]], (1.5, -0.5)
+    res = merge_loras([MergeInput(load_lora(p), w) for p, w in zip(paths, weights)], rank=3, dtype=torch.float32)
+    want = _expected(paths, weights)
+    with pytest.raises(ToolError, match="loha"):
+        merge_loras([MergeInput(load_lora(loha), 1.0)])
+    for name, w in want.items():
+        m = res.modules[name]
+        got = (m.up.reshape(m.up.shape[0], -1) @ m.down.reshape(m.rank, -1)).reshape(w.shape)
+        assert abs(fro2(got - w) - energy_after(w, 3)) <= 1e-4 * fro2(w), name
+
+
+def test_te_names_unified_across_sd1_and_sdxl_spellings():
+    from lora_engine.tools.naming import unify_te_names
+
+    a, b = unify_te_names([["lora_te_text_model_x", "lora_unet_y"], ["lora_te1_text_model_x", "lora_te2_z"]])
+    assert a["lora_te_text_model_x"] == b["lora_te1_text_model_x"] == "lora_te1_text_model_x"
+    (c,) = unify_te_names([["lora_te1_text_model_x"]])
+    assert c["lora_te1_text_model_x"] == "lora_te_text_model_x"
