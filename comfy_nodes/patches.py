@@ -62,8 +62,10 @@ class EngineWeightMath:
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None, *args, **kwargs):
         """ComfyUI's ``WeightAdapterBase.calculate_weight`` signature; updates ``weight`` in place."""
+        if strength == 0.0:
+            return weight
         d = self.delta(weight)
-        if d is None or strength == 0.0:
+        if d is None:
             return weight
         if function is None:
             function = _identity

@@ -108,3 +108,20 @@ def test_card_tag_uses_preferred_weight_activation_text_and_badges(tmp_path):
 def test_denoiser_rows_follow_cfg_denoiser_layout():
     assert denoiser_rows(4, ("a", "b")) == [(0, False), (1, False), (0, True), (1, True)]
     assert denoiser_rows(5, ("x AND y", "z")) == [(0, False), (0, False), (1, False), (0, True), (1, True)]
+
+
+def test_automatic_mode_follows_how_the_stack_changes():
+    from extension.batch import BatchStacks, Use, Variant
+    from extension.controller import ModeChooser
+    from lora_engine.engine import Mode
+
+    def batch(ident, per_image=False):
+        uses = [Use(0, False)] + ([] if per_image else [Use(1, False)])
+        return BatchStacks(2, (Variant(ident, None, "x", None, uses),), ("a", "b"), ("", ""), ())
+
+    m = ModeChooser()
+    seq = [m.choose("automatic", batch(i), "first", Mode.MERGED) for i in ("s", "s", "t", "u", "v", "v")]
+    assert seq == [Mode.MERGED, Mode.MERGED, Mode.MERGED, Mode.ONTHEFLY, Mode.ONTHEFLY, Mode.MERGED]
+    assert m.choose("automatic", batch("v", per_image=True), "first", Mode.MERGED) is Mode.ONTHEFLY
+    assert m.choose("merged", batch("w", per_image=True), "first", Mode.MERGED) is Mode.MERGED
+    assert m.choose("automatic", BatchStacks(1, (), ("a",), ("",), ()), "first", Mode.ONTHEFLY) is Mode.ONTHEFLY

@@ -30,6 +30,7 @@ def test_root_init_imports_like_comfyui(tmp_path):
         web = os.path.join(ROOT, module.WEB_DIRECTORY)
         assert os.path.isdir(web) and os.path.realpath(web) != os.path.realpath(os.path.join(ROOT, "javascript"))
         assert "launch" not in sys.modules and "modules.shared" not in sys.modules  # nothing A1111-specific
+        assert "folder_paths" not in sys.modules and "comfy.hooks" not in sys.modules  # ComfyUI imported lazily
     finally:
         for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[k]
