@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--sweeps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box: more oversubscribes)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(a.threads)
     model = sd15_like(a.full)
     sd_model = SDModel(model)
     lat = a.latent

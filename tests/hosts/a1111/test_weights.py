@@ -150,3 +150,17 @@ def test_release_builtin_restores_its_layers_first(sd_model, tiny, loras):
     _run_activate(net, sd_model, "<lora:a:1>")
     d = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     torch.testing.assert_close(layer.weight, w0 + deltas["a"][d], rtol=0, atol=1e-6)
+
+
+def test_merged_mode_with_per_image_tags_uses_first_image_and_says_so(sd_model, tiny, loras):
+    folder, deltas = loras
+    w0 = _originals(tiny, set(deltas["a"]) | set(deltas["b"]))
+    _, net = make_network(folder, lora_engine_mode="merged")
+    p = Processing(sd_model, ["x <lora:a:1>", "y <lora:b:1>"], ["", ""], batch_size=2)
+    p.prompts, p.negative_prompts = list(p.all_prompts), list(p.all_negative_prompts)
+    p.prompts, data = parse_prompts(p.prompts)
+    activate(p, data, {"lora": net}, {})
+    assert any("first image" in c for c in p.comments), p.comments
+    for d in w0:
+        want = w0[d] + deltas["a"].get(d, torch.zeros_like(w0[d]))
+        torch.testing.assert_close(module_of(tiny, d).weight, want, rtol=0, atol=1e-6, msg=d)
