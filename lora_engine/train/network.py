@@ -27,7 +27,7 @@ from ..errors import TrainingError
 # Class names (diffusers / ldm / transformers / open_clip) that decide what is trained.
 TRANSFORMER_BLOCKS = ("Transformer2DModel", "SpatialTransformer")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
-TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "ResidualAttentionBlock")
 ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -131,28 +131,50 @@ def _canonical_name(names: list[str], component: str, keymap) -> str:
     return names[1]
 
 
-def _selected(path: str, module, component: str, cfg: NetworkConfig, classes: dict[str, str]) -> int | None:
-    """Rank to use for this module, or None when it is not trained."""
+def _kind(path: str, names: list[str], classes: dict[str, str]) -> str:
+    """Block kind of a UNet module: ``"transformer"``, ``"resnet"`` (ResNet / down- / upsampler) or
+    ``"other"``. Read from its diffusers-naming kohya name (every host's key map lists one), so ldm,
+    sgm and ComfyUI layouts classify like diffusers; ancestor class names are the fallback."""
+    dname = next((n for n in names if n.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_",
+                                                     "lora_unet_up_blocks_"))), None)
+    if dname is not None:
+        if "_attentions_" in dname:
+            return "transformer"
+        return "resnet" if any(k in dname for k in ("_resnets_", "_downsamplers_", "_upsamplers_")) else "other"
+    up = {classes.get(a, "") for a in _ancestors(path)}
+    if up & set(TRANSFORMER_BLOCKS):
+        return "transformer"
+    return "resnet" if up & set(RESNET_BLOCKS) else "other"
+
+
+def _selected(path: str, module, names: list[str], component: str, cfg: NetworkConfig,
+              classes: dict[str, str]) -> int | None:
+    """Rank to use for this module, or None when it is not trained (kohya's rules, §1.3)."""
     if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
         return None
     if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
         return None
-    up = {classes.get(a, "") for a in _ancestors(path)}
+    parents = _ancestors(path)
+    if parents and classes.get(parents[-1]) == "MultiheadAttention":
+        return None  # MHA reads out_proj.weight directly: a forward hook on it would never run
     kxk = isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
     if component == "te":
-        return cfg.rank if cfg.train_text_encoder and not kxk and up & set(TE_BLOCKS) else None
+        in_block = {classes.get(a, "") for a in parents} & set(TE_BLOCKS) or \
+            any(("_self_attn_" in n or "_mlp_" in n) for n in names)
+        return cfg.rank if cfg.train_text_encoder and not kxk and in_block else None
     if not cfg.train_unet:
         return None
-    if up & set(RESNET_BLOCKS) and cfg.conv_rank > 0:
+    kind = _kind(path, names, classes)
+    if kind == "resnet" and cfg.conv_rank > 0:
         return cfg.conv_rank if kxk else cfg.rank
     if kxk:
         return None
     if cfg.unet_targets == "all":
         return cfg.rank
     if cfg.unet_targets == "attention":
-        return cfg.rank if path.endswith(ATTENTION_LEAVES) else None
+        return cfg.rank if kind == "transformer" and path.endswith(ATTENTION_LEAVES) else None
     if cfg.unet_targets == "transformer":
-        return cfg.rank if up & set(TRANSFORMER_BLOCKS) else None
+        return cfg.rank if kind == "transformer" else None
     raise TrainingError(f"unknown unet_targets {cfg.unet_targets!r} (transformer, attention or all)")
 
 
@@ -172,7 +194,7 @@ class TrainNetwork(torch.nn.Module):
             if target.rows is not None:
                 continue
             path = target.weight_key.rpartition(".")[0]
-            rank = _selected(path, modules.get(path), target.component, cfg, classes)
+            rank = _selected(path, modules.get(path), names, target.component, cfg, classes)
             if rank is None:
                 continue
             kxk = isinstance(modules[path], torch.nn.Conv2d) and tuple(modules[path].kernel_size) != (1, 1)

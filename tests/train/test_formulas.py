@@ -83,3 +83,19 @@ def test_lora_side_path_is_kohya_math():
     want = torch.nn.functional.conv2d(x, conv.weight + dw, conv.bias, 2, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, 2, 1))
+
+
+def test_openclip_style_text_encoder_skips_fused_attention():
+    """OpenCLIP blocks (A1111 SD2): MLP linears are trained; MultiheadAttention's out_proj is not (never called)."""
+    from lora_engine.train.network import _selected
+
+    block = torch.nn.Module()
+    block.attn = torch.nn.MultiheadAttention(8, 2)
+    block.mlp = torch.nn.Sequential()
+    block.mlp.add_module("c_fc", torch.nn.Linear(8, 16))
+    root = torch.nn.Module()
+    root.blk = block
+    classes = {p: ("ResidualAttentionBlock" if p == "blk" else type(m).__name__) for p, m in root.named_modules()}
+    cfg = NetworkConfig(rank=3, train_text_encoder=True)
+    assert _selected("blk.mlp.c_fc", block.mlp.c_fc, [], "te", cfg, classes) == 3
+    assert _selected("blk.attn.out_proj", block.attn.out_proj, [], "te", cfg, classes) is None

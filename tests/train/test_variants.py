@@ -92,3 +92,29 @@ def test_v_prediction_bf16_and_checkpointing(tmp_path):
     fp32 = trainer.run().losses
     bf16 = Trainer(parts.host("v_prediction"), cfg.replace(mixed_precision="bf16")).run().losses
     assert all(abs(a - b) < 0.05 * abs(a) for a, b in zip(bf16, fp32)) and bf16 != fp32
+
+
+def test_a1111_layout_root_gets_kohya_diffusers_names(tmp_path):
+    """Trained through an A1111 ldm-layout root (sharing the layers), the file uses the same kohya names."""
+    import dataclasses
+
+    from tests.models.hosts import a1111_root
+    from tests.models.tiny_sd import TinySD
+
+    parts = tiny_parts(str(tmp_path))
+    data = make_dataset(str(tmp_path / "data"), 2)
+    host = parts.host()
+    ldm_host = dataclasses.replace(host, root=a1111_root(TinySD("sd1", parts.unet, [parts.text_encoder])))
+    names = {}
+    for label, h in (("diffusers", host), ("a1111", ldm_host)):
+        cfg = build_config(BASE | dict(data_dir=data, output=str(tmp_path / f"{label}.safetensors"), steps=1,
+                                       train_text_encoder=True, conv_rank=2))
+        tr = Trainer(h, cfg)
+        tr.run()
+        names[label] = {lo.lora_name for lo in tr.network.loras}
+    assert names["a1111"] == names["diffusers"]
+    assert any(n.startswith("lora_unet_down_blocks_0_resnets_0_conv1") for n in names["a1111"])
+    engine = LoraEngine(host.root, build_keymap(shapes_of(host.root)), mode=Mode.ONTHEFLY)
+    engine.set_stack([StackEntry(load_lora(str(tmp_path / "a1111.safetensors")))])
+    assert not engine.warnings()
+    engine.restore()
