@@ -126,3 +126,28 @@ def test_report_lists_skipped_and_missing_before_training(tmp_path):
     assert rep.buckets == {(32, 32): 9} and rep.batches_per_epoch == 5 and rep.total_steps == 10
     text = "\n".join(rep.lines())
     assert "skipped 3_sks/broken.jpg" in text and "buckets: 32x32: 9" in text and "10 steps" in text
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_after_periodic_save_resumes_exactly(tmp_path):
+    """A run killed mid-way (no cancel, no final save) resumes from its last periodic save, exactly."""
+    kw = dict(grad_accum=1, steps=5, save_every_steps=2, keep_intermediate=True)
+    full = Trainer(tiny_parts(str(tmp_path)).host(), _cfg(tmp_path, "full", **kw)).run()
+
+    def crash(p):
+        if p.step == 3:
+            raise _Crash()
+
+    cfg = _cfg(tmp_path, "crash", **kw)
+    with pytest.raises(_Crash):
+        Trainer(tiny_parts(str(tmp_path)).host(), cfg, progress=crash).run()
+    folder = os.path.dirname(cfg.output)
+    assert sorted(os.listdir(folder)) == ["lora-step000002.safetensors", "lora.safetensors",
+                                          "lora.safetensors.trainstate"]
+    resumed = Trainer(tiny_parts(str(tmp_path)).host(), cfg).run(resume=cfg.output + ".trainstate")
+    assert resumed.losses == full.losses
+    a, b = load_file(full.output), load_file(resumed.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
