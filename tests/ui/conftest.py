@@ -1,0 +1,31 @@
+"""Fixtures of the web UI tests: a LoRA folder of real kohya files and a UI context over it."""
+from __future__ import annotations
+
+import pytest
+
+from tests.ui.files import lora_folder
+
+
+@pytest.fixture
+def lora_root(tmp_path):
+    return lora_folder(tmp_path / "loras")
+
+
+@pytest.fixture
+def ctx(lora_root):
+    from lora_engine.ui.context import UiConfig, UiContext
+
+    c = UiContext(UiConfig((lora_root,)))
+    c.scan()
+    return c
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """A demo base model file with freshly initialised weights (the real architecture, no training)."""
+    pytest.importorskip("diffusers")
+    from lora_engine.demo.model import build_model, save_model
+
+    path = tmp_path_factory.mktemp("demo") / "demo_base.safetensors"
+    save_model(build_model(0), path)
+    return str(path)

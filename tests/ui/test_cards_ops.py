@@ -1,0 +1,111 @@
+"""Library cards, search and the Tools page's operations, without gradio (real files, independent math)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from lora_engine.ui import tool_ops
+from lora_engine.ui.cards import card_html, cards_html, filter_entries
+from tests.ui.files import write_lora
+
+
+def _entry(ctx, stem):
+    return next(e for e in ctx.library.entries if e.stem == stem)
+
+
+def test_card_shows_metadata_hashes_badge_and_escapes(ctx, lora_root):
+    e = _entry(ctx, "purple_style")
+    html = card_html(e)
+    sha = hashlib.sha256(open(os.path.join(lora_root, "purple_style.safetensors"), "rb").read()).hexdigest()
+    assert sha in html and e.short_hash in html
+    assert "PurpleStyle" in html and "trained on violet squares" in html and ">SD1<" in html
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in html and "<b>not bold" not in html
+    assert "all metadata (6 keys)" in html
+
+
+def test_card_preview_is_a_thumbnail_of_the_sidecar(ctx):
+    from PIL import Image
+
+    html = card_html(_entry(ctx, "purple_style"))
+    uri = html.split('src="', 1)[1].split('"', 1)[0]
+    assert uri.startswith("data:image/jpeg;base64,")
+    im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+    r, g, b = im.getpixel((im.width // 2, im.height // 2))
+    assert abs(r - 200) < 8 and abs(g - 40) < 8 and abs(b - 160) < 8
+    assert "no preview" in card_html(_entry(ctx, "green_things"))
+
+
+def test_search_by_metadata_alias_hash_and_architecture(ctx):
+    entries = ctx.library.entries
+    assert [e.stem for e in filter_entries(entries, "violet")] == ["purple_style"]
+    assert [e.stem for e in filter_entries(entries, "GREENTHINGS")] == ["green_things"]
+    h = _entry(ctx, "big_one").short_hash[:8]
+    assert [e.stem for e in filter_entries(entries, h)] == ["big_one"]
+    assert len(filter_entries(entries, "", "SD1")) == 3 and filter_entries(entries, "", "SDXL") == []
+    assert "0 of 3 LoRA files" in cards_html([], 3)
+
+
+def _delta(sd, name):
+    down, up = sd[f"{name}.lora_down.weight"].double(), sd[f"{name}.lora_up.weight"].double()
+    return float(sd[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+
+
+def test_resize_op_writes_rank_and_reports_discarded_energy(ctx, lora_root):
+    calls = []
+    text = tool_ops.resize_op(ctx, "green_things", "small", 3, progress=lambda d, t, w: calls.append((d, t)))
+    assert text.startswith("wrote ") and "4/4 modules" in text
+    assert calls[-1] == (4, 4) and [c[0] for c in calls] == [1, 2, 3, 4]
+    src = load_file(os.path.join(lora_root, "green_things.safetensors"))
+    out = load_file(os.path.join(lora_root, "small.safetensors"))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert out[f"{name}.lora_down.weight"].shape[0] == 3
+    d0, d1 = _delta(src, name), _delta(out, name)
+    s = torch.linalg.svdvals(d0)
+    assert torch.allclose((d0 - d1).norm() ** 2, (s[3:] ** 2).sum(), rtol=1e-4)
+    kept = float((s[:3].square().sum() / s.square().sum()).sqrt())
+    assert f"{name}: rank 8 -> 3, retained {kept:.4f}" in text
+
+
+def test_merge_op_exact_is_the_weighted_sum(ctx, lora_root):
+    text = tool_ops.merge_op(ctx, "purple_style:1\ngreen_things:-0.5", "both", rank=0)
+    assert text.startswith("wrote ") and "exact" in text
+    a = load_file(os.path.join(lora_root, "purple_style.safetensors"))
+    b = load_file(os.path.join(lora_root, "green_things.safetensors"))
+    m = load_file(os.path.join(lora_root, "both.safetensors"))
+    name = "lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_attn2_to_v"
+    assert torch.allclose(_delta(m, name), _delta(a, name) - 0.5 * _delta(b, name), atol=1e-5)
+
+
+def test_inspect_and_convert_round_trip(ctx, lora_root):
+    text = tool_ops.inspect_op(ctx, "sub/big_one")
+    assert "format: kohya" in text and "architecture: sd1" in text
+    assert tool_ops.convert_op(ctx, "purple_style", "as_peft", "peft").startswith("wrote ")
+    assert os.path.isfile(os.path.join(lora_root, "as_peft", "adapter_config.json"))
+    back = tool_ops.convert_op(ctx, os.path.join(lora_root, "as_peft"), "back", "kohya")
+    assert back.startswith("wrote "), back
+    a = load_file(os.path.join(lora_root, "purple_style.safetensors"))
+    b = load_file(os.path.join(lora_root, "back.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_errors_are_one_line_and_write_nothing(ctx, lora_root):
+    before = sorted(os.listdir(lora_root))
+    for text in (tool_ops.resize_op(ctx, "no_such_lora", "x", 2),
+                 tool_ops.resize_op(ctx, "green_things", "purple_style", 2),  # exists, overwrite off
+                 tool_ops.merge_op(ctx, "", "x"),
+                 tool_ops.inspect_op(ctx, "")):
+        assert text.startswith("error: ") and "\n" not in text, text
+    assert sorted(os.listdir(lora_root)) == before
+    assert "exists" in tool_ops.resize_op(ctx, "green_things", "purple_style", 2)
+
+
+def test_output_names_land_in_the_output_folder(ctx, lora_root, tmp_path):
+    assert ctx.output_path("a") == os.path.join(lora_root, "a.safetensors")
+    assert ctx.output_path(str(tmp_path / "b.safetensors")) == str(tmp_path / "b.safetensors")
+    write_lora(tmp_path / "elsewhere.safetensors")
+    assert ctx.path_of(str(tmp_path / "elsewhere.safetensors")) == str(tmp_path / "elsewhere.safetensors")

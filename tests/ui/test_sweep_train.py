@@ -1,0 +1,125 @@
+"""Weight-sweep grid on the demo architecture, training jobs from the Train page, the loss chart."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_engine.ui.lossplot import loss_plot, smoothed
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+MODULE = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
+def test_smoothed_is_a_bias_corrected_ema_and_plot_draws_it():
+    xs = [4.0, 2.0, 3.0, 1.0]
+    m, expect = 0.0, []
+    for t, x in enumerate(xs, 1):
+        m = 0.8 * m + 0.2 * x
+        expect.append(m / (1 - 0.8 ** t))
+    assert smoothed(xs, 0.8) == pytest.approx(expect)
+    img = loss_plot(xs + [float("nan")])
+    assert img.size == (480, 240)
+    px = torch.tensor(list(img.tobytes())).reshape(240, 480, 3)
+    assert ((px[..., 0] > 150) & (px[..., 1] < 80)).any()  # the red smoothed line
+
+
+def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_base):
+    from lora_engine.ui.sweep import DemoGenerator, SweepRunner, SweepSpec
+
+    gen = DemoGenerator(demo_base)
+    before = {k: v.clone() for k, v in gen.model.state_dict().items()}
+    spec = SweepSpec("a purple circle", ("purple_style",), (-1.0, 0.0, 1.0), seed=3, steps=2)
+    runner = SweepRunner(gen, ctx.library)
+    calls = []
+    cells, warnings = runner.cells(spec, lambda d, t, w: calls.append((d, t, w)))
+    assert calls[-1] == (3, 3, "purple_style at 1")
+    after = gen.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # restored bit-exact
+    plain = gen.render("a purple circle", 3, 2, 3.0)
+    assert torch.equal(cells[0][1], plain)  # weight 0 is the base model
+    # weight 1 by hand: W + α/r · up @ down on every module of the file
+    sd = load_file(os.path.join(lora_root, "purple_style.safetensors"))
+    manual = copy.deepcopy(gen.model)
+    params = dict(manual.unet.named_parameters())
+    with torch.no_grad():
+        for key in [k for k in sd if k.endswith(".lora_down.weight")]:
+            name = key.split(".")[0]
+            dotted = name.replace("lora_unet_", "").replace("down_blocks_0_attentions_0_transformer_blocks_0_",
+                                                            "down_blocks.0.attentions.0.transformer_blocks.0.")
+            dotted = dotted.replace("up_blocks_2_attentions_0_transformer_blocks_0_",
+                                    "up_blocks.2.attentions.0.transformer_blocks.0.")
+            dotted = dotted.replace("attn1_", "attn1.").replace("attn2_", "attn2.") + ".weight"
+            down, up = sd[key], sd[f"{name}.lora_up.weight"]
+            params[dotted] += float(sd[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    from lora_engine.demo.diffusion import sample
+
+    by_hand = sample(manual, ["a purple circle"], 3, 2, 3.0)[0]
+    assert (cells[0][2] - by_hand).abs().max() < 1e-4
+    assert (cells[0][0] - plain).abs().max() > 1e-3 and (cells[0][2] - plain).abs().max() > 1e-3
+    img, _ = runner.grid(SweepSpec("a purple circle", ("purple_style", "green_things"), (0.0, 1.0), steps=1))
+    assert img.width > img.height > 0
+
+
+def test_sweep_refuses_unknown_lora_and_bad_weights(ctx, demo_base):
+    from lora_engine.ui.generate_page import GenerateSession
+    from lora_engine.ui.context import UiConfig, UiContext
+
+    c = UiContext(UiConfig(ctx.config.lora_dirs, model=demo_base))
+    c.scan()
+    s = GenerateSession(c)
+    img, msg = s.run("a circle", ["nope"], "0,1", 0, 1, 3.0)
+    assert img is None and msg.startswith("error: ") and "nope" in msg
+    img, msg = s.run("a circle", ["purple_style"], "0, x", 0, 1, 3.0)
+    assert img is None and "must be numbers" in msg
+
+
+def _wait(session, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        text, losses, finished = session.status()
+        if finished:
+            return text, losses
+        time.sleep(0.2)
+    raise AssertionError("training did not finish")
+
+
+def test_train_session_runs_a_job_to_a_loadable_lora(ctx, lora_root, demo_base, tmp_path):
+    from lora_engine.demo.concept import write_concept_images
+    from lora_engine.formats import load_lora
+    from lora_engine.ui.train_session import TrainForm, TrainSession
+
+    data = tmp_path / "images"
+    write_concept_images(str(data), 4, seed=0)
+    session = TrainSession(ctx)
+    assert session.start(TrainForm(demo_base, str(data), "trained", steps=3, batch_size=2)) == "started"
+    text, losses = _wait(session)
+    assert "state: done" in text and "step 3/3" in text, text
+    assert len(losses) == 3 and all(l == l for l in losses)
+    lf = load_lora(os.path.join(lora_root, "trained.safetensors"))
+    assert lf.modules and lf.metadata.get("ss_output_name") == "trained"
+
+
+def test_train_session_bad_folder_and_cancel(ctx, demo_base, tmp_path):
+    from lora_engine.demo.concept import write_concept_images
+    from lora_engine.ui.train_session import TrainForm, TrainSession
+
+    session = TrainSession(ctx)
+    msg = session.start(TrainForm(demo_base, str(tmp_path / "missing"), "x"))
+    assert msg.startswith("error: ") and "does not exist" in msg
+    assert session.status()[0] == msg
+    data = tmp_path / "images"
+    write_concept_images(str(data), 4, seed=0)
+    assert session.start(TrainForm(demo_base, str(data), "long", steps=10000, batch_size=2)) == "started"
+    assert "already in progress" in session.start(TrainForm(demo_base, str(data), "y", steps=3))
+    while session.job.status().step < 1 and session.job.status().state not in ("failed", "done"):
+        time.sleep(0.1)
+    session.cancel()
+    text, losses = _wait(session)
+    assert "state: cancelled" in text and 0 < len(losses) < 10000
