@@ -56,6 +56,8 @@ def _settings(args) -> tuple[dict, str | None, str | None]:
         value = getattr(args, dest)
         if value is not None:
             settings[key] = value
+    if args.epochs is not None and args.steps is None:
+        settings["steps"] = 0  # --epochs on the command line beats a step count from the file
     return settings, args.base or base, args.device or device
 
 

@@ -43,3 +43,8 @@ def test_train_command_errors_are_one_line(setup, capsys):
     assert rc == 1 and "not a diffusers model folder (no unet/ inside)" in capsys.readouterr().err
     rc = main(["train", toml, "--data", data, "--output", str(tmp_path / "x.safetensors"), "--dry-run"])
     assert rc == 0 and "buckets: 32x32: 2" in capsys.readouterr().out
+    rc = main(["train", toml, "--data", data, "--output", str(tmp_path / "x.safetensors"), "--dry-run", "--epochs", "3"])
+    assert rc == 0 and "6 steps (3.00 epochs)" in capsys.readouterr().out  # --epochs beats the file's steps = 9
+    (tmp_path / "bad.toml").write_text("rnak = 4\n")
+    rc = main(["train", str(tmp_path / "bad.toml"), "--base", str(tmp_path), "--data", data, "--output", "x"])
+    assert rc == 1 and "unknown training setting 'rnak'" in capsys.readouterr().err
