@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a LoRA on a diffusers model folder",
                               description=__doc__.split("\n\n")[1])
     p.add_argument("config", nargs="?", help="TOML file with training settings")
+    p.add_argument("--preset", help="start from a preset: sd15_character, sd15_style, sdxl_character, sdxl_style "
+                   "(the file and the flags override it)")
     p.add_argument("--base", help="diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
     p.add_argument("--data", help="image folder (captions in .txt/.caption; N_name subfolders repeat N times)")
     p.add_argument("--output", help="output .safetensors file")
@@ -49,8 +51,12 @@ def register(subparsers) -> None:
 
 def _settings(args) -> tuple[dict, str | None, str | None]:
     from ..train import load_toml
+    from ..train.presets import preset
 
     settings = load_toml(args.config) if args.config else {}
+    name = args.preset or settings.pop("preset", None)
+    if name:
+        settings = preset(name) | settings
     base, device = settings.pop("base", None), settings.pop("device", None)
     for dest, key in FLAGS.items():
         value = getattr(args, dest)

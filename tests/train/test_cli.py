@@ -48,3 +48,19 @@ def test_train_command_errors_are_one_line(setup, capsys):
     (tmp_path / "bad.toml").write_text("rnak = 4\n")
     rc = main(["train", str(tmp_path / "bad.toml"), "--base", str(tmp_path), "--data", data, "--output", "x"])
     assert rc == 1 and "unknown training setting 'rnak'" in capsys.readouterr().err
+
+
+def test_presets_build_valid_configs_and_flags_win(setup, capsys):
+    from lora_engine.train import build_config
+    from lora_engine.train.presets import PRESETS
+
+    for name, settings in PRESETS.items():
+        cfg = build_config(settings)
+        assert cfg.network.rank > 0 and cfg.dataset.resolution in (512, 1024), name
+    tmp_path, toml, data = setup
+    rc = main(["train", toml, "--preset", "sd15_style", "--data", data, "--output", str(tmp_path / "p.safetensors"),
+               "--dry-run", "--batch-size", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "buckets: 32x32: 2" in out and "2 batches/epoch" in out  # file's resolution, flag's batch
+    rc = main(["train", toml, "--preset", "nope", "--data", data, "--output", "x"])
+    assert rc == 1 and "unknown preset 'nope'" in capsys.readouterr().err
