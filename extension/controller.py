@@ -55,6 +55,7 @@ class Controller:
         self.modes = ModeChooser()
         self.cond_guard = CondGuard()
         self.builtin = None  # the built-in Lora's extra network, when it exists
+        self.builtin_dirty = True  # the built-in may have merged something we must undo first
         self.last_warnings: list[str] = []
         self._hashes: dict[tuple[str, int], str] = {}
 
@@ -106,6 +107,7 @@ class Controller:
             self.runtime.drop()
         self.runtime = None
         self.cond_guard.last = None
+        self.builtin_dirty = True
 
     def runtime_for(self, sd_model) -> ModelRuntime:
         if self.runtime is None or self.runtime.sd_model is not sd_model:

@@ -61,8 +61,11 @@ class LoraNetwork:
             if c.runtime is not None:
                 c.runtime.clear()
             c.cond_guard.last = None
+            c.builtin_dirty = True
             return c.builtin.activate(p, params_list)
-        release_builtin(model)
+        if c.builtin_dirty:  # the built-in may hold merged layers (before us, or since a handover)
+            release_builtin(model)
+            c.builtin_dirty = False
         hires = bool(getattr(p, "is_hr_pass", False))
         pos, neg, from_p = batch_prompts(p, params_list, hires)
         batch = build_batch(pos, neg, c.resolve)

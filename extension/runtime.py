@@ -20,7 +20,6 @@ Denoiser rows (A1111 ``CFGDenoiser.forward``): for each image i, ``repeats[i]`` 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import re
 
 import torch
@@ -29,12 +28,6 @@ from lora_engine.engine import LoraEngine, Mode as EngineMode, shapes_of
 from lora_engine.keymap import build_keymap
 
 from .batch import BatchStacks
-
-
-class Mode(str, enum.Enum):
-    AUTOMATIC = "automatic"  # merged for static stacks; on the fly for per-image/negative/scheduled or changing stacks
-    MERGED = "merged"
-    ONTHEFLY = "on the fly"
 
 
 _AND_RE = re.compile(r"\bAND\b")

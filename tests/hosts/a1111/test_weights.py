@@ -2,11 +2,10 @@
 test from the file's tensors), restore is bit-exact, checkpoint reloads drop stale backups."""
 from __future__ import annotations
 
-import copy
 
 import torch
 
-from tests.hosts.a1111.conftest import make_network, module_of, write_lora, MODULES_A
+from tests.hosts.a1111.conftest import make_network, module_of, write_lora
 from tests.hosts.a1111.standin import Processing, activate, deactivate, parse_prompts
 from tests.models.tiny_sd import TinySD
 

@@ -133,6 +133,18 @@ restored = all(torch.equal(after[k], base[k]) for k in base)
 print("restored bit-exact:", restored)
 assert restored
 
+# ---- chained lora-engine nodes join into one stack (order-independent, also for DoRA) --------------------------
+(c1,) = N["LoraEngineLoaderModelOnly"]().load(mp, files["dora-out"][0], 0.6)
+(c2,) = N["LoraEngineLoaderModelOnly"]().load(c1, files["loha"][0], -0.8)
+eng.set_stack([StackEntry(load_lora(files["dora-out"][1]), unet=0.6), StackEntry(load_lora(files["loha"][1]), unet=-0.8)])
+ref = {k: v.detach().clone() for k, v in ref_root.state_dict().items()}
+eng.restore()
+chained = state(c2)
+d_chain = max((chained[k] - ref[k]).abs().max().item() for k in chained)
+print(f"chained loaders (DoRA then LoHa) vs engine joint stack max|d|={d_chain}; entries per key:",
+      sorted({len(v) for v in c2.patches.values()}))
+assert d_chain == 0 and all(len(v) == 1 for v in c2.patches.values())
+
 # ---- partial load (lowvram): ComfyUI computes the patched weight on the fly in each forward ----------------------
 import comfy.ops
 (lv,) = N["LoraEngineLoaderModelOnly"]().load(mp, files["locon"][0], -0.7)

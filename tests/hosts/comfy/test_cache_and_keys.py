@@ -8,8 +8,8 @@ import torch
 
 import lora_engine.cache
 from comfy_nodes import loading
-from comfy_nodes.loader import LoraEngineLoader
-from tests.hosts.comfy.files import diffusers_peft_lora, kohya_lora
+from comfy_nodes.loader import LoraEngineLoader, LoraEngineLoaderModelOnly
+from tests.hosts.comfy.files import diffusers_peft_lora, kohya_lora, lycoris_file
 from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patched_state
 
 
@@ -83,16 +83,37 @@ def test_bias_deltas_patch_the_bias(loras, sd1, engine):
     assert assert_equal_weights(patched_state(new_model), ref, base) == n + len(biases)
 
 
-def test_chained_loaders_add_up(loras, sd1, engine):
-    """Two chained loader nodes (ComfyUI's usual graph): the second adapter sees the first one's weight;
-    for additive types the result is the engine's joint stack up to fp32 rounding."""
+def test_chained_loaders_join_into_one_stack(loras, sd1, engine):
+    """Two chained loader nodes (ComfyUI's usual graph) give the engine's joint stack bit for bit, in either
+    order, also for DoRA (not additive): the second node joins the first one's patch on each weight."""
     model, clip, m = sd1
     kohya_lora(loras / "a.safetensors", m, seed=1)
-    kohya_lora(loras / "b.safetensors", m, seed=2)
+    lycoris_file(loras / "d.safetensors", m, "dora")
+    base = {**{k: v.clone() for k, v in model.model_state_dict().items()},
+            **{k: v.clone() for k, v in clip.patcher.model_state_dict().items()}}
     m1, c1 = LoraEngineLoader().load(model, clip, "a.safetensors", 0.7, 0.4)
-    m2, c2 = LoraEngineLoader().load(m1, c1, "b.safetensors", -1.1, 0.9)
-    assert m1.patches and len(next(iter(m2.patches.values()))) == 2 and len(next(iter(m1.patches.values()))) == 1
+    before = {k: list(v) for k, v in m1.patches.items()}
+    m2, c2 = LoraEngineLoader().load(m1, c1, "d.safetensors", -1.1, 0.9)
+    assert all(m1.patches[k][-1][1] is v[-1][1] and len(m1.patches[k]) == 1 for k, v in before.items())  # kept
+    assert all(len(v) == 1 for v in m2.patches.values()) and set(m2.patches) > set(m1.patches)
     ours = patched_state(m2) | patched_state(c2.patcher)
-    ref = engine_state(engine, [(loras / "a.safetensors", 0.4, 0.7), (loras / "b.safetensors", 0.9, -1.1)])
-    for k, v in ours.items():
-        torch.testing.assert_close(v, ref[k], rtol=0, atol=2e-7)
+    ref = engine_state(engine, [(loras / "a.safetensors", 0.4, 0.7), (loras / "d.safetensors", 0.9, -1.1)])
+    assert assert_equal_weights(ours, ref, base) > 20
+    r1, rc1 = LoraEngineLoader().load(model, clip, "d.safetensors", -1.1, 0.9)
+    r2, rc2 = LoraEngineLoader().load(r1, rc1, "a.safetensors", 0.7, 0.4)
+    assert assert_equal_weights(patched_state(r2) | patched_state(rc2.patcher), ref, base) > 20
+
+
+def test_foreign_patch_in_between_keeps_comfyui_chaining(loras, sd1):
+    """A patch of another kind between two lora-engine nodes (e.g. a merge node's) is not folded over."""
+    model, clip, m = sd1
+    kohya_lora(loras / "a.safetensors", m, seed=1)
+    m1, _ = LoraEngineLoader().load(model, clip, "a.safetensors", 1.0, 0.0)
+    key = next(iter(m1.patches))
+    mid = m1.clone()
+    mid.add_patches({key: (torch.zeros_like(mid.model_state_dict()[key]),)}, 0.5)
+    (m2,) = LoraEngineLoaderModelOnly().load(mid, "a.safetensors", 1.0)
+    assert len(m2.patches[key]) == 3  # ours, the foreign diff, ours again
+    other = next(k for k in m2.patches if k != key)
+    assert len(m2.patches[other]) == 1  # nothing in between there: joined into one
+    assert len(mid.patches[key]) == 2 and len(mid.patches[other]) == 1  # the input clone kept its lists
