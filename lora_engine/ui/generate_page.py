@@ -61,8 +61,8 @@ def build_generate_page(ctx: UiContext) -> dict:
                             elem_id="le-gen-loras")
         weights = gr.Textbox(label="Weights (columns)", value="-1, -0.5, 0, 0.5, 1", elem_id="le-gen-weights")
     with gr.Row():
-        seed = gr.Number(value=0, precision=0, label="Seed")
-        steps = gr.Number(value=20, precision=0, label="Steps")
+        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="le-gen-seed")
+        steps = gr.Number(value=20, precision=0, label="Steps", elem_id="le-gen-steps")
         guidance = gr.Number(value=3.0, label="Guidance")
         refresh = gr.Button("Refresh LoRA list")
     go = gr.Button("Generate grid", variant="primary", elem_id="le-gen-run")
