@@ -9,8 +9,10 @@ The ComfyUI objects used (names and signatures as in ComfyUI's ``comfy/model_pat
 - ``CLIP.patcher`` (a ``ModelPatcher`` over ``cond_stage_model``: keys ``clip_l.transformer.*``,
   ``clip_g.transformer.*``, ``clip_h.transformer.*``), ``CLIP.clone()``, ``CLIP.add_patches(...)``.
 
-The incoming objects are never modified: patches go on clones, so two graph branches can carry
-different LoRAs. Key maps are built once per (model, clip) pair of modules and reused.
+The incoming objects are never modified: patches go on clones (whose patch lists are copies), so two
+graph branches can carry different LoRAs. Chained lora-engine nodes are joined into one stack per
+weight (:func:`.patches.fold_into_previous`). Key maps are built once per (model, clip) pair of
+modules and reused.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 from lora_engine.keymap import build_keymap
 
-from .patches import PatchSet, build_patches
+from .patches import PatchSet, build_patches, fold_into_previous
 
 log = logging.getLogger("lora_engine")
 
@@ -68,9 +70,12 @@ class Applied:
     warnings: list[str] = field(default_factory=list)
 
 
-def _add(target, patches: dict, what: str) -> None:
-    kept = set(target.add_patches(patches, 1.0))
-    missing = [k for k in patches if k not in kept]
+def _add(target, patcher, patches: dict, what: str) -> None:
+    """Add to a clone (``target``: a ModelPatcher or CLIP; ``patcher``: its ModelPatcher). ``add_patches``
+    is always called: it also renews the clone's ``patches_uuid``, so ComfyUI re-patches it."""
+    rest = fold_into_previous(patcher, patches)
+    kept = set(target.add_patches(rest, 1.0))
+    missing = [k for k in rest if k not in kept]
     if missing:  # the key map was built from this patcher's keys: this means a host inconsistency
         log.warning("lora-engine: %d %s patch(es) refused by ComfyUI (e.g. %s)", len(missing), what, missing[0])
 
@@ -80,10 +85,10 @@ def patch_models(model, clip, patches: PatchSet) -> tuple[object, object]:
     new_model, new_clip = model, clip
     if model is not None and patches.model:
         new_model = model.clone()
-        _add(new_model, patches.model, "model")
+        _add(new_model, new_model, patches.model, "model")
     if clip is not None and patches.clip:
         new_clip = clip.clone()
-        _add(new_clip, patches.clip, "clip")
+        _add(new_clip, new_clip.patcher, patches.clip, "clip")
     return new_model, new_clip
 
 

@@ -110,6 +110,28 @@ def patch_key(key: str, rows):
     return key if rows is None else (key, (0, rows[0], rows[1] - rows[0]))
 
 
+def fold_into_previous(patcher, patches: dict) -> dict:
+    """Join our patches with lora-engine patches an upstream lora-engine node left on the same weights.
+
+    Where the (cloned) patcher's last entry for a key is one of ours at strength 1 with the same slice,
+    it is replaced by one patch over both nodes' contributions, so chained nodes give the joint
+    ``Σ m_k ΔW_k(W₀)`` of one stack (order-independent, also for DoRA and OFT) instead of each node
+    seeing the weight the previous one left. Anything else in between (a merge node, another pack's
+    patch) keeps ComfyUI's chaining. Returns the patches that still have to be added."""
+    rest = {}
+    for k, value in patches.items():
+        key, offset = (k, None) if isinstance(k, str) else (k[0], k[1])
+        entries = patcher.patches.get(key)
+        last = entries[-1] if entries else None
+        if (last is not None and isinstance(last[1], EngineWeightMath) and last[1].part == value.part
+                and last[0] == 1.0 and last[2] == 1.0 and last[3] == offset and last[4] is None):
+            joint = make_adapter(last[1].contributions + value.contributions, value.part, value.weight_shape)
+            entries[-1] = (1.0, joint, 1.0, offset, None)
+        else:
+            rest[k] = value
+    return rest
+
+
 @dataclass
 class PatchSet:
     """Patches for the MODEL patcher and for the CLIP patcher, and one report per LoRA."""

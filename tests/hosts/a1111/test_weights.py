@@ -163,3 +163,15 @@ def test_merged_mode_with_per_image_tags_uses_first_image_and_says_so(sd_model, 
     for d in w0:
         want = w0[d] + deltas["a"].get(d, torch.zeros_like(w0[d]))
         torch.testing.assert_close(module_of(tiny, d).weight, want, rtol=0, atol=1e-6, msg=d)
+
+
+def test_block_weights_from_the_tag(sd_model, tiny, loras):
+    folder, deltas = loras
+    w0 = _originals(tiny, deltas["a"])
+    _, net = make_network(folder, lora_engine_mode="merged")
+    _run_activate(net, sd_model, "<lora:a:0.5:lbw=OUTD>")  # OUTD: BASE and OUT03-OUT06 at 1, the rest 0
+    on = {"te.encoder.layers.0.self_attn.q_proj", "te.encoder.layers.1.mlp.fc1",  # BASE
+          "unet.up_blocks.1.attentions.1.proj_in"}  # output_blocks.4 = OUT04
+    for d, dw in deltas["a"].items():
+        want = w0[d] + 0.5 * dw if d in on else w0[d]
+        torch.testing.assert_close(module_of(tiny, d).weight, want, rtol=0, atol=1e-6, msg=d)
