@@ -66,6 +66,34 @@ def _sampler(unet, vae, encode_text, denoise, scheduler_config, size, factor, sc
     return sample
 
 
+def _text_fn(tes, toks, device, clip_skip: int):
+    """``encode_text(captions) -> Cond`` for one (SD1/SD2) or two (SDXL) CLIP encoders."""
+
+    def encode_text(captions: list[str]) -> Cond:
+        if len(tes) == 1:
+            h, _ = _hidden(tes[0], _tokens(toks[0], tes[0], captions, device), clip_skip, True)
+            return Cond(h)
+        h1, _ = _hidden(tes[0], _tokens(toks[0], tes[0], captions, device), max(2, clip_skip), False)
+        h2, out2 = _hidden(tes[1], _tokens(toks[1], tes[1], captions, device), max(2, clip_skip), False)
+        return Cond(torch.cat([h1, h2], dim=-1), out2.text_embeds)
+
+    return encode_text
+
+
+def _checkpointing(unet, tes):
+    """Switch activation checkpointing on the UNet and the text encoders."""
+
+    def checkpointing(on: bool) -> None:
+        (unet.enable_gradient_checkpointing if on else unet.disable_gradient_checkpointing)()
+        for te in tes:  # transformers >= 5 renamed the switch
+            name = "activation_checkpointing" if hasattr(te, "activation_checkpointing_enable") else \
+                "gradient_checkpointing"
+            if hasattr(te, f"{name}_enable"):
+                getattr(te, f"{name}_enable" if on else f"{name}_disable")()
+
+    return checkpointing
+
+
 def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.Tensor,
                    prediction_type: str = "epsilon", clip_skip: int = 1, model_name: str = "",
                    scheduler_config=None, sample_size: int | None = None) -> TrainHost:
@@ -74,22 +102,15 @@ def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.T
     tes, toks = list(text_encoders), list(tokenizers)
     if len(tes) != len(toks) or not tes:
         raise TrainingError(f"need one tokenizer per text encoder, got {len(toks)} for {len(tes)}")
-    sdxl = len(tes) == 2
     parts = {"unet": unet, "text_encoder": tes[0]}
-    if sdxl:
+    if len(tes) == 2:
         parts["text_encoder_2"] = tes[1]
     root = torch.nn.ModuleDict(parts)
     device = next(unet.parameters()).device
     scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0) if vae is not None else 1.0
     shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0) if vae is not None else 0.0
 
-    def encode_text(captions: list[str]) -> Cond:
-        if not sdxl:
-            h, _ = _hidden(tes[0], _tokens(toks[0], tes[0], captions, device), clip_skip, True)
-            return Cond(h)
-        h1, _ = _hidden(tes[0], _tokens(toks[0], tes[0], captions, device), max(2, clip_skip), False)
-        h2, out2 = _hidden(tes[1], _tokens(toks[1], tes[1], captions, device), max(2, clip_skip), False)
-        return Cond(torch.cat([h1, h2], dim=-1), out2.text_embeds)
+    encode_text = _text_fn(tes, toks, device, clip_skip)
 
     def encode_image(pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if vae is None:
@@ -106,14 +127,6 @@ def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.T
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dtype), "time_ids": ids}
         return unet(latents.to(dtype), t, encoder_hidden_states=cond.context.to(dtype), **kwargs).sample
 
-    def checkpointing(on: bool) -> None:
-        (unet.enable_gradient_checkpointing if on else unet.disable_gradient_checkpointing)()
-        for te in tes:  # transformers >= 5 renamed the switch
-            name = "activation_checkpointing" if hasattr(te, "activation_checkpointing_enable") else \
-                "gradient_checkpointing"
-            if hasattr(te, f"{name}_enable"):
-                getattr(te, f"{name}_enable" if on else f"{name}_disable")()
-
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     sample = None
     if scheduler_config is not None and vae is not None:
@@ -122,8 +135,8 @@ def diffusers_host(unet, text_encoders, tokenizers, vae, alphas_cumprod: torch.T
     return TrainHost(root=root, denoise=denoise, encode_text=encode_text, encode_image=encode_image,
                      alphas_cumprod=alphas_cumprod.float(), prediction_type=prediction_type, latent_factor=factor,
                      base_model_version=_version(unet, len(tes), prediction_type), model_name=model_name,
-                     device=device, text_encoders=tuple(tes), unet=unet, gradient_checkpointing=checkpointing,
-                     sample=sample)
+                     device=device, text_encoders=tuple(tes), unet=unet,
+                     gradient_checkpointing=_checkpointing(unet, tes), sample=sample)
 
 
 def load_diffusers_folder(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
