@@ -22,6 +22,7 @@ SHOWN_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_bas
               "ss_training_comment")
 BADGE_COLOURS = {"SD1": "#2e7d32", "SD2": "#1565c0", "SDXL": "#6a1b9a", "other": "#616161", "unknown": "#9e9e9e"}
 ARCH_FILTERS = ("all", "SD1", "SD2", "SDXL", "other", "unknown")
+MAX_CARDS = 200  # a page with thousands of cards is unusable; the search narrows it
 
 
 @functools.lru_cache(maxsize=512)
@@ -113,9 +114,11 @@ def card_html(entry: LoraEntry) -> str:
             f'{"".join(rows)}</table>{problems}{details}</div></div>')
 
 
-def cards_html(entries: list[LoraEntry], total: int | None = None) -> str:
+def cards_html(entries: list[LoraEntry], total: int | None = None, limit: int = MAX_CARDS) -> str:
     total = len(entries) if total is None else total
     head = f'<div class="le-count">{len(entries)} of {total} LoRA files</div>'
     if not entries:
         return head + '<div class="le-empty" style="color:#999">nothing matches</div>'
-    return head + '<div class="le-cards">' + "".join(card_html(e) for e in entries) + "</div>"
+    more = (f'<div class="le-more">showing the first {limit}; search to narrow the list</div>'
+            if len(entries) > limit else "")
+    return head + more + '<div class="le-cards">' + "".join(card_html(e) for e in entries[:limit]) + "</div>"

@@ -109,3 +109,8 @@ def test_output_names_land_in_the_output_folder(ctx, lora_root, tmp_path):
     assert ctx.output_path(str(tmp_path / "b.safetensors")) == str(tmp_path / "b.safetensors")
     write_lora(tmp_path / "elsewhere.safetensors")
     assert ctx.path_of(str(tmp_path / "elsewhere.safetensors")) == str(tmp_path / "elsewhere.safetensors")
+
+
+def test_card_list_is_capped_with_a_note(ctx):
+    html = cards_html(ctx.library.entries, limit=2)
+    assert html.count('class="le-card"') == 2 and "showing the first 2" in html and "3 of 3" in html
