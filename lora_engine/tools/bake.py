@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters.base import COMPUTE
 from ..errors import ToolError
 from ..formats import load_lora
 from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic_file
@@ -108,8 +107,8 @@ def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas) -> torch.Tensor:
         target = deltas.plan.targets[slot]
         region = _region(t, target.rows)
         d = deltas.get(slot, role, region if role == "weight" else None)  # read before this region is written
-        if d is not None:
-            region.copy_((region.to(COMPUTE) + d.reshape(region.shape)).to(t.dtype))
+        if d is not None:  # W₀ + ΔW in fp32, one cast (copy_ rounds like .to); ΔW is not used again
+            region.copy_(d.reshape(region.shape).add_(region))
     return t
 
 
