@@ -6,7 +6,9 @@ cfg-denoiser callback per step).
 Overhead = best time per generation with LoRAs - best time without, same process, same machine
 (best of several: the CPUs are shared, so the minimum is the least disturbed measurement).
 The time spent inside the extra network's ``activate`` (parse, resolve, patch) is reported
-separately: it is the part of the overhead that does not drown in machine noise.
+separately: it is the part of the overhead that does not drown in machine noise. A1111's cond
+cache is emptied before every generation, so every case (baseline included) encodes its prompt:
+the "changing" prompts would miss that cache in A1111 anyway.
 Cases: a static stack (the same two LoRAs every generation) and a stack that changes every
 generation (the weights alternate), each in merged and on-the-fly mode.
 
@@ -79,6 +81,7 @@ def run(sd_model, folder, prompts_per_gen, mode, steps, latent):
     net.activate = timed_activate
     for prompt in prompts_per_gen:
         p = Processing(sd_model, [prompt], ["bad"], 1, steps)
+        Processing.cached_c, Processing.cached_uc = [None, None], [None, None]  # every case encodes its text
         applied.append(0.0)
         t0 = time.perf_counter()
         process_images(p, {"lora": net}, {"lyco": net}, [functools.partial(on_cfg_denoiser, c)], latent=latent)
