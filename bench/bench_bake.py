@@ -43,7 +43,7 @@ CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, nu
 
 def _meta_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from tests.models.hosts import nested_clip
     from tests.models.ldm_view import ldm_unet_view
@@ -60,7 +60,6 @@ def _meta_shapes(arch: str) -> dict[str, tuple[int, ...]]:
             og = OpenCLIPText(c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
                               c.num_attention_heads, c.intermediate_size, c.projection_dim)
             shapes.update({"conditioner.embedders.1.model." + k: tuple(v.shape) for k, v in og.state_dict().items()})
-            del CLIPTextModelWithProjection
     return shapes
 
 
