@@ -176,11 +176,18 @@ class ModelRuntime:
         return None
 
     def _image_of(self, texts: list, prompts: tuple[str, ...]) -> int:
+        """Which image a text-encoder call belongs to: the prompt equal to one of its texts (exactly,
+        then up to whitespace); else the only prompt containing it (an ``AND`` part, a scheduled
+        variant); else image 0, with a note."""
         for norm in (str, _squash):
             wanted = [norm(p) for p in prompts]
             for t in texts:
                 if norm(t) in wanted:
                     return wanted.index(norm(t))
+        for t in texts:
+            holders = {i for i, p in enumerate(prompts) if _squash(t) and _squash(t) in _squash(p)}
+            if len(holders) == 1:
+                return holders.pop()
         note = "a text-encoder call matched no prompt of the batch; the first image's LoRAs were used for it"
         if note not in self.notes:
             self.notes.append(note)

@@ -125,3 +125,15 @@ def test_automatic_mode_follows_how_the_stack_changes():
     assert m.choose("automatic", batch("v", per_image=True), "first", Mode.MERGED) is Mode.ONTHEFLY
     assert m.choose("merged", batch("w", per_image=True), "first", Mode.MERGED) is Mode.MERGED
     assert m.choose("automatic", BatchStacks(1, (), ("a",), ("",), ()), "first", Mode.ONTHEFLY) is Mode.ONTHEFLY
+
+
+def test_text_encoder_calls_are_routed_to_their_image():
+    from extension.runtime import ModelRuntime
+
+    route = ModelRuntime._image_of
+    rt = type("R", (), {"notes": []})()
+    prompts = ("a cat ", "a dog AND a bird", "x")
+    assert route(rt, ["a cat "], prompts) == 0
+    assert route(rt, ["a  cat"], prompts) == 0  # whitespace only
+    assert route(rt, ["a bird"], prompts) == 1  # an AND part
+    assert route(rt, ["a"], prompts) == 0 and rt.notes  # ambiguous: image 0, said so

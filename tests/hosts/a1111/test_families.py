@@ -1,0 +1,60 @@
+"""SD2 (OpenCLIP text encoder, fused ``in_proj_weight``) and SDXL (two text encoders, sgm names) as A1111
+holds them (with the hijack's ``.wrapped`` level): merged weights through the extra network equal
+W + m·ΔW on the right rows; on the fly gives the same text-encoder output without writing."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.hosts.a1111.conftest import make_network
+from tests.hosts.a1111.standin import ExtraNetworkParams
+from tests.models.hosts import a1111_root
+from tests.models.tiny_sd import TinySD
+
+CASES = {  # arch: (kohya name, path of the OpenCLIP attention in A1111's model, row block of q/k/v)
+    "sd2": ("lora_te_text_model_encoder_layers_1_self_attn_k_proj", "cond_stage_model.wrapped.model", 1),
+    "sdxl": ("lora_te2_text_model_encoder_layers_0_self_attn_v_proj", "conditioner.embedders.1.wrapped.model", 2),
+}
+
+
+class P:
+    """The StableDiffusionProcessing fields read when A1111 activates without prompts (e.g. get_empty_cond)."""
+
+    def __init__(self, sd_model):
+        self.sd_model = sd_model
+        self.extra_generation_params, self.comments = {}, {}
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_fused_openclip_rows(arch, tmp_path):
+    name, te_path, block = CASES[arch]
+    tiny = TinySD.build(arch)
+    model = a1111_root(tiny, wrapped=True)
+    attn = model.get_submodule(te_path).transformer.resblocks[int(name.split("layers_")[1][0])].attn
+    h = attn.embed_dim
+    g = torch.Generator().manual_seed(7)
+    down, up = torch.randn(2, h, generator=g) * 0.3, torch.randn(h, 2, generator=g) * 0.3
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)},
+              str(tmp_path / "t.safetensors"))
+    w0 = attn.in_proj_weight.detach().clone()
+    x = torch.randn(1, 3, h, generator=g)
+    y0 = attn(x, x, x, need_weights=False)[0]
+
+    c, net = make_network(tmp_path, lora_engine_mode="merged")
+    net.activate(P(model), [ExtraNetworkParams(["t", "0.75"])])
+    want = w0.clone()
+    want[block * h:(block + 1) * h] += 0.75 * (up @ down)
+    torch.testing.assert_close(attn.in_proj_weight, want, rtol=0, atol=1e-6)
+    y_merged = attn(x, x, x, need_weights=False)[0]
+    assert (y_merged - y0).abs().max() > 1e-3
+
+    c.opts.values["lora_engine_mode"] = "on the fly"
+    net.activate(P(model), [ExtraNetworkParams(["t", "0.75"])])
+    assert torch.equal(attn.in_proj_weight, w0)  # restored bit-exactly, nothing written on the fly
+    torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], y_merged, rtol=0, atol=1e-5)
+    net.activate(P(model), [])
+    torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], y0, rtol=0, atol=0)
