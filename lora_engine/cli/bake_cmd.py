@@ -2,7 +2,7 @@
 (single-file ldm/sgm safetensors or diffusers folder), streamed tensor by tensor, written atomically."""
 from __future__ import annotations
 
-from .tool_common import Bar, run_tool, split_weights
+from .tool_common import add_device, Bar, run_tool, split_weights
 
 
 def register(sub) -> None:
@@ -13,6 +13,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output file or folder (must not be the input)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true")
+    add_device(p)
     p.set_defaults(func=run)
 
 
@@ -31,7 +32,7 @@ def run(args) -> int:
     def go():
         loras = [parse_lora(s) for s in args.lora]
         with Bar("bake", args.quiet) as bar:
-            res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, progress=bar)
+            res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, device=args.device, progress=bar)
         for w in res.warnings:
             print(f"warning: {w}")
         print(f"wrote {args.out}: {res.touched} tensors changed, {res.copied} copied unchanged")

@@ -1,7 +1,7 @@
 """`lora-engine extract BASE TUNED -o OUT --rank R`: a LoRA from the difference of two checkpoints."""
 from __future__ import annotations
 
-from .tool_common import Bar, add_precision, dtype_arg, run_tool
+from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool
 
 
 def register(sub) -> None:
@@ -18,6 +18,7 @@ def register(sub) -> None:
                    help="UNet module names (auto: diffusers for SD1/SD2, sgm for SDXL, as sd-scripts)")
     add_precision(p, "default: the checkpoint's dtype")
     p.add_argument("--quiet", action="store_true")
+    add_device(p)
     p.set_defaults(func=run)
 
 
@@ -28,7 +29,7 @@ def run(args) -> int:
         with Bar("extract", args.quiet) as bar:
             res = extract_file(args.base, args.tuned, args.out, args.rank, conv_rank=args.conv_rank,
                                method=args.method, param=args.param, min_diff=args.min_diff,
-                               dtype=dtype_arg(args.precision), unet_naming=args.unet_naming, progress=bar)
+                               dtype=dtype_arg(args.precision), unet_naming=args.unet_naming, device=args.device, progress=bar)
         for w in res.warnings:
             print(f"warning: {w}")
         kept = [r.retained_fro for r in res.reports]

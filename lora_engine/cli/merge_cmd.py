@@ -2,7 +2,7 @@
 ranks) or SVD-compressed to rank R (fixed or dynamic)."""
 from __future__ import annotations
 
-from .tool_common import Bar, add_precision, dtype_arg, run_tool, split_weights
+from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool, split_weights
 
 
 def register(sub) -> None:
@@ -14,6 +14,7 @@ def register(sub) -> None:
     p.add_argument("--param", type=float, help="parameter of the dynamic method")
     add_precision(p, "default: the inputs' dtype")
     p.add_argument("--quiet", action="store_true")
+    add_device(p)
     p.set_defaults(func=run)
 
 
@@ -27,7 +28,7 @@ def run(args) -> int:
             specs.append((path, w[0] if w else 1.0))
         with Bar("merge", args.quiet) as bar:
             res = merge_files(specs, args.out, rank=args.rank, method=args.method, param=args.param,
-                              dtype=dtype_arg(args.precision), progress=bar)
+                              dtype=dtype_arg(args.precision), device=args.device, progress=bar)
         for w in res.warnings:
             print(f"warning: {w}")
         kind = "exact (concatenated ranks)" if args.rank is None else f"SVD {args.method}"

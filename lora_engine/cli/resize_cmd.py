@@ -2,7 +2,7 @@
 with the retained Frobenius-norm fraction of every module."""
 from __future__ import annotations
 
-from .tool_common import Bar, add_precision, dtype_arg, run_tool
+from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool
 
 
 def register(sub) -> None:
@@ -15,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("--param", type=float, help="sv_ratio: max/min singular-value ratio; sv_fro, sv_cumulative: fraction")
     add_precision(p, "default: the input's dtype")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-module lines")
+    add_device(p)
     p.set_defaults(func=run)
 
 
@@ -24,7 +25,7 @@ def run(args) -> int:
     def go():
         with Bar("resize", args.quiet) as bar:
             res = resize_file(args.file, args.out, args.rank, method=args.method, param=args.param,
-                              conv_rank=args.conv_rank, dtype=dtype_arg(args.precision), progress=bar)
+                              conv_rank=args.conv_rank, dtype=dtype_arg(args.precision), device=args.device, progress=bar)
         if not args.quiet:
             for r in res.reports:
                 print(f"{r.name}  rank {r.old_rank} -> {r.new_rank}  retained Frobenius {r.retained_fro:.4f}")

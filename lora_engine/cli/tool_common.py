@@ -21,6 +21,10 @@ def add_precision(p, default_help: str) -> None:
     p.add_argument("--precision", choices=sorted(DTYPES), default=None, help=f"dtype of the output tensors ({default_help})")
 
 
+def add_device(p) -> None:
+    p.add_argument("--device", default=None, help="torch device for the math, e.g. cuda (default: cpu)")
+
+
 class Bar:
     """``with Bar("merge") as bar: tool(..., progress=bar)``: called as ``bar(done, total, what)``."""
 

@@ -58,8 +58,9 @@ def _bias_slot(plan: PatchPlan, slot: str, ckpt: Checkpoint) -> bool:
 class _Deltas:
     """Each slot's (ΔW, Δb) computed once from the original weight, kept until both are written."""
 
-    def __init__(self, ckpt: Checkpoint, plan: PatchPlan):
+    def __init__(self, ckpt: Checkpoint, plan: PatchPlan, device=None):
         self.ckpt, self.plan = ckpt, plan
+        self.device = torch.device(device or "cpu")
         self.memo: dict[str, list] = {}
 
     def get(self, slot: str, role: str, weight_region: torch.Tensor | None = None):
@@ -67,7 +68,8 @@ class _Deltas:
             target = self.plan.targets[slot]
             if weight_region is None:
                 weight_region = _region(self.ckpt.read(target.weight_key), target.rows)
-            dw, db = summed_delta(self.plan.contributions[slot], weight_region, device=torch.device("cpu"))
+            dw, db = summed_delta(self.plan.contributions[slot], weight_region.to(self.device), device=self.device)
+            dw, db = (None if x is None else x.cpu() for x in (dw, db))
             roles = {"weight"} | ({"bias"} if _bias_slot(self.plan, slot, self.ckpt) else set())
             self.memo[slot] = [dw, db, roles]
         entry = self.memo[slot]
@@ -148,19 +150,20 @@ def _bake_meta(loras: list[BakeLora]) -> dict[str, str]:
                                              for l in loras])}
 
 
-def bake_single(src: str, loras: list[BakeLora], out: str, progress=None, cancel=None) -> BakeResult:
+def bake_single(src: str, loras: list[BakeLora], out: str, progress=None, cancel=None, device=None) -> BakeResult:
     ckpt = open_checkpoint(src)
     plan, warnings = plan_for(ckpt, loras)
     result = BakeResult(out, warnings=warnings)
     part = ckpt.parts[0]
     ticker = Ticker(len(part.file.info), progress, cancel)
     with atomic_file(out) as fh:
-        _write_part(ckpt, part, _tasks(plan, ckpt), _Deltas(ckpt, plan), fh, ticker, result, _bake_meta(loras))
+        _write_part(ckpt, part, _tasks(plan, ckpt), _Deltas(ckpt, plan, device), fh, ticker, result,
+                    _bake_meta(loras))
     return result
 
 
 def bake_diffusers(src: str, loras: list[BakeLora], out: str, overwrite: bool = False,
-                   progress=None, cancel=None) -> BakeResult:
+                   progress=None, cancel=None, device=None) -> BakeResult:
     result = BakeResult(out)
     variants = diffusers_weight_files(src)
     if not variants:
@@ -176,7 +179,7 @@ def bake_diffusers(src: str, loras: list[BakeLora], out: str, overwrite: bool = 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _copy_tree(src, tmp, skip=rewritten)
         for ckpt, plan in jobs:
-            tasks, deltas = _tasks(plan, ckpt), _Deltas(ckpt, plan)
+            tasks, deltas = _tasks(plan, ckpt), _Deltas(ckpt, plan, device)
             for part in ckpt.parts:
                 with open(os.path.join(tmp, part.rel), "wb") as fh:
                     _write_part(ckpt, part, tasks, deltas, fh, ticker, result, {})
@@ -195,15 +198,16 @@ def _copy_tree(src: str, dst: str, skip: set[str]) -> None:
 
 
 def bake(src: str | os.PathLike, loras: list[BakeLora], out: str | os.PathLike, overwrite: bool = False,
-         progress=None, cancel=None) -> BakeResult:
-    """Bake ``loras`` into the checkpoint ``src`` (single .safetensors file or diffusers folder) → ``out``."""
+         progress=None, cancel=None, device=None) -> BakeResult:
+    """Bake ``loras`` into the checkpoint ``src`` (single .safetensors file or diffusers folder) → ``out``.
+    ``device``: where the deltas are computed (e.g. "cuda"); the sum and cast happen on the CPU."""
     src, out = os.fspath(src), os.fspath(out)
     if not loras:
         raise ToolError("bake needs at least one --lora")
     if os.path.abspath(src) == os.path.abspath(out):
         raise ToolError(f"{out}: output must differ from the input checkpoint")
     if os.path.isdir(src):
-        return bake_diffusers(src, loras, out, overwrite, progress, cancel)
+        return bake_diffusers(src, loras, out, overwrite, progress, cancel, device)
     if os.path.exists(out) and not overwrite:
         raise ToolError(f"{out}: exists (pass --overwrite to replace it)")
-    return bake_single(src, loras, out, progress, cancel)
+    return bake_single(src, loras, out, progress, cancel, device)
