@@ -89,3 +89,28 @@ def test_extract_sdxl_names_and_min_diff(tmp_path):
                             for n in unet)  # sgm names, as sd-scripts writes SDXL
     with pytest.raises(ToolError, match="no targeted weight differs"):
         extract_lora(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), 2, min_diff=10.0)
+
+
+def test_extract_from_diffusers_folders(tmp_path):
+    """Two diffusers folders (unet/ + text_encoder/ written by save_pretrained): the tuned one differs by
+    rank-1 changes in one UNet and one text-encoder layer; rank 1 recovers them to fp32 rounding."""
+    m = TinySD.build("sd1")
+    m.unet.save_pretrained(str(tmp_path / "base" / "unet"))
+    m.text_encoders[0].save_pretrained(str(tmp_path / "base" / "text_encoder"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        q = m.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v.weight
+        dq = torch.randn(q.shape[0], 1, generator=g) @ torch.randn(1, q.shape[1], generator=g) * 0.05
+        q += dq
+        fc = m.text_encoders[0].get_submodule("encoder.layers.1.mlp.fc1").weight
+        dfc = torch.randn(fc.shape[0], 1, generator=g) @ torch.randn(1, fc.shape[1], generator=g) * 0.05
+        fc += dfc
+    m.unet.save_pretrained(str(tmp_path / "tuned" / "unet"))
+    m.text_encoders[0].save_pretrained(str(tmp_path / "tuned" / "text_encoder"))
+    res = extract_lora(str(tmp_path / "base"), str(tmp_path / "tuned"), 1, dtype=torch.float32)
+    want = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v": dq,
+            "lora_te_text_model_encoder_layers_1_mlp_fc1": dfc}
+    assert set(res.modules) == set(want)
+    for name, d in want.items():
+        mod = res.modules[name]
+        torch.testing.assert_close(mod.up @ mod.down, d, rtol=1e-4, atol=1e-6)
