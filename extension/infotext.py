@@ -6,23 +6,26 @@ rewrite (``lora_engine.infotext.rewrite_prompt``), here we only pick the fields.
 """
 from __future__ import annotations
 
-from lora_engine.infotext import parse_lora_hashes, rewrite_prompt
+from lora_engine.infotext import addnet_tags, parse_lora_hashes, rewrite_prompt
 
 PROMPT_FIELDS = ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt")
 
 
 def on_infotext_pasted(controller, infotext: str, params: dict) -> list[str]:
-    """Rewrite pasted prompts in ``params`` in place; returns notes for names that could not be mapped."""
+    """Rewrite pasted prompts in ``params`` in place; returns notes for names that could not be mapped.
+
+    Legacy AddNet fields become appended ``<lora:...>`` tags, unless the built-in Lora extension is
+    loaded: its own paste hook already appends them."""
+    notes: list[str] = []
+    if controller.builtin is None and isinstance(params.get("Prompt"), str):
+        tags = addnet_tags(params, controller.get_library())
+        if tags:
+            params["Prompt"] = " ".join([params["Prompt"]] + tags).strip()
     raw = params.get("Lora hashes")
     if not raw:
-        return []
+        return notes
     hashes = parse_lora_hashes(str(raw))
-    library = controller.get_library()
-    for e in library.entries:  # hashes are computed lazily; the pasted ones must be comparable
-        if e.short_hash is None and any(h for h in hashes.values()):
-            controller.short_hash(e)
     lookup = _HashLookup(controller)
-    notes: list[str] = []
     for key in PROMPT_FIELDS:
         if isinstance(params.get(key), str):
             params[key], n = rewrite_prompt(params[key], hashes, lookup)

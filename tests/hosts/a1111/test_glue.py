@@ -137,3 +137,16 @@ def test_text_encoder_calls_are_routed_to_their_image():
     assert route(rt, ["a  cat"], prompts) == 0  # whitespace only
     assert route(rt, ["a bird"], prompts) == 1  # an AND part
     assert route(rt, ["a"], prompts) == 0 and rt.notes  # ambiguous: image 0, said so
+
+
+def test_paste_hook_converts_addnet_fields_unless_the_builtin_does(tmp_path):
+    _file(tmp_path / "old.safetensors")
+    c, _ = make_network(tmp_path)
+    fields = {"AddNet Module 1": "LoRA", "AddNet Model 1": "old(abcdef12)", "AddNet Weight A 1": "0.6"}
+    params = {"Prompt": "a cat", **fields}
+    infotext.on_infotext_pasted(c, "", params)
+    assert params["Prompt"] == "a cat <lora:old:0.6>"
+    c.builtin = object()
+    params = {"Prompt": "a cat", **fields}
+    infotext.on_infotext_pasted(c, "", params)
+    assert params["Prompt"] == "a cat"
