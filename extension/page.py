@@ -7,8 +7,11 @@ architecture does not match the loaded checkpoint gets a badge line in its descr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+
+from lora_engine.library import read_sidecars
 
 ARCH_OF_MODEL = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
 
@@ -32,8 +35,20 @@ def card_fields(entry, name: str, default_weight: float, model_arch: str | None)
     if model_arch and entry.architecture not in (model_arch, "unknown", "other"):
         badge = f"⚠ {entry.architecture.upper()} LoRA, the loaded model is {model_arch.upper()}\n"
     tag = f"<lora:{name}:{weight:g}>" + (f" {activation}" if activation else "")
-    return {"tag": tag, "description": badge + (entry.sidecars.description or ""),
+    return {"tag": tag, "negative": str(user.get("negative text") or "").strip(),
+            "description": badge + (entry.sidecars.description or ""),
             "search_terms": [entry.key, entry.alias] + [h for h in (entry.short_hash, entry.sha256) if h]}
+
+
+def fresh_sidecars(entry):
+    """``entry`` with its preview/description/user metadata read again from disk."""
+    folder = os.path.dirname(entry.path)
+    try:
+        siblings = set(os.listdir(folder))
+    except OSError:
+        return entry
+    sidecars, _ = read_sidecars(folder, entry.stem, siblings)
+    return dataclasses.replace(entry, sidecars=sidecars)
 
 
 def make_page(controller):
@@ -53,6 +68,7 @@ def make_page(controller):
             entry = next((e for e in lib.entries if e.key == name), None)
             if entry is None:
                 return None
+            entry = fresh_sidecars(entry)  # the metadata editor may have just written {stem}.json
             shown = lib.preferred_name(entry)
             f = card_fields(entry, shown, controller.settings().default_weight, model_architecture(shared.sd_model))
             path = os.path.splitext(entry.path)[0]
@@ -61,7 +77,8 @@ def make_page(controller):
                 "preview": self.find_preview(path), "description": f["description"],
                 "search_terms": f["search_terms"], "local_preview": f"{path}.{shared.opts.samples_format}",
                 "metadata": entry.metadata, "sort_keys": {"default": index or 0, **self.get_sort_keys(entry.path)},
-                "prompt": json.dumps(f["tag"]), "negative_prompt": json.dumps(""),
+                "prompt": json.dumps(f["tag"]), "negative_prompt": json.dumps(f["negative"]),
+                "user_metadata": entry.sidecars.user_metadata,
             }
 
         def list_items(self):
@@ -72,6 +89,11 @@ def make_page(controller):
 
         def allowed_directories_for_previews(self):
             return controller.folders()
+
+        def create_user_metadata_editor(self, ui, tabname):
+            from .metadata_editor import make_editor
+
+            return make_editor(controller, ui, tabname, self)
 
     return LoraEnginePage()
 

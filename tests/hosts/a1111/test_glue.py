@@ -150,3 +150,19 @@ def test_paste_hook_converts_addnet_fields_unless_the_builtin_does(tmp_path):
     params = {"Prompt": "a cat", **fields}
     infotext.on_infotext_pasted(c, "", params)
     assert params["Prompt"] == "a cat"
+
+
+def test_metadata_editor_fields_round_trip_through_the_card(tmp_path):
+    from extension.metadata_editor import extra_values, updated
+    from extension.page import fresh_sidecars
+
+    _file(tmp_path / "m.safetensors")
+    c, _ = make_network(tmp_path)
+    e = c.entry("m")
+    assert extra_values({}) == ("", 0.0, "", "Unknown")
+    assert extra_values({"preferred weight": "x", "sd version": "SD9"}) == ("", 0.0, "", "Unknown")
+    meta = updated({"notes": "keep"}, "blue eyes", 0.7, "lowres", "SD1")
+    (tmp_path / "m.json").write_text(json.dumps(meta))  # what the editor's save writes
+    f = card_fields(fresh_sidecars(e), "m", 1.0, "sd1")
+    assert f["tag"] == "<lora:m:0.7> blue eyes" and f["negative"] == "lowres" and meta["notes"] == "keep"
+    assert extra_values(meta) == ("blue eyes", 0.7, "lowres", "SD1")
