@@ -18,12 +18,18 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
     for c in contributions:
         d = c.adapter.delta(w0) if device.type == "cpu" else _on_device(c.adapter, device).delta(w0)
         if d.weight is not None:
-            term = c.strength * d.weight.to(device)
-            dw = term if dw is None else dw + term
+            dw = _accumulate(dw, c.strength * d.weight.to(device))
         if d.bias is not None:
-            term = c.strength * d.bias.to(device).reshape(-1)
-            db = term if db is None else db + term
+            db = _accumulate(db, c.strength * d.bias.to(device).reshape(-1))
     return dw, db
+
+
+def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """total + term, in place when shapes allow (``total`` is always a fresh product here): same bits,
+    one full-size buffer less per contribution."""
+    if total is None:
+        return term
+    return total.add_(term) if total.shape == term.shape else total + term
 
 
 def _on_device(adapter, device):

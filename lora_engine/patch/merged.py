@@ -36,6 +36,12 @@ def _region(t: torch.Tensor, rows):
     return t if rows is None else t[rows[0]:rows[1]]
 
 
+def _plus(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """base + delta in fp32, into ``delta`` (a fresh tensor from ``summed_delta``) when shapes allow:
+    the same bits as ``base + delta``, without allocating another full-size buffer."""
+    return delta.add_(base) if delta.shape == base.shape else base + delta
+
+
 @dataclass
 class MergedPatcher:
     root: torch.nn.Module
@@ -62,9 +68,10 @@ class MergedPatcher:
     def _write(self, slot: str, target, contributions) -> None:
         w0, b0 = self._backup(slot, target)
         w = _region(_param(self.root, target.weight_key), target.rows)
-        dw, db = summed_delta(contributions, w0, device=w.device)
+        w0f = w0.to(w.device, torch.float32)  # converted once: the base the deltas see and the first term
+        dw, db = summed_delta(contributions, w0f, device=w.device)
         if dw is not None:
-            w.copy_((w0.to(w.device, torch.float32) + dw).to(w.dtype))
+            w.copy_(_plus(dw, w0f))  # copy_ casts with the same rounding as .to(w.dtype)
             self.stats.bytes_written += w.numel() * w.element_size()
         if db is not None and target.bias_key is not None:
             try:
@@ -72,7 +79,7 @@ class MergedPatcher:
             except (KeyError, AttributeError):
                 b = None
             if b is not None:
-                b.copy_((b0.to(b.device, torch.float32) + db).to(b.dtype))
+                b.copy_(_plus(db, b0.to(b.device, torch.float32)))
         self.stats.slots_written += 1
 
     @torch.no_grad()
