@@ -86,6 +86,10 @@ class Controller:
             self._hashes[key] = hash_file(entry.path).addnet[:12]
         return self._hashes[key]
 
+    def known_short_hash(self, entry) -> str | None:
+        """The shorthash if it is known without reading the file."""
+        return entry.short_hash or self._hashes.get((entry.path, entry.mtime_ns))
+
     def entry(self, name: str):
         lib = self.get_library()
         try:

@@ -34,7 +34,9 @@ def on_infotext_pasted(controller, infotext: str, params: dict) -> list[str]:
 
 
 class _HashLookup:
-    """The library as ``rewrite_prompt`` needs it, with lazily computed short hashes included."""
+    """The library as ``rewrite_prompt`` needs it. Only hashes already known are compared (from the
+    file's metadata, the library cache, or files used in this session), as A1111 does: a paste
+    never reads the whole library."""
 
     def __init__(self, controller):
         self.c = controller
@@ -43,7 +45,7 @@ class _HashLookup:
     def find_by_hash(self, h: str):
         h = h.strip().lower()
         return [e for e in self.lib.entries
-                if any(v and v.lower().startswith(h) for v in (self.c.short_hash(e), e.addnet_hash, e.sha256))]
+                if any(v and v.lower().startswith(h) for v in (self.c.known_short_hash(e), e.addnet_hash, e.sha256))]
 
     def preferred_name(self, entry) -> str:
         return self.lib.preferred_name(entry)

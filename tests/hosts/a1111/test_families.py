@@ -51,6 +51,13 @@ def test_fused_openclip_rows(arch, dtype, tmp_path):
     want = w0.to(torch.float32, copy=True)
     want[block * h:(block + 1) * h] += 0.75 * (up @ down)
     assert torch.equal(attn.in_proj_weight, want.to(dtype))  # W = cast(W0 + Σ m·ΔW): one rounding
+    if dtype == torch.float16:  # A1111's merge: ΔW = m·s·(up@down) in fp16, added in fp16 (a1111.md §3.4)
+        exact = w0.to(torch.float32, copy=True)
+        exact[block * h:(block + 1) * h] += 0.75 * (up @ down)
+        a1111 = w0.clone()
+        a1111[block * h:(block + 1) * h] += (up.half() @ down.half()) * torch.tensor(1.0, dtype=dtype) * 0.75
+        ours_err = (attn.in_proj_weight.float() - exact).abs().max()
+        assert ours_err <= (a1111.float() - exact).abs().max()  # one rounding vs three
     y_merged = attn(x, x, x, need_weights=False)[0]
     assert (y_merged - y0).abs().max() > 1e-3
 
