@@ -84,8 +84,8 @@ def status_text(s) -> str:
         lines.append(f"error: {s.error}")
     if s.output:
         lines.append(f"output: {s.output}")
-    lines += list(s.report[:12])
-    lines += list(s.log[-8:])
+    lines += [line for line in s.report[:12] if line not in s.log]  # the log usually repeats the report
+    lines += list(s.log[-12:])
     return "\n".join(lines)
 
 

@@ -104,6 +104,16 @@ def _shot(pg, name: str) -> None:
         pg.screenshot(path=os.path.join(folder, f"{name}.png"), full_page=True)
 
 
+def _tab(pg, name: str) -> None:
+    """Click a tab button (role="tab" in current gradio, a plain button in .tab-nav in 3.41)."""
+    pg.locator("button[role=tab], .tab-nav button").filter(has_text=re.compile(rf"^\s*{name}\s*$")).first.click()
+
+
+def _choose(pg, dropdown: str, option: str) -> None:
+    pg.locator(f"{dropdown} input").click()
+    pg.locator(f'[data-testid="dropdown-option"][aria-label="{option}"]').first.click()
+
+
 def _wait_text(pg, selector: str, needle: str, timeout: float = 60_000) -> str:
     pg.wait_for_function("([s, n]) => { const el = document.querySelector(s); return el && el.value.includes(n); }",
                          arg=[selector, needle], timeout=timeout)
@@ -129,10 +139,9 @@ def test_library_card_shows_metadata_and_search_filters(page, server):
 
 def test_resize_runs_with_visible_progress(page, server):
     _, root = server
-    page.get_by_role("tab", name="Tools").click()
-    page.get_by_role("tab", name="Resize").click()
-    page.locator("#le-resize-lora input").click()
-    page.get_by_role("option", name="many").click()
+    _tab(page, "Tools")
+    _tab(page, "Resize")
+    _choose(page, "#le-resize-lora", "many")
     page.locator("#le-resize-out textarea").fill("many_r3")
     page.locator("#le-resize-rank input").fill("3")
     page.evaluate(OBSERVE)
@@ -144,18 +153,18 @@ def test_resize_runs_with_visible_progress(page, server):
     out = load_file(os.path.join(root, "many_r3.safetensors"))
     assert {v.shape[0] for k, v in out.items() if k.endswith("lora_down.weight")} == {3}
     _shot(page, "tools")
-    page.get_by_role("tab", name="Inspect").click()
+    _tab(page, "Inspect")
     page.locator("#le-inspect-run").click()
     assert "format: kohya" in _wait_text(page, "#le-inspect-result textarea", "format:")
 
 
 def test_train_and_generate_pages(page, server):
-    page.get_by_role("tab", name="Train").click()
+    _tab(page, "Train")
     page.locator("#le-train-start").wait_for()
     page.locator("#le-train-refresh").click()
     assert "state: idle" in _wait_text(page, "#le-train-status textarea", "state:")
     _shot(page, "train")
-    page.get_by_role("tab", name="Generate").click()
+    _tab(page, "Generate")
     page.locator("#le-gen-weights textarea").fill("-1, 0, 1")
     page.locator("#le-gen-steps input").fill("2")
     page.locator("#le-gen-run").click()
