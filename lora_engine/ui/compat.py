@@ -38,8 +38,12 @@ def quiet_environment() -> None:
 
 
 def launch(blocks, host: str, port: int, block: bool = True, share: bool = False):
-    """Queue (needed by ``gr.Progress`` and generators in 3.41; default later) and serve."""
-    blocks.queue()
+    """Queue (needed by ``gr.Progress`` and generators in 3.41; default later) and serve. 3.41's queue
+    runs one event at a time unless told otherwise; later versions limit each listener separately."""
+    if major_version() < 4:
+        blocks.queue(concurrency_count=4)
+    else:
+        blocks.queue()
     kwargs = dict(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True,
                   inbrowser=False)
     if major_version() < 4:

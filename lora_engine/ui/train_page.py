@@ -68,6 +68,7 @@ def build_train_page(ctx: UiContext) -> dict:
         return text, img
 
     start.click(do_start, inputs=inputs, outputs=[status, plot])
-    cancel.click(lambda: session.cancel(), inputs=[], outputs=[status])
-    refresh.click(do_refresh, inputs=[], outputs=[status, plot])
+    # Outside the queue: they must answer while Start's generator holds a worker (3.41's queue has one).
+    cancel.click(lambda: session.cancel(), inputs=[], outputs=[status], queue=False)
+    refresh.click(do_refresh, inputs=[], outputs=[status, plot], queue=False)
     return {"session": session, "start": start, "cancel": cancel, "status": status, "plot": plot}

@@ -78,7 +78,7 @@ def status_text(s) -> str:
     if s.loss is not None:
         lines.append(f"loss {s.loss:.5f}  smoothed {s.smoothed_loss:.5f}")
     if s.it_per_s:
-        eta = f"  ETA {s.eta_s:.0f} s" if s.eta_s is not None else ""
+        eta = f"  ETA {s.eta_s:.0f} s" if s.eta_s is not None and s.state == "running" else ""
         lines.append(f"{s.it_per_s:.2f} it/s{eta}")
     if s.error:
         lines.append(f"error: {s.error}")

@@ -158,12 +158,29 @@ def test_resize_runs_with_visible_progress(page, server):
     assert "format: kohya" in _wait_text(page, "#le-inspect-result textarea", "format:")
 
 
-def test_train_and_generate_pages(page, server):
+def test_train_starts_shows_progress_and_cancels(page, server, tmp_path):
+    from lora_engine.demo.concept import write_concept_images
+
+    data = str(tmp_path / "images")
+    write_concept_images(data, 4, seed=0)
     _tab(page, "Train")
-    page.locator("#le-train-start").wait_for()
     page.locator("#le-train-refresh").click()
     assert "state: idle" in _wait_text(page, "#le-train-status textarea", "state:")
+    page.locator("#le-train-data textarea").fill(data)
+    page.locator("#le-train-out textarea").fill("ui_trained")
+    page.locator("#le-train-steps input").fill("100000")
+    page.locator("#le-train-start").click()
+    page.wait_for_function("/step [1-9][0-9]*\\/100000/.test(document.querySelector('#le-train-status textarea').value)",
+                           timeout=180_000)
+    page.locator("#le-train-cancel").click()
+    text = _wait_text(page, "#le-train-status textarea", "state: cancelled", timeout=120_000)
+    assert "output:" in text and "ui_trained.safetensors" in text
+    assert os.path.isfile(os.path.join(server[1], "ui_trained.safetensors"))
+    page.locator("#le-train-loss img").wait_for()
     _shot(page, "train")
+
+
+def test_generate_page(page, server):
     _tab(page, "Generate")
     page.locator("#le-gen-weights textarea").fill("-1, 0, 1")
     page.locator("#le-gen-steps input").fill("2")
