@@ -2,12 +2,15 @@
 Library, Tools, Train, Generate. Needs the ``ui`` extra; binds to 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
+import os
 import sys
+
+DEFAULT_DIR = "loras"  # in the current folder, created when no --lora-dir is given
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="start the web UI (library, tools, training, weight-sweep grids)")
-    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="LoRA folder (repeatable)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="LoRA folder (repeatable; default: ./loras, created)")
     p.add_argument("--output-dir", metavar="DIR", help="where tools write (default: the first --lora-dir)")
     p.add_argument("--model", metavar="MODEL", help="model for the Generate page: 'demo' or a demo base file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -23,7 +26,9 @@ def run(args) -> int:
         from ..ui.app import serve
         from ..ui.context import UiConfig
 
-        dirs = tuple(args.lora_dir) or (".",)
+        dirs = tuple(args.lora_dir) or (DEFAULT_DIR,)
+        if not args.lora_dir:
+            os.makedirs(DEFAULT_DIR, exist_ok=True)
         config = UiConfig(dirs, args.output_dir, args.model, hash_files=not args.no_hash)
         print(f"lora-engine serve: http://{args.host}:{args.port}  (LoRA folders: {', '.join(dirs)})", flush=True)
         serve(config, args.host, args.port, block=True)

@@ -30,12 +30,15 @@ class UiConfig:
 
 @dataclass
 class UiContext:
+    """``library``: a host's own :class:`LoraLibrary` (A1111 keeps one), else one over ``config.lora_dirs``."""
+
     config: UiConfig
-    library: LoraLibrary = field(init=False)
+    library: LoraLibrary | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self):
-        self.library = LoraLibrary(self.config.lora_dirs, hash_files=self.config.hash_files)
+        if self.library is None:
+            self.library = LoraLibrary(self.config.lora_dirs, hash_files=self.config.hash_files)
 
     def scan(self, progress=None):
         with self.lock:

@@ -33,9 +33,11 @@ def _form_inputs(gr, ctx: UiContext):
     return [base, data, out, steps, rank, alpha, unet_lr, te_lr, train_te, batch, resolution, seed]
 
 
-def build_train_page(ctx: UiContext) -> dict:
+def build_train_page(ctx: UiContext, host_factory=None) -> dict:
+    """``host_factory(form) -> HostSetup`` replaces loading ``form.base`` (the A1111 tab trains the
+    loaded checkpoint); the returned dict's ``inputs`` are the form's components, in TrainForm order."""
     gr = gradio()
-    session = TrainSession(ctx)
+    session = TrainSession(ctx, host_factory)
     inputs = _form_inputs(gr, ctx)
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="le-train-start")
@@ -71,4 +73,4 @@ def build_train_page(ctx: UiContext) -> dict:
     # Outside the queue: they must answer while Start's generator holds a worker (3.41's queue has one).
     cancel.click(lambda: session.cancel(), inputs=[], outputs=[status], queue=False)
     refresh.click(do_refresh, inputs=[], outputs=[status, plot], queue=False)
-    return {"session": session, "start": start, "cancel": cancel, "status": status, "plot": plot}
+    return {"session": session, "inputs": inputs, "start": start, "cancel": cancel, "status": status, "plot": plot}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import LoraEngineError, TrainingError
 from .context import UiContext
@@ -32,6 +33,18 @@ class TrainForm:
     seed: int = 42
 
 
+@dataclass(frozen=True)
+class HostSetup:
+    """What a host factory gives the session instead of loading ``form.base``: the host, settings under
+    the form's (a preset), and the job's ``lock`` (held for the whole run) and ``engine`` (its LoRAs are
+    taken off while training)."""
+
+    host: object
+    settings: dict = field(default_factory=dict)
+    lock: object = None
+    engine: object = None
+
+
 def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
     base = form.base.strip()
     if base == "demo" or (os.path.isfile(base) and base.endswith(".safetensors")):
@@ -48,7 +61,7 @@ def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
     raise TrainingError(f"base model {base!r}: give 'demo', a demo base .safetensors file or a diffusers folder")
 
 
-def build_job(ctx: UiContext, form: TrainForm):
+def build_job(ctx: UiContext, form: TrainForm, host_factory: Callable[[TrainForm], HostSetup] | None = None):
     import torch
 
     from ..train import build_config
@@ -58,9 +71,14 @@ def build_job(ctx: UiContext, form: TrainForm):
         raise TrainingError(f"image folder {form.data_dir!r} does not exist")
     output = ctx.output_path(form.output)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    host, dataset = _host_and_dataset(form, device)
+    if host_factory is not None:
+        setup = host_factory(form)
+        host, dataset = setup.host, {"resolution": int(form.resolution)}
+    else:
+        setup = HostSetup(None)
+        host, dataset = _host_and_dataset(form, device)
     dataset["batch_size"] = int(form.batch_size)
-    cfg = build_config({
+    cfg = build_config(setup.settings | {
         "data_dir": form.data_dir.strip(), "output": output, "steps": int(form.steps), "seed": int(form.seed),
         "unet_lr": float(form.unet_lr), "te_lr": float(form.te_lr),
         "output_name": os.path.splitext(os.path.basename(output))[0],
@@ -68,7 +86,7 @@ def build_job(ctx: UiContext, form: TrainForm):
                     "train_text_encoder": bool(form.train_text_encoder)},
         "dataset": dataset,
     })
-    return TrainingJob(host, cfg)
+    return TrainingJob(host, cfg, engine=setup.engine, lock=setup.lock)
 
 
 def status_text(s) -> str:
@@ -92,8 +110,9 @@ def status_text(s) -> str:
 class TrainSession:
     """At most one running job per UI; a finished one stays readable until the next start."""
 
-    def __init__(self, ctx: UiContext):
+    def __init__(self, ctx: UiContext, host_factory: Callable[[TrainForm], HostSetup] | None = None):
         self.ctx = ctx
+        self.host_factory = host_factory
         self.job = None
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -104,7 +123,7 @@ class TrainSession:
                 return "a training run is already in progress (cancel it first)"
             self.error = None
             try:
-                self.job = build_job(self.ctx, form)
+                self.job = build_job(self.ctx, form, self.host_factory)
             except LoraEngineError as e:
                 self.job, self.error = None, str(e)
                 return f"error: {e}"
