@@ -29,3 +29,4 @@ def _load_extension_package():
 
 _load_extension_package()
 importlib.import_module(_ALIAS + ".callbacks").register()
+importlib.import_module(_ALIAS + ".train_tab").register()
