@@ -1,14 +1,6 @@
-"""The "LoRA Training" tab without A1111: its TrainHost over an ldm-named model, trained through the shared
-Train page's session (TrainingJob) with a queue-lock stand-in held for the whole run.
-
-The stand-in ``LatentDiffusion`` has the names of ``tests.models.hosts.a1111_root(tiny, wrapped=True)``
-(checked below): ``model.diffusion_model`` is the ldm view whose leaves ARE a diffusers UNet's modules;
-since the view itself has no forward, its stand-in ``forward(x, timesteps, context)`` runs that diffusers
-UNet (``tests.hosts.a1111.standin.LdmUNet``); ``cond_stage_model`` is the hijack wrapper stand-in
-(``.wrapped.transformer`` = HF CLIP, ``forward(texts)``); ``first_stage_model.encode`` returns a diffusers
-``AutoencoderKL``'s diagonal Gaussian (``.mean``/``.std``, like ldm's); ``alphas_cumprod`` is ldm's
-scaled-linear β schedule (0.00085 → 0.012, 1000 steps); ``scale_factor`` 0.18215.
-"""
+"""The "LoRA Training" tab without A1111: its TrainHost over ldm/sgm-named models (stand-ins in
+``train_standin``, whose forwards run the diffusers UNet sharing the views' leaves), trained through the
+shared Train page's session (TrainingJob) with a queue-lock stand-in held for the whole run."""
 from __future__ import annotations
 
 import threading
@@ -28,63 +20,10 @@ from lora_engine.train.network import NetworkConfig, TrainNetwork
 from lora_engine.train.presets import PRESETS
 from lora_engine.ui.context import UiConfig, UiContext
 from lora_engine.ui.train_session import FINISHED, TrainForm, TrainSession
-from tests.hosts.a1111.standin import HijackedCLIP, LdmUNet
+from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, tiny_vae_x8
 from tests.models.hosts import a1111_root, diffusers_root
-from tests.train.models import make_dataset, tiny_scheduler
-
-
-def tiny_vae_x8():
-    """A 4-level AutoencoderKL: 8 pixels per latent cell, as SD's."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64).eval()
-
-
-class FirstStage(nn.Module):
-    """ldm ``AutoencoderKL.encode(x)`` -> a diagonal Gaussian (diffusers' has the same ``mean``/``std``)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def encode(self, x):
-        return self.vae.encode(x).latent_dist
-
-
-class LatentDiffusion(nn.Module):
-    def __init__(self, tiny, vae, parameterization: str = "eps"):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.diffusion_model = LdmUNet(tiny.unet)
-        self.cond_stage_model = HijackedCLIP(tiny.text_encoders[0])
-        self.first_stage_model = FirstStage(vae)
-        self.register_buffer("alphas_cumprod", tiny_scheduler().alphas_cumprod.clone())
-        self.scale_factor = 0.18215
-        self.parameterization = parameterization
-        self.is_sd1, self.is_sdxl = True, False
-        self.requires_grad_(False)
-
-
-class QueueLock:
-    """``modules.call_queue.queue_lock``: a lock used as a context manager; records who held it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.acquired = 0
-
-    def __enter__(self):
-        self._lock.acquire()
-        self.acquired += 1
-        return self
-
-    def __exit__(self, *exc):
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
+from tests.models.tiny_sd import TinySD
+from tests.train.models import make_dataset
 
 
 @pytest.fixture
@@ -92,9 +31,10 @@ def model(tiny):
     return LatentDiffusion(tiny, tiny_vae_x8())
 
 
-def test_standin_has_a1111_names(model, tiny):
-    ours = {k for k in model.state_dict() if not k.startswith(("first_stage_model.", "alphas_cumprod"))}
-    assert ours == set(a1111_root(tiny, wrapped=True).state_dict())
+def test_standin_has_a1111_names(model, tiny, tiny_xl):
+    for m, t in ((model, tiny), (DiffusionEngine(tiny_xl, tiny_vae_x8()), tiny_xl)):
+        ours = {k for k in m.state_dict() if not k.startswith(("first_stage_model.", "alphas_cumprod"))}
+        assert ours == set(a1111_root(t, wrapped=True).state_dict())
 
 
 def test_host_calls_the_model_like_a1111(model, tiny):
@@ -148,12 +88,13 @@ def test_trains_the_loaded_model_under_the_queue_lock(tmp_path, model, tiny):
     generation = {}
 
     def generate():  # a generation queued behind the run: A1111 takes the same lock
-        while not lock.locked():
+        deadline = time.monotonic() + 30
+        while not lock.locked() and time.monotonic() < deadline:
             time.sleep(0.005)
         with lock:
             generation["state_when_run"] = session.job.status().state
 
-    gen = threading.Thread(target=generate)
+    gen = threading.Thread(target=generate, daemon=True)
     gen.start()
     st = _run(session, _form(tmp_path))
     gen.join(30)
@@ -212,3 +153,48 @@ def test_refusals_are_one_line_statuses(tmp_path, model):
     assert message.startswith("error: training needs the whole model on the GPU") and "\n" not in message
     message = TrainSession(ctx, TrainTab(get_model=lambda: None).setup).start(_form(tmp_path))
     assert message == "error: no checkpoint is loaded"
+
+
+@pytest.fixture(scope="module")
+def tiny_xl():
+    return TinySD.build("sdxl")
+
+
+def test_sdxl_host_matches_diffusers_conditioning(tiny_xl):
+    model = DiffusionEngine(tiny_xl, tiny_vae_x8())
+    host = a1111_train_host(model)
+    assert host.base_model_version == "sdxl_base_v1-0" and host.prediction_type == "epsilon"
+    te1, te2 = tiny_xl.text_encoders
+    cond = host.encode_text(["red square", "blue"])
+    h1 = model.conditioner.embedders[0](["red square", "blue"])
+    h2, pooled = model.conditioner.embedders[1](["red square", "blue"])
+    assert torch.equal(cond.context, torch.cat([h1, h2], -1)) and torch.equal(cond.pooled, pooled)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([5, 700])
+    sizes = [(64, 48), (48, 64)]  # (w, h) buckets; sgm and diffusers both take (h, w)
+    ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=torch.float32)
+    with torch.no_grad():
+        want = tiny_xl.unet(x, t, encoder_hidden_states=cond.context,
+                            added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
+        got = host.denoise(x, t, cond, sizes)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(host.denoise(x, t, cond, sizes[::-1]), want, atol=1e-3)  # sizes matter
+
+
+def test_sdxl_trains_with_the_sdxl_preset(tmp_path, tiny_xl):
+    model = DiffusionEngine(tiny_xl, tiny_vae_x8())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lock = QueueLock()
+    tab = TrainTab(get_model=lambda: model, lock=lock)  # auto preset: sdxl_character
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    st = _run(session, _form(tmp_path, train_text_encoder=False, steps=2))
+    assert st.state == "done", st.error
+    assert session.job.cfg.min_snr_gamma == PRESETS["sdxl_character"]["min_snr_gamma"] and lock.acquired == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    lora = load_lora(st.output)
+    assert lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    names = set(lora.modules)
+    assert names and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                       "lora_unet_output_blocks_")) for n in names)  # kohya's sgm spelling
+    a_map = build_keymap(shapes_of(model))
+    assert all(a_map.lookup(n).weight_key.startswith("model.diffusion_model.") for n in names)
