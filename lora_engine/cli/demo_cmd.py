@@ -45,12 +45,14 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="train a LoRA on the built-in demo model and write a weight-sweep grid",
                        description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--weights", default="-1,-0.5,0,0.5,1", help="LoRA weights of the grid columns, e.g. --weights=-1,0,1 (write = before a leading minus)")
+    p.add_argument("--weights", default="-1,-0.5,0,0.5,1",
+                   help="LoRA weights of the grid columns, e.g. --weights=-1,0,1 (write = before a leading minus)")
     p.add_argument("--steps", type=int, default=None, help="LoRA training steps (default 240)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per image")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row r uses seed + r)")
     p.add_argument("--base", default=None, help="a demo base model file (default: the shipped one)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo model is so small that more threads only add overhead)")
     p.set_defaults(func=run)
 
 
@@ -74,9 +76,9 @@ def run(args) -> int:
         print(f"lora-engine demo: needs the models extra ({e.name} missing): pip install 'lora-engine[models]'",
               file=sys.stderr)
         return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     opts = _options(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
     try:
         res = run_demo(opts, TqdmUI())
     except KeyboardInterrupt:
@@ -85,6 +87,8 @@ def run(args) -> int:
     except LoraEngineError as e:
         print(f"lora-engine demo: {e}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)
     for line in res.warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(f"base model: {res.base}")

@@ -1,10 +1,11 @@
 """The demo text-to-image model: the real SD1 parts at toy size, in pixel space.
 
 - ``unet``: diffusers ``UNet2DConditionModel`` with the SD1 block layout (ResNet blocks, self- and
-  cross-attention transformer blocks in all levels but the lowest, time embedding). Its "latent" is the image itself, pixel-unshuffled: 32x32x3 pixels are seen as
-  16x16x12 (lossless and exactly invertible, so there is no VAE to train; it cuts the UNet's
-  cost 4x, which matters on a CPU). It predicts v (as SD2 does), which trains to clean samples in
-  far fewer steps than epsilon on this cosine schedule;
+  cross-attention transformer blocks in all levels but the lowest, time embedding). Its "latent"
+  is the image itself, pixel-unshuffled: 32x32x3 pixels are seen as 16x16x12 (lossless and
+  exactly invertible, so there is no VAE to train; it cuts the UNet's cost 4x, which matters on
+  a CPU). It predicts v (as SD2 does), which gives clean samples after far fewer training steps
+  than epsilon on this cosine schedule;
 - ``text_encoder``: transformers ``CLIPTextModel`` (causal transformer, last hidden state as
   the cross-attention context) over :class:`~lora_engine.demo.tokenizer.DemoTokenizer` ids.
 

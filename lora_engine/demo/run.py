@@ -126,6 +126,30 @@ def _publish(staging: str, out: str, names: list[str]) -> None:
         os.replace(os.path.join(staging, name), os.path.join(out, name))
 
 
+def _train_lora(model, staging: str, opts: DemoOptions, ui):
+    """Write the concept images and train the LoRA into ``staging/lora/NAME.safetensors``."""
+    c = opts.concept
+    data = os.path.join(staging, "concept_images")
+    with ui.bar("concept images", c.images, "img") as bar:
+        write_concept_images(data, c.images, c.seed)
+        bar.step_to(c.images, c.images)
+    lora_file = os.path.join(staging, "lora", opts.lora_name + ".safetensors")
+    with ui.bar("train LoRA", c.steps, "step") as bar:
+        return train_concept(model, data, lora_file, c,
+                             progress=lambda p: bar.step_to(p.step, p.total_steps, p.smoothed_loss))
+
+
+def _sweep(model, lora_dir: str, opts: DemoOptions, ui):
+    total = len(opts.weights) * opts.sample_steps
+    with ui.bar("sample grid", total, "step") as bar:
+        done = [0]
+
+        def tick(_):
+            done[0] += 1
+            bar.step_to(done[0], total)
+        return render_sweep(model, lora_dir, opts, tick)
+
+
 def run_demo(opts: DemoOptions, ui=None) -> DemoResult:
     """Run every phase; ``ui`` supplies progress bars (see :mod:`lora_engine.cli.demo_cmd`)."""
     from .base import get_base
@@ -134,40 +158,23 @@ def run_demo(opts: DemoOptions, ui=None) -> DemoResult:
     ui = ui or QuietUI()
     t0 = time.perf_counter()
     out = os.path.abspath(opts.out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=parent)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
+    lora_name = opts.lora_name + ".safetensors"
     try:
         with ui.bar("base model", 1, "step") as bar:
             model, base = get_base(opts.base, progress=bar.step_to)
             bar.step_to(1, 1)
-        data = os.path.join(staging, "concept_images")
-        c = opts.concept
-        with ui.bar("concept images", c.images, "img") as bar:
-            write_concept_images(data, c.images, c.seed)
-            bar.step_to(c.images, c.images)
-        lora_dir = os.path.join(staging, "lora")
-        lora_file = os.path.join(lora_dir, opts.lora_name + ".safetensors")
-        with ui.bar("train LoRA", c.steps, "step") as bar:
-            res = train_concept(model, data, lora_file, c, progress=lambda p: bar.step_to(p.step, p.total_steps,
-                                                                                          p.smoothed_loss))
-        total = len(opts.weights) * opts.sample_steps
-        with ui.bar("sample grid", total, "step") as bar:
-            done = [0]
-
-            def tick(_):
-                done[0] += 1
-                bar.step_to(done[0], total)
-            cells, warnings = render_sweep(model, lora_dir, opts, tick)
+        res = _train_lora(model, staging, opts, ui)
+        cells, warnings = _sweep(model, os.path.dirname(res.output), opts, ui)
         scores = {w: float(concept_score(torch.stack([row[i] for row in cells])).mean())
                   for i, w in enumerate(opts.weights)}
-        cols = [f"{opts.lora_name}:{w:g}" for w in opts.weights]
         title = f"<lora:{opts.lora_name}:w>  (LoRA trained {res.steps} steps on purple shapes)"
-        make_grid(cells, list(opts.prompts), cols, title).save(os.path.join(staging, GRID_NAME))
-        shutil.move(lora_file, os.path.join(staging, os.path.basename(lora_file)))
-        _publish(staging, out, [GRID_NAME, os.path.basename(lora_file)])
+        grid = make_grid(cells, list(opts.prompts), [f"{opts.lora_name}:{w:g}" for w in opts.weights], title)
+        grid.save(os.path.join(staging, GRID_NAME))
+        shutil.move(res.output, os.path.join(staging, lora_name))
+        _publish(staging, out, [GRID_NAME, lora_name])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return DemoResult(os.path.join(out, GRID_NAME), os.path.join(out, os.path.basename(lora_file)), base, scores,
-                      res.steps, res.losses[-1] if res.losses else float("nan"), time.perf_counter() - t0,
-                      tuple(warnings))
+    return DemoResult(os.path.join(out, GRID_NAME), os.path.join(out, lora_name), base, scores, res.steps,
+                      res.losses[-1] if res.losses else float("nan"), time.perf_counter() - t0, tuple(warnings))

@@ -44,7 +44,15 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train(args, progress=None) -> None:
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        _train(args, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args, progress) -> None:
     images, captions = make_dataset(args.pool, BASE_COLOURS, SHAPES, seed=args.seed)
     model = build_model(args.seed).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -64,7 +72,8 @@ def train(args, progress=None) -> None:
         if progress is not None:
             progress(step, loss.item())
         if step % args.save_every == 0 or step == args.steps:
-            save_model(ema, args.out, {"steps": step, "command": " ".join(sys.argv), "loss": loss.item()})
+            settings = {k: v for k, v in vars(args).items() if k not in ("out", "steps", "save_every")}
+            save_model(ema, args.out, {"steps": step, "settings": settings, "loss": loss.item()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ def test_missing_base_file_is_one_clear_line(tmp_path, capsys):
 def test_ctrl_c_during_training_leaves_no_partial_output(tmp_path):
     out = tmp_path / "demo_out"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "lora_engine", "demo", "--out", str(out), "--threads", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "lora_engine", "demo", "--out", str(out)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = b""
     deadline = time.time() + 240
