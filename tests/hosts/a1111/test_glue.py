@@ -29,7 +29,7 @@ FAKE_CALLBACKS = textwrap.dedent('''
             registered.append(kind)
         return register
     for _k in ("ui_settings", "before_ui", "model_loaded", "cfg_denoiser", "infotext_pasted",
-               "app_started", "script_unloaded"):
+               "app_started", "script_unloaded", "ui_tabs"):
         globals()["on_" + _k] = _on(_k)
 ''')
 
@@ -49,7 +49,7 @@ def test_entry_script_registers_callbacks_under_a_unique_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("['app_started', 'before_ui', 'cfg_denoiser', 'infotext_pasted', 'model_loaded', "
-                                  "'script_unloaded', 'ui_settings'] True []"), out.stdout
+                                  "'script_unloaded', 'ui_settings', 'ui_tabs'] True []"), out.stdout
 
 
 def _file(path, meta=None):
