@@ -12,14 +12,16 @@ from torch import nn
 
 from extension.train_host import a1111_train_host, prediction_type
 from extension.train_tab import FORM_FIELDS, TrainTab, default_preset, preset_form_values
-from lora_engine.engine import shapes_of
+from lora_engine.engine import LoraEngine, shapes_of
 from lora_engine.errors import TrainingError
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
+from lora_engine.patch.plan import StackEntry
 from lora_engine.train.network import NetworkConfig, TrainNetwork
 from lora_engine.train.presets import PRESETS
 from lora_engine.ui.context import UiConfig, UiContext
 from lora_engine.ui.train_session import FINISHED, TrainForm, TrainSession
+from tests.hosts.a1111.conftest import MODULES_A, module_of, write_lora
 from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, tiny_vae_x8
 from tests.models.hosts import a1111_root, diffusers_root
 from tests.models.tiny_sd import TinySD
@@ -122,6 +124,19 @@ def test_trains_the_loaded_model_under_the_queue_lock(tmp_path, model, tiny):
         a, d = a_map.lookup(n), d_map.lookup(n)
         assert a is not None and a.weight_key.startswith(("model.diffusion_model.", "cond_stage_model.wrapped."))
         assert a_mods[a.weight_key.rpartition(".")[0]] is d_mods[d.weight_key.rpartition(".")[0]]
+    # ... and merging the file into the A1111 model gives what the trained hooks computed
+    host, network = a1111_train_host(model), session.job.trainer.network
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), torch.tensor([300])
+    with torch.no_grad():
+        network.attach()
+        want = host.denoise(x, t, host.encode_text(["red square"]), [(64, 64)])
+        network.detach()
+        engine = LoraEngine(model, a_map, "merged")
+        engine.set_stack([StackEntry(lora)])
+        got = host.denoise(x, t, host.encode_text(["red square"]), [(64, 64)])
+        engine.restore()
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, tiny.unet(
+        x, t, encoder_hidden_states=host.encode_text(["red square"]).context).sample, atol=1e-5)
 
 
 def test_preset_goes_under_the_form(tmp_path, model):
@@ -198,3 +213,22 @@ def test_sdxl_trains_with_the_sdxl_preset(tmp_path, tiny_xl):
                                        "lora_unet_output_blocks_")) for n in names)  # kohya's sgm spelling
     a_map = build_keymap(shapes_of(model))
     assert all(a_map.lookup(n).weight_key.startswith("model.diffusion_model.") for n in names)
+
+
+def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path, model, tiny):
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    write_lora(tmp_path / "a.safetensors", tiny, MODULES_A, 1)
+    engine = LoraEngine(model, build_keymap(shapes_of(model)), "merged")
+    engine.set_stack([StackEntry(load_lora(str(tmp_path / "a.safetensors")))])
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = module_of(tiny, MODULES_A["lora_unet_input_blocks_4_0_in_layers_2"])
+    key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is probe.weight)
+    assert not torch.equal(base[key], merged[key])
+    seen = []
+    model.model.diffusion_model.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(probe.weight, base[key])))
+    tab = TrainTab(get_model=lambda: model, get_engine=lambda m: engine if m is model else None)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    st = _run(session, _form(tmp_path, steps=2))
+    assert st.state == "done", st.error
+    assert seen and all(seen)  # trained on the bare checkpoint
+    assert len(engine.stack) == 1 and all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
