@@ -3,6 +3,7 @@
 shared Train page's session (TrainingJob) with a queue-lock stand-in held for the whole run."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -225,10 +226,36 @@ def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path
     key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is probe.weight)
     assert not torch.equal(base[key], merged[key])
     seen = []
-    model.model.diffusion_model.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(probe.weight, base[key])))
+    unet = model.model.diffusion_model
+    unet.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(probe.weight, base[key])))
     tab = TrainTab(get_model=lambda: model, get_engine=lambda m: engine if m is model else None)
     session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
     st = _run(session, _form(tmp_path, steps=2))
     assert st.state == "done", st.error
     assert seen and all(seen)  # trained on the bare checkpoint
     assert len(engine.stack) == 1 and all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
+def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
+    """``on_ui_tabs`` with stand-ins of the A1111 modules it reads (``shared``, ``paths``, ``call_queue``)."""
+    import types
+    from types import SimpleNamespace
+
+    from extension import callbacks, train_tab
+    from tests.hosts.a1111.standin import Opts
+
+    pkg = types.ModuleType("modules")
+    pkg.shared = SimpleNamespace(sd_model=None, opts=Opts({}), cmd_opts=SimpleNamespace(lora_dir=str(tmp_path)))
+    pkg.paths = SimpleNamespace(models_path=str(tmp_path))
+    pkg.call_queue = SimpleNamespace(queue_lock=threading.Lock())
+    monkeypatch.setitem(sys.modules, "modules", pkg)
+    monkeypatch.setattr(callbacks, "_CONTROLLER", None)
+    [(blocks, title, elem_id)] = train_tab.on_ui_tabs()
+    assert (title, elem_id) == ("LoRA Training", "lora_training")
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    by_name = {getattr(f.fn, "__name__", ""): f.fn for f in fns}
+    updates = by_name["choose"]("sd15_style")
+    assert len(updates) == 12 and all(isinstance(u, dict) for u in updates)
+    values = {f: u.get("value") for f, u in zip(FORM_FIELDS, updates)}
+    assert values["rank"] == 16 and values["train_text_encoder"] is False and values["base"] is None
+    assert all(u == {"__type__": "update"} for u in by_name["choose"]("auto"))
