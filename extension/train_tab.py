@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 from lora_engine.errors import TrainingError
 from lora_engine.train.presets import PRESETS
@@ -59,6 +60,9 @@ class TrainTab:
         info = getattr(sd_model, "sd_checkpoint_info", None)
         host = a1111_train_host(sd_model, model_name=getattr(info, "name_for_extra", "") or "")
         settings = dict(PRESETS[self.preset or default_preset(sd_model)])
+        tagged = [p for p in self.sample_prompts if re.search(r"<(lora|lyco):", p)]
+        if tagged:  # they would merge LoRAs into the weights being trained on
+            raise TrainingError(f"sample prompt {tagged[0]!r}: LoRA tags cannot be used while training")
         if self.sample_prompts and self.sample_every > 0 and self.make_sampler is not None:
             host.sample = self.make_sampler(int(form.resolution), int(form.resolution))
             settings |= {"sample_prompts": tuple(self.sample_prompts), "sample_every_steps": int(self.sample_every)}
@@ -132,8 +136,9 @@ def on_ui_tabs():
     gr = gradio()
     tab = _a1111_tab()
     with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.Markdown("Trains a LoRA on the checkpoint loaded in the WebUI (the Base model field is ignored). "
-                    "Generation waits while a run holds the queue.")
+        gr.Markdown("Trains a LoRA on the checkpoint loaded in the WebUI (the Base model field is ignored); "
+                    "generation waits while a run holds the queue. A preset fills the form; its other settings "
+                    "(optimizer, schedule, min-SNR, LoCon, flip...) apply under the form's values.")
         with gr.Row():
             preset = gr.Dropdown(choices=["auto", *PRESETS], value="auto", label="Preset (auto: character preset "
                                  "of the loaded model's family)", elem_id="le-train-preset")

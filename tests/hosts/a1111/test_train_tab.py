@@ -259,3 +259,15 @@ def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     values = {f: u.get("value") for f, u in zip(FORM_FIELDS, updates)}
     assert values["rank"] == 16 and values["train_text_encoder"] is False and values["base"] is None
     assert all(u == {"__type__": "update"} for u in by_name["choose"]("auto"))
+
+
+def test_samples_use_the_host_sampler_and_refuse_lora_tags(tmp_path, model):
+    made = []
+    tab = TrainTab(get_model=lambda: model, make_sampler=lambda w, h: made.append((w, h)) or (lambda p, s: []),
+                   sample_prompts=("red square",), sample_every=2)
+    setup = tab.setup(_form(tmp_path))
+    assert made == [(64, 64)] and setup.host.sample is not None
+    assert setup.settings["sample_prompts"] == ("red square",) and setup.settings["sample_every_steps"] == 2
+    tab.sample_prompts = ("red square <lora:other:1>",)
+    with pytest.raises(TrainingError, match="LoRA tags cannot be used while training"):
+        tab.setup(_form(tmp_path))
