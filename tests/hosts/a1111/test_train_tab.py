@@ -3,6 +3,7 @@
 shared Train page's session (TrainingJob) with a queue-lock stand-in held for the whole run."""
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -271,3 +272,17 @@ def test_samples_use_the_host_sampler_and_refuse_lora_tags(tmp_path, model):
     tab.sample_prompts = ("red square <lora:other:1>",)
     with pytest.raises(TrainingError, match="LoRA tags cannot be used while training"):
         tab.setup(_form(tmp_path))
+
+
+def test_half_precision_base_as_a1111_keeps_it(tmp_path, model):
+    """A1111 holds the UNet and text encoder in fp16 (VAE often fp32): inputs follow each part's dtype."""
+    model.model.half()
+    model.cond_stage_model.half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tab = TrainTab(get_model=lambda: model, lock=QueueLock())
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    st = _run(session, _form(tmp_path, steps=2))
+    assert st.state == "done", st.error
+    assert all(math.isfinite(v) for v in st.losses)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert load_lora(st.output).modules  # a non-empty file in fp32 kohya layout
