@@ -16,7 +16,7 @@ from tests.hosts.comfy.standin import encode_ids
 
 
 def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("lora_engine")]
 
 
 def test_tags_applied_and_text_cleaned(loras, sd1, engine, caplog):
