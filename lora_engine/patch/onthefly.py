@@ -150,8 +150,12 @@ class _ModuleHook:
                     factor = float(factor.flatten()[0])
                 t = term.target
                 region = patched if t.rows is None else patched[t.rows[0]:t.rows[1]]
-                dw, _ = summed_delta([term.contribution], self.patcher.original(t))
-                region += factor * dw.to(region.device)
+                dw = term.cache.get("swap")
+                if dw is None:  # the weight is never written, so ΔW(W) is computed once
+                    c = term.contribution
+                    unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
+                    dw = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))[0]
+                region += (factor * term.contribution.strength) * dw.to(region.device)
             self.swapped[key] = (owner, name, original)
             owner._parameters[name] = patched.to(original.dtype)
 
