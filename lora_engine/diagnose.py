@@ -117,13 +117,14 @@ def _blocks(lf: LoraFile) -> dict[str, dict]:
     return {k: {"modules": v["modules"], "ranks": sorted(v["ranks"]), "alphas": sorted(v["alphas"])} for k, v in out.items()}
 
 
-def summarize(source: str | os.PathLike | LoraFile) -> Summary:
-    """Diagnose a file. Never raises for a bad file: the error is in ``Summary.error``."""
+def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -> Summary:
+    """Diagnose a file. Never raises for a bad file: the error is in ``Summary.error``.
+    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders."""
     if isinstance(source, LoraFile):
         lf = source
     else:
         try:
-            lf = load_lora(source)
+            lf = load_lora(source, check_finite=check_finite)
         except LoraEngineError as e:
             return Summary(os.fspath(source), "unreadable", "unknown", "", 0, {}, {}, {}, error=str(e))
     arch = _arch_from_metadata(lf.metadata)

@@ -108,7 +108,7 @@ def _summarize(path: str) -> tuple[str, str, str | None]:
     try:
         from .diagnose import summarize
 
-        s = summarize(path)
+        s = summarize(path, check_finite=False)  # header-level: a folder scan must not read every byte
         return str(s.format), str(s.architecture), getattr(s, "error", None)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop a library scan
         return "unknown", "unknown", f"{type(e).__name__}: {e}"
@@ -128,8 +128,8 @@ def _read_metadata(path: str) -> tuple[dict, str | None]:
 def read_file_record(path: str, hash_files: bool = True, summarize_files: bool = True) -> dict:
     """Everything the cache keeps about one file (hashes, metadata without cover images, summary).
 
-    ``summarize_files=False`` skips :func:`lora_engine.diagnose.summarize` (which reads every
-    tensor); format and architecture are then "unknown" until a scan that summarizes."""
+    ``summarize_files=False`` skips :func:`lora_engine.diagnose.summarize` (header-level: no
+    NaN scan); format and architecture are then "unknown" until a scan that summarizes."""
     meta, meta_err = _read_metadata(path)
     record: dict = {"has_cover": "ssmd_cover_images" in meta,
                     "metadata": {k: v for k, v in meta.items() if k != "ssmd_cover_images"}}

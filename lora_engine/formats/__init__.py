@@ -119,9 +119,13 @@ def _nonfinite(t: torch.Tensor) -> bool:
 
 
 def lora_from_tensors(
-    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], peft_config: dict | None = None
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], peft_config: dict | None = None,
+    check_finite: bool = True,
 ) -> LoraFile:
-    """Group keys by module, pick each module's adapter, and account for every key."""
+    """Group keys by module, pick each module's adapter, and account for every key.
+
+    ``check_finite=False`` skips the NaN/Inf scan, the only step that reads every tensor's bytes
+    (for header-level summaries of whole folders)."""
     peft_config = peft_config or {}
     te_prefix = te_prefix_for(tensors)
     grouped: dict[ModuleKey, dict[str, torch.Tensor]] = {}
@@ -141,7 +145,7 @@ def lora_from_tensors(
     comp_cfgs = diffusers_metadata_configs(metadata)
     lf = LoraFile(path, fmt, metadata, {}, unknown, peft_config=peft_config)
 
-    nonfinite = [k for k, t in tensors.items() if _nonfinite(t)]
+    nonfinite = [k for k, t in tensors.items() if _nonfinite(t)] if check_finite else []
     if nonfinite:
         lf.warnings.append(
             f"{path}: {len(nonfinite)} tensor(s) contain NaN/Inf (first: {nonfinite[0]}); those modules are skipped"
@@ -194,13 +198,13 @@ def _alpha_for(mk: ModuleKey, peft_config: dict, comp_cfgs: dict[str, dict]) -> 
     return AlphaSpec()
 
 
-def load_lora(path: str | os.PathLike) -> LoraFile:
+def load_lora(path: str | os.PathLike, check_finite: bool = True) -> LoraFile:
     """Read and interpret one LoRA file or PEFT folder. Raises :class:`LoraFileError` subclasses."""
     path = os.fspath(path)
     tensors, metadata, peft_config = read_tensors(path)
     if not tensors:
         raise LoraFileError(path, "file holds no tensors")
-    lf = lora_from_tensors(path, tensors, metadata, peft_config)
+    lf = lora_from_tensors(path, tensors, metadata, peft_config, check_finite=check_finite)
     for w in lf.warnings:
         log.warning(w)
     return lf
