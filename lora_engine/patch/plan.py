@@ -47,7 +47,8 @@ class Contribution:
 class LoraReport:
     name: str
     touched: int = 0
-    unmatched: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # no such module, or a module of another shape
+    wrong_shape: list[str] = field(default_factory=list)
     diagnosis: str = ""
     problems: list[str] = field(default_factory=list)
 
@@ -57,7 +58,10 @@ class LoraReport:
             return None
         parts = []
         if self.unmatched:
-            parts.append(f"{len(self.unmatched)} module(s) matched nothing in this model: {self.diagnosis}")
+            part = f"{len(self.unmatched)} module(s) matched nothing in this model: {self.diagnosis}"
+            if self.wrong_shape:
+                part += f" ({len(self.wrong_shape)} have the name but another shape, e.g. {self.wrong_shape[0]})"
+            parts.append(part)
         if self.problems:
             parts.append(f"{len(self.problems)} module(s) unusable ({self.problems[0]})")
         return f"{self.name}: " + "; ".join(parts)
@@ -84,6 +88,38 @@ def _truncate(adapter, dyn: int | None):
     return adapter
 
 
+def misfit(adapter, shape: tuple[int, ...]) -> str | None:
+    """Why this adapter cannot apply to a weight of ``shape`` (from tensor shapes only), or None."""
+    import math
+
+    from ..adapters.dora import dora_axis
+
+    inner = getattr(adapter, "inner", adapter)
+    natural = getattr(inner, "natural_shape", None)
+    if natural is not None:
+        try:
+            ns = tuple(natural())
+        except (RuntimeError, ValueError, IndexError):
+            return "its tensors do not chain"
+        if math.prod(ns) != math.prod(shape):
+            return f"delta {list(ns)} vs weight {list(shape)}"
+    if inner.kind == "ia3" and inner.weight.numel() not in shape[:2]:
+        return f"ia3 vector of {inner.weight.numel()} vs weight {list(shape)}"
+    if inner.kind == "oft" and not inner.is_butterfly and inner.blocks.shape[0] * inner.blocks.shape[-1] != shape[0]:
+        return f"oft blocks {list(inner.blocks.shape)} vs weight {list(shape)}"
+    if adapter is not inner:  # DoRA magnitude
+        try:
+            dora_axis(tuple(adapter.magnitude.shape), tuple(shape))
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _has_bias_delta(adapter) -> bool:
+    inner = getattr(adapter, "inner", adapter)
+    return any(getattr(inner, f, None) is not None for f in ("up_bias", "diff_b", "b_norm"))
+
+
 def build_plan(stack: list[StackEntry], keymap) -> PatchPlan:
     plan = PatchPlan()
     contributions: dict[str, list[Contribution]] = {}
@@ -96,10 +132,17 @@ def build_plan(stack: list[StackEntry], keymap) -> PatchPlan:
             if target is None:
                 unmatched.append(name)
                 continue
+            why = misfit(ma.adapter, target.shape)
+            if why is not None:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
+                unmatched.append(name)
+                report.wrong_shape.append(f"{name}: {why}")
+                continue
             strength = entry.te if target.component == "te" else entry.unet
             if entry.block_multiplier is not None:
                 strength *= float(entry.block_multiplier(name))
             report.touched += 1
+            if target.bias_key is None and _has_bias_delta(ma.adapter):
+                report.problems.append(f"{name}: has a bias delta but the layer has no bias (bias part skipped)")
             if strength == 0.0:
                 continue
             slot = slot_of(target)

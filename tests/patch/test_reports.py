@@ -1,0 +1,50 @@
+"""What the engine tells the user after applying: unmatched keys with a diagnosis, dropped bias deltas."""
+import torch
+from safetensors.torch import save_file
+
+from lora_engine.cache import LoraCache
+from lora_engine.engine import LoraEngine
+from lora_engine.patch import StackEntry
+from tests.patch.conftest import make_host
+from tests.patch.lorafiles import write_kohya
+
+
+def test_sdxl_lora_on_sd1_is_one_line_with_diagnosis(tmp_path):
+    _, _, km_xl = make_host("sdxl", "a1111")
+    _, root, km = make_host("sd1", "a1111")
+    write_kohya(tmp_path / "xl.safetensors", km_xl, seed=3, fraction=1.0)
+    before = {k: v.clone() for k, v in root.state_dict().items()}
+    eng = LoraEngine(root, km)
+    eng.set_stack([StackEntry(LoraCache().get(tmp_path / "xl.safetensors"))])
+    lines = eng.warnings()
+    assert len(lines) == 1 and "xl" in lines[0] and "SDXL" in lines[0], lines
+    eng.restore()
+    assert all(torch.equal(v, before[k]) for k, v in root.state_dict().items())
+
+
+def test_bias_delta_on_biasless_layer_is_reported(tmp_path):
+    m, root, km = make_host("sd1", "diffusers")
+    to_q = m.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert to_q.bias is None
+    base = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    o, i = to_q.weight.shape
+    save_file({f"{base}.lora_A.weight": torch.randn(2, i), f"{base}.lora_B.weight": torch.randn(o, 2),
+               f"{base}.lora_B.bias": torch.randn(o)}, str(tmp_path / "b.safetensors"))
+    eng = LoraEngine(root, km)
+    eng.set_stack([StackEntry(LoraCache().get(tmp_path / "b.safetensors"))])
+    lines = eng.warnings()
+    assert len(lines) == 1 and "no bias" in lines[0], lines
+
+
+def test_sd1_lora_on_sd2_names_match_but_shapes_do_not(tmp_path):
+    _, _, km1 = make_host("sd1", "diffusers")
+    _, root, km2 = make_host("sd2", "diffusers")
+    write_kohya(tmp_path / "sd1.safetensors", km1, seed=4, fraction=1.0, component="unet")
+    before = {k: v.clone() for k, v in root.state_dict().items()}
+    eng = LoraEngine(root, km2)
+    eng.set_stack([StackEntry(LoraCache().get(tmp_path / "sd1.safetensors"))])
+    lines = eng.warnings()
+    assert len(lines) == 1 and "another shape" in lines[0], lines
+    # whatever did fit was applied; nothing raised; restore gives the base back
+    eng.restore()
+    assert all(torch.equal(v, before[k]) for k, v in root.state_dict().items())
