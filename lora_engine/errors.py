@@ -44,3 +44,12 @@ class DatasetError(LoraEngineError):
 
 class TrainingError(LoraEngineError):
     """Training cannot start or continue (bad settings, persistent NaN/Inf, incompatible resume state)."""
+
+
+class ModelFolderError(LoraEngineError):
+    """A model folder (e.g. a diffusers pipeline folder) is missing or cannot be used."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

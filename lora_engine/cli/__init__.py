@@ -19,6 +19,7 @@ COMMANDS = [
     "convert_cmd",
     "bake_cmd",
     "serve_cmd",
+    "generate_cmd",
 ]
 
 

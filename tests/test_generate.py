@@ -1,0 +1,122 @@
+"""`lora-engine generate`: a real tiny diffusers StableDiffusionPipeline saved to disk, a kohya
+LoRA written for it, generation with <lora:…> tags compared with applying the LoRA by hand."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from lora_engine.engine import LoraEngine, shapes_of  # noqa: E402
+from lora_engine.formats import load_lora  # noqa: E402
+from lora_engine.generate import GenerateOptions, generate, load_pipeline, pipeline_root  # noqa: E402
+from lora_engine.keymap import build_keymap  # noqa: E402
+from lora_engine.patch import StackEntry  # noqa: E402
+from tests.patch.lorafiles import write_kohya  # noqa: E402
+from tests.train.models import tiny_parts  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tmp = tmp_path_factory.mktemp("generate")
+    parts = tiny_parts(str(tmp))
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear",
+                                                                            beta_start=0.00085, beta_end=0.012,
+                                                                            clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = tmp / "model"
+    pipe.save_pretrained(str(folder))
+    loras = tmp / "loras"
+    loras.mkdir()
+    write_kohya(loras / "style.safetensors", build_keymap(shapes_of(pipeline_root(pipe))), seed=3, rank=2, alpha=2.0,
+                fraction=1.0)
+    return folder, loras
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return load_pipeline(str(model_dir[0]))
+
+
+def _opts(model_dir, prompt, **kw):
+    return GenerateOptions(str(model_dir[0]), prompt, lora_dirs=(str(model_dir[1]),), steps=3, width=SIZE,
+                           height=SIZE, seed=5, cfg=4.0, **kw)
+
+
+def _px(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _weights(pipe) -> dict:
+    return {k: v.detach().clone() for k, v in pipeline_root(pipe).state_dict().items()}
+
+
+def test_lora_changes_image_and_matches_hand_application(model_dir, pipe):
+    before = _weights(pipe)
+    on = generate(_opts(model_dir, "red square <lora:style:1>"), pipe=pipe)
+    off = generate(_opts(model_dir, "red square <lora:style:0>"), pipe=pipe)
+    assert on.prompt == off.prompt == "red square"
+    assert on.warnings == () and off.warnings == ()
+    assert np.abs(_px(on.images[0]) - _px(off.images[0])).max() > 0
+
+    root = pipeline_root(pipe)
+    engine = LoraEngine(root, build_keymap(shapes_of(root)))
+    engine.set_stack([StackEntry(load_lora(model_dir[1] / "style.safetensors"))])
+    try:
+        gen = torch.Generator("cpu").manual_seed(5)
+        by_hand = pipe("red square", num_inference_steps=3, guidance_scale=4.0, width=SIZE, height=SIZE,
+                       generator=[gen]).images[0]
+    finally:
+        engine.restore()
+    assert np.array_equal(_px(by_hand), _px(on.images[0]))
+
+    after = _weights(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unknown_lora_warns_once_and_still_generates(model_dir, pipe):
+    res = generate(_opts(model_dir, "blue square <lora:nothere:1>", count=2), pipe=pipe)
+    assert len(res.warnings) == 1 and "nothere" in res.warnings[0]
+    assert len(res.images) == 2 and res.images[0].size == (SIZE, SIZE)
+    plain = generate(_opts(model_dir, "blue square"), pipe=pipe)
+    assert np.array_equal(_px(plain.images[0]), _px(res.images[0]))  # image i uses seed + i
+
+
+def test_bad_model_folder_is_one_line(tmp_path):
+    from lora_engine.errors import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="no such folder"):
+        load_pipeline(str(tmp_path / "missing"))
+    with pytest.raises(ModelFolderError, match="not a diffusers model folder"):
+        load_pipeline(str(tmp_path))
+
+
+def test_cli_writes_png(model_dir, tmp_path, capsys):
+    from lora_engine.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["generate", str(model_dir[0]), "red square <lora:style:0.7> <lora:nothere:1>", "--lora-dir",
+               str(model_dir[1]), "--steps", "2", "--width", str(SIZE), "--height", str(SIZE), "--seed", "1",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr()
+    pngs = sorted(os.listdir(out))
+    assert pngs and all(p.endswith(".png") for p in pngs)
+    assert str(out / pngs[0]) in printed.out
+    assert "nothere" in printed.out + printed.err
+
+
+def test_cli_missing_folder_one_line(tmp_path, capsys):
+    from lora_engine.cli import main
+
+    rc = main(["generate", str(tmp_path / "nope"), "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "no such folder" in err
