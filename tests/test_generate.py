@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                    unet=parts.unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear",
                                                                             beta_start=0.00085, beta_end=0.012,
-                                                                            clip_sample=False),
+                                                                            clip_sample=False, steps_offset=1),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = tmp / "model"
     pipe.save_pretrained(str(folder))
@@ -88,6 +88,33 @@ def test_unknown_lora_warns_once_and_still_generates(model_dir, pipe):
     assert len(res.images) == 2 and res.images[0].size == (SIZE, SIZE)
     plain = generate(_opts(model_dir, "blue square"), pipe=pipe)
     assert np.array_equal(_px(plain.images[0]), _px(res.images[0]))  # image i uses seed + i
+
+
+def test_block_weights_reach_the_engine(model_dir, pipe):
+    full = generate(_opts(model_dir, "red square <lora:style:1>"), pipe=pipe)
+    ones, zeros = ",".join(["1"] * 26), ",".join(["0"] * 26)  # 26 ratios: every block, BASE included
+    all_blocks = generate(_opts(model_dir, f"red square <lora:style:1:lbw={ones}>"), pipe=pipe)
+    no_blocks = generate(_opts(model_dir, f"red square <lora:style:1:lbw={zeros}>"), pipe=pipe)
+    assert all_blocks.warnings == () and no_blocks.warnings == ()
+    assert np.array_equal(_px(full.images[0]), _px(all_blocks.images[0]))
+    assert not np.array_equal(_px(full.images[0]), _px(no_blocks.images[0]))
+
+
+def test_cancel_mid_run_restores_weights(model_dir, pipe):
+    from lora_engine.errors import OperationCancelled
+
+    before = _weights(pipe)
+    seen = []
+
+    def stop(step, total):
+        seen.append((step, total))
+        if step == 2:
+            raise OperationCancelled("stop")
+    with pytest.raises(OperationCancelled):
+        generate(_opts(model_dir, "red square <lora:style:1>"), pipe=pipe, progress=stop)
+    assert seen == [(1, 3), (2, 3)]
+    after = _weights(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_model_folder_is_one_line(tmp_path):
