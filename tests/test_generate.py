@@ -147,3 +147,43 @@ def test_cli_missing_folder_one_line(tmp_path, capsys):
     rc = main(["generate", str(tmp_path / "nope"), "x", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and "no such folder" in err
+
+
+def _sdxl_pipeline(tmp):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tests.models.tiny_sd import text_encoder_config, tiny_unet
+    from tests.train.models import tiny_tokenizer, tiny_vae
+
+    tok = tiny_tokenizer(str(tmp / "tok"))
+
+    def encoder(index, cls):  # the tiny SDXL encoders, sized for the letters tokenizer
+        torch.manual_seed(index)
+        return cls(CLIPTextConfig(**text_encoder_config("sdxl", index) | dict(vocab_size=80,
+                                                                              max_position_embeddings=24))).eval()
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=encoder(1, CLIPTextModel),
+                                     text_encoder_2=encoder(2, CLIPTextModelWithProjection), tokenizer=tok,
+                                     tokenizer_2=tok, unet=tiny_unet("sdxl"),
+                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear",
+                                                                      beta_start=0.00085, beta_end=0.012))
+
+
+def test_sdxl_folder(tmp_path):
+    pipe = _sdxl_pipeline(tmp_path)
+    root = pipeline_root(pipe)
+    assert {n for n, _ in root.named_children()} == {"unet", "text_encoder", "text_encoder_2"}
+    pipe.save_pretrained(str(tmp_path / "xl"))
+    (tmp_path / "l").mkdir()
+    truth = write_kohya(tmp_path / "l" / "x.safetensors", build_keymap(shapes_of(root)), seed=1, fraction=1.0)
+    assert any(n.startswith("lora_te2_") for n in truth)
+    loaded = load_pipeline(str(tmp_path / "xl"))
+    before = _weights(loaded)
+    opts = GenerateOptions(str(tmp_path / "xl"), "red <lora:x:1>", lora_dirs=(str(tmp_path / "l"),), steps=2,
+                           width=SIZE, height=SIZE)
+    on = generate(opts, pipe=loaded)
+    off = generate(GenerateOptions(**{**opts.__dict__, "prompt": "red <lora:x:0>"}), pipe=loaded)
+    assert on.warnings == () and on.images[0].size == (SIZE, SIZE)
+    assert not np.array_equal(_px(on.images[0]), _px(off.images[0]))
+    after = _weights(loaded)
+    assert all(torch.equal(before[k], after[k]) for k in before)
