@@ -10,7 +10,7 @@ from ..errors import LoraEngineError
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="text-to-image with <lora:...> tags through a local diffusers model folder",
-                       description=__doc__.split("\n")[0])
+                       description="Text-to-image with <lora:...> tags through a local diffusers Stable Diffusion (XL) folder; writes PNGs and prints their paths and every warning.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers model folder (has model_index.json)")
     p.add_argument("prompt", metavar="PROMPT", help='prompt with A1111 tags, e.g. "a cat <lora:style:0.8>"')
     p.add_argument("--negative", default="", help="negative prompt")
