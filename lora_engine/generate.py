@@ -12,7 +12,7 @@ through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleane
 weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
 (as A1111 does), so one image of a batch can be reproduced alone.
 
-diffusers is an optional dependency (the ``diffusers`` extra); it is imported only here.
+diffusers is an optional dependency (the ``models`` extra); it is imported only here.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def load_pipeline(model_dir: str):
     try:
         import diffusers
     except ImportError as e:
-        raise LoraEngineError(f"generate needs diffusers ({e.name} missing): pip install 'lora-engine[diffusers]'") \
+        raise LoraEngineError(f"generate needs diffusers ({e.name} missing): pip install 'lora-engine[models]'") \
             from None
     cls = getattr(diffusers, pipeline_class(model_dir))
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
