@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import LoraEngineError
 from ..adapters.lora import LoRA
 from .delta import summed_delta
+from .lowrank_side import FusedLowRank
 from .merged import _param
 from .plan import Contribution, PatchPlan, changed_slots
 
@@ -50,6 +51,7 @@ class _ModuleHook:
         self.terms: dict[str, list[_Term]] = {}  # slot -> terms
         self.handles = []
         self.swapped: dict[str, tuple] = {}
+        self.fused_cache: dict = {}  # rebuilt after any change of terms
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             self.handles.append(module.register_forward_hook(self._add_hook))
         else:
@@ -120,10 +122,27 @@ class _ModuleHook:
             return a.down.ndim == 4 and tuple(a.down.shape[2:]) == k or (k == (1, 1))
         return True
 
+    def _fusable(self, term: _Term) -> bool:
+        a = term.contribution.adapter
+        return self._is_lowrank(term) and a.mid is None and a.up_bias is None
+
+    def _fused_for(self, x: torch.Tensor):
+        key = ("fused", x.dtype, x.device)
+        if key not in self.fused_cache:
+            terms = [t for ts in self.terms.values() for t in ts if self._fusable(t)]
+            ok = terms and FusedLowRank.compatible(terms, self.module)
+            self.fused_cache[key] = FusedLowRank(terms, self.module, x.dtype, x.device) if ok else None
+        return self.fused_cache[key]
+
     def _add_hook(self, module, args, out):
         x = args[0]
+        fused = self._fused_for(x)
+        if fused is not None:
+            out = fused(x, out, [self.patcher.factor(i) for i in fused.lora_ids], module)
         for slot_terms in self.terms.values():
             for term in slot_terms:
+                if fused is not None and self._fusable(term):
+                    continue
                 factor = self.patcher.factor(term.contribution.lora_id)
                 if isinstance(factor, float) and factor == 0.0:
                     continue
@@ -206,8 +225,10 @@ class OnTheFlyPatcher:
                 if hook is None:
                     hook = self.hooks[path] = _ModuleHook(self, path, self.root.get_submodule(path))
                 hook.terms[slot] = [_Term(c, target) for c in contribs]
+                hook.fused_cache = {}
             elif hook is not None:
                 hook.terms.pop(slot, None)
+                hook.fused_cache = {}
                 if not hook.terms:
                     hook.remove()
                     del self.hooks[path]
