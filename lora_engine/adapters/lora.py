@@ -49,11 +49,12 @@ class LoRA:
         return replace(self, down=self.down[:dyn], up=self.up[:, :dyn])
 
     def dense(self) -> torch.Tensor:
-        up = f32(self.up).reshape(self.up.shape[0], -1)
+        # s is folded into the small up (o×r) factor: one pass less over the o×i result
+        up = f32(self.up).reshape(self.up.shape[0], -1) * self.scale
         down = f32(self.down)
         if self.mid is not None:
-            return self.scale * torch.einsum("oa,ab...,bi->oi...", up, f32(self.mid), down.reshape(down.shape[0], -1))
-        return self.scale * (up @ down.reshape(down.shape[0], -1))
+            return torch.einsum("oa,ab...,bi->oi...", up, f32(self.mid), down.reshape(down.shape[0], -1))
+        return up @ down.reshape(down.shape[0], -1)
 
     def delta(self, base: torch.Tensor) -> Delta:
         w = fit(self.dense(), base.shape, "lora")
