@@ -1,7 +1,8 @@
 """``lora-engine train [CONFIG.toml] --base FOLDER --data DIR --output FILE ...``
 
 Settings come from the TOML file (flat keys or [network]/[dataset]/[captions] tables, plus
-``base``/``device``), then the flags override them. Shows the dataset report, then a progress
+``base``/``device``/``tokenizer``/``prediction_type``), then the flags override them. The base is a
+diffusers folder or a single-file SD1/SD2/SDXL .safetensors checkpoint. Shows the dataset report, then a progress
 bar with loss and ETA. Ctrl-C stops after the current step and writes the LoRA and its resume
 state (``--resume OUTPUT.trainstate`` continues exactly).
 """
@@ -19,12 +20,18 @@ FLAGS = {"data": "data_dir", "output": "output", "steps": "steps", "epochs": "ep
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a LoRA on a diffusers model folder",
+    p = subparsers.add_parser("train", help="train a LoRA on a diffusers model folder or a single-file checkpoint",
                               description=__doc__.split("\n\n")[1])
     p.add_argument("config", nargs="?", help="TOML file with training settings")
     p.add_argument("--preset", help="start from a preset: sd15_character, sd15_style, sdxl_character, sdxl_style "
                    "(the file and the flags override it)")
-    p.add_argument("--base", help="diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
+    p.add_argument("--base", help="diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/) or a "
+                   "single-file SD1/SD2/SDXL .safetensors checkpoint (A1111/ComfyUI layout)")
+    p.add_argument("--tokenizer", help="single-file base: a CLIP tokenizer folder (or a diffusers folder with "
+                   "tokenizer/ and tokenizer_2/); default: the offline HF cache, then open_clip's BPE table")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), dest="prediction_type",
+                   help="single-file base: what the model predicts (default: the <checkpoint>.yaml beside it, "
+                   "else epsilon; SD2.x 768-v models need v_prediction)")
     p.add_argument("--data", help="image folder (captions in .txt/.caption; N_name subfolders repeat N times)")
     p.add_argument("--output", help="output .safetensors file")
     p.add_argument("--steps", type=int)
@@ -49,7 +56,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _settings(args) -> tuple[dict, str | None, str | None]:
+def _settings(args) -> tuple[dict, str | None, str | None, dict]:
     from ..train import load_toml
     from ..train.presets import preset
 
@@ -58,13 +65,15 @@ def _settings(args) -> tuple[dict, str | None, str | None]:
     if name:
         settings = preset(name) | settings
     base, device = settings.pop("base", None), settings.pop("device", None)
+    model = {"tokenizer": settings.pop("tokenizer", None), "prediction_type": settings.pop("prediction_type", None)}
+    model = {k: getattr(args, k, None) or v for k, v in model.items()}
     for dest, key in FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
             settings[key] = value
     if args.epochs is not None and args.steps is None:
         settings["steps"] = 0  # --epochs on the command line beats a step count from the file
-    return settings, args.base or base, args.device or device
+    return settings, args.base or base, args.device or device, model
 
 
 class _Bar:
@@ -105,23 +114,30 @@ def _saving_samples(host, output: str) -> None:
 
 
 def run(args) -> int:
+    import os
+
     import torch
 
     from ..errors import LoraEngineError
     from ..train import Trainer, build_config
     from ..train.diffusers_host import load_diffusers_folder
+    from ..train.single_file import load_single_file
 
     try:
-        settings, base, device = _settings(args)
+        settings, base, device, model = _settings(args)
         cfg = build_config(settings)
         if not base:
-            print("lora-engine train: no base model (--base FOLDER or base = ... in the config)", file=sys.stderr)
+            print("lora-engine train: no base model (--base FOLDER_OR_CHECKPOINT or base = ... in the config)",
+                  file=sys.stderr)
             return 2
         if not cfg.data_dir or not cfg.output:
             print("lora-engine train: --data and --output are required", file=sys.stderr)
             return 2
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        host = load_diffusers_folder(base, device=device)
+        if os.path.isfile(base):
+            host = load_single_file(base, device=device, **model)
+        else:
+            host = load_diffusers_folder(base, device=device)
         if host.sample is not None:
             _saving_samples(host, cfg.output)
         log = lambda line: print(line, file=sys.stderr)  # noqa: E731

@@ -1,5 +1,6 @@
 """The Train page's state without gradio: one :class:`~lora_engine.train.job.TrainingJob` at a time
-on a host built from the form (the demo model, or a diffusers folder), and its status as text.
+on a host built from the form (the demo model, a single-file SD checkpoint, or a diffusers folder), and its
+status as text.
 
 ``TrainForm`` holds the form's values; ``TrainSession.start`` validates them, builds the host and
 the config, starts the job (dataset errors come back as the job's ``failed`` status, one line).
@@ -19,7 +20,7 @@ FINISHED = ("done", "cancelled", "failed")
 
 @dataclass(frozen=True)
 class TrainForm:
-    base: str  # "demo" (the built-in demo model), a demo base file, or a diffusers folder
+    base: str  # "demo" (the built-in demo model), a demo base file, an SD single-file checkpoint, or a diffusers folder
     data_dir: str
     output: str  # name in the output folder, or an absolute path
     steps: int = 200
@@ -46,7 +47,11 @@ class HostSetup:
 
 
 def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
+    from ..train.single_file import is_sd_checkpoint, load_single_file
+
     base = form.base.strip()
+    if os.path.isfile(base) and base.endswith(".safetensors") and is_sd_checkpoint(base):
+        return load_single_file(base, device=device), {"resolution": int(form.resolution)}
     if base == "demo" or (os.path.isfile(base) and base.endswith(".safetensors")):
         from ..demo.base import get_base
         from ..demo.concept import demo_host
@@ -58,7 +63,8 @@ def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
         from ..train.diffusers_host import load_diffusers_folder
 
         return load_diffusers_folder(base, device=device), {"resolution": int(form.resolution)}
-    raise TrainingError(f"base model {base!r}: give 'demo', a demo base .safetensors file or a diffusers folder")
+    raise TrainingError(f"base model {base!r}: give 'demo', a demo base .safetensors file, an SD1/SD2/SDXL "
+                        "single-file .safetensors checkpoint or a diffusers folder")
 
 
 def build_job(ctx: UiContext, form: TrainForm, host_factory: Callable[[TrainForm], HostSetup] | None = None):
