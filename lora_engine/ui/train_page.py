@@ -13,9 +13,10 @@ from .train_session import TrainForm, TrainSession
 POLL_S = 1.0
 
 
-def _form_inputs(gr, ctx: UiContext):
+def _form_inputs(gr, ctx: UiContext, tokenizer_box: bool = True):
     with gr.Row():
-        base = gr.Textbox(label="Base model: 'demo', a demo base file, or a diffusers folder",
+        base = gr.Textbox(label="Base model: 'demo', a demo base file, an SD1/SD2/SDXL .safetensors checkpoint, "
+                          "or a diffusers folder",
                           value=ctx.config.model or "demo", elem_id="le-train-base")
         data = gr.Textbox(label="Image folder (captions in .txt next to the images)", elem_id="le-train-data")
         out = gr.Textbox(label="Output name", value="my_lora", elem_id="le-train-out")
@@ -28,9 +29,14 @@ def _form_inputs(gr, ctx: UiContext):
     with gr.Row():
         train_te = gr.Checkbox(value=False, label="train the text encoder")
         batch = gr.Number(value=4, precision=0, label="Batch size")
-        resolution = gr.Number(value=512, precision=0, label="Resolution (diffusers models)")
+        resolution = gr.Number(value=512, precision=0, label="Resolution (diffusers/SD models)")
         seed = gr.Number(value=42, precision=0, label="Seed")
-    return [base, data, out, steps, rank, alpha, unet_lr, te_lr, train_te, batch, resolution, seed]
+    inputs = [base, data, out, steps, rank, alpha, unet_lr, te_lr, train_te, batch, resolution, seed]
+    if tokenizer_box:  # a host factory (the A1111 tab) brings its own tokenizers
+        with gr.Row():
+            inputs.append(gr.Textbox(label="CLIP tokenizer folder (.safetensors checkpoints; empty: offline HF "
+                                     "cache, then open_clip)", elem_id="le-train-tokenizer"))
+    return inputs
 
 
 def build_train_page(ctx: UiContext, host_factory=None) -> dict:
@@ -38,7 +44,7 @@ def build_train_page(ctx: UiContext, host_factory=None) -> dict:
     loaded checkpoint); the returned dict's ``inputs`` are the form's components, in TrainForm order."""
     gr = gradio()
     session = TrainSession(ctx, host_factory)
-    inputs = _form_inputs(gr, ctx)
+    inputs = _form_inputs(gr, ctx, tokenizer_box=host_factory is None)
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="le-train-start")
         cancel = gr.Button("Cancel", elem_id="le-train-cancel")

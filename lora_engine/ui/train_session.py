@@ -32,6 +32,7 @@ class TrainForm:
     batch_size: int = 4
     resolution: int = 512
     seed: int = 42
+    tokenizer: str = ""  # single-file checkpoints: a CLIP tokenizer folder ("" = offline HF cache / open_clip)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
 
     base = form.base.strip()
     if os.path.isfile(base) and base.endswith(".safetensors") and is_sd_checkpoint(base):
-        return load_single_file(base, device=device), {"resolution": int(form.resolution)}
+        return load_single_file(base, device=device, tokenizer=(form.tokenizer or "").strip() or None), \
+            {"resolution": int(form.resolution)}
     if base == "demo" or (os.path.isfile(base) and base.endswith(".safetensors")):
         from ..demo.base import get_base
         from ..demo.concept import demo_host

@@ -277,6 +277,29 @@ def test_train_command_on_a_single_file_checkpoint(tmp_path, tok_dir, capsys):
     assert load_lora(str(tmp_path / "v.safetensors")).metadata.get("ss_v_parameterization") in (None, "True", "true")
 
 
+def test_train_page_routes_sd_checkpoints_to_the_single_file_loader(tmp_path, tok_dir):
+    import time
+
+    from lora_engine.ui.context import UiConfig, UiContext
+    from lora_engine.ui.train_session import TrainForm, TrainSession
+
+    path, *_ = _checkpoint(tmp_path, "sd1")
+    (tmp_path / "loras").mkdir()
+    session = TrainSession(UiContext(UiConfig((str(tmp_path / "loras"),))))
+    data = make_dataset(str(tmp_path / "data"), 2)
+    msg = session.start(TrainForm(path, data, "page", steps=2, rank=2, batch_size=2, resolution=32, tokenizer=tok_dir))
+    assert msg == "started", msg
+    t0 = time.time()
+    while not session.status()[2] and time.time() - t0 < 120:
+        time.sleep(0.2)
+    text = session.status()[0]
+    assert "state: done" in text and "step 2/2" in text, text
+    lf = load_lora(str(tmp_path / "loras" / "page.safetensors"))
+    assert lf.metadata["ss_base_model_version"] == "sd_v1" and lf.modules
+    bad = session.start(TrainForm(path, data, "x", tokenizer=str(tmp_path / "nope")))
+    assert bad.startswith("error: ") and "nope: tokenizer folder does not exist" in bad
+
+
 # ---- (d) bad input: one line naming the file -----------------------------------------------------
 
 def _one_line_error(capsys, args) -> str:
