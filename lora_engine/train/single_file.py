@@ -47,6 +47,9 @@ def _check_layout(path: str, shapes: dict) -> str:
             "keys do not follow the ldm/sgm layout A1111 and ComfyUI load"
         raise TrainingError(f"{path}: not a Stable Diffusion checkpoint (no {lc.UNET}* UNet weights; {what})")
     family = lc.detect_family(shapes)
+    if family is None and any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+        raise TrainingError(f"{path}: an SDXL refiner checkpoint (one OpenCLIP-G encoder); LoRA training needs "
+                            "a base model")
     if family is None:
         raise TrainingError(f"{path}: no text encoder weights (cond_stage_model.* or conditioner.embedders.*)")
     if not any(k.startswith(lc.VAE) for k in shapes):
@@ -54,16 +57,22 @@ def _check_layout(path: str, shapes: dict) -> str:
     return family
 
 
-def _read(ckpt, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return {k: ckpt.read(k) for k in ckpt.shapes() if k.startswith(prefixes)}
+def _read(ckpt, prefixes: tuple[str, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefixes``, floating ones cast to ``dtype`` one at a time (peak: one extra tensor)."""
+    out = {}
+    for k in ckpt.shapes():
+        if k.startswith(prefixes):
+            t = ckpt.read(k)
+            out[k] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
 
-def _empty(build):
-    """Build a model with its parameters on the meta device (no init cost; loaded by assignment)."""
+def _empty(cls, *args, **kwargs):
+    """``cls(*args, **kwargs)`` with its parameters on the meta device (no init cost; loaded by assignment)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return build()
+        return cls(*args, **kwargs)
 
 
 def _text_model_level(sd: dict, expected) -> dict:
@@ -79,10 +88,10 @@ def _load(model, sd: dict, path: str, what: str, dtype: torch.dtype):
     """``load_state_dict(strict=True)`` after a one-line check that names the file and the first mismatches."""
     expected = model.state_dict()
     sd = _text_model_level(sd, expected)
-    sd = {k: v for k, v in sd.items() if not (k.endswith("position_ids") and k not in expected)}
-    for k in expected:  # buffers the checkpoint may omit (kept real by init_empty_weights)
-        if k.endswith("position_ids") and k not in sd:
-            sd[k] = expected[k]
+    # position ids are an arange, never weights: old checkpoints store them broken (float, shifted), so the
+    # model's own buffer (kept real by init_empty_weights) always wins
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    sd.update({k: v for k, v in expected.items() if k.endswith("position_ids")})
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
@@ -91,7 +100,9 @@ def _load(model, sd: dict, path: str, what: str, dtype: torch.dtype):
         parts = [f"{len(v)} {n} (e.g. {v[0]})" for n, v in (("missing", missing), ("unexpected", unexpected),
                                                             ("wrong-shape", shape)) if v]
         raise TrainingError(f"{path}: {what} weights do not fit the layout inferred from the file: {'; '.join(parts)}")
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    for k, v in sd.items():  # in place: a cast copy replaces its source at once
+        if v.is_floating_point() and v.dtype != dtype:
+            sd[k] = v.to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
@@ -153,18 +164,22 @@ def load_single_file_parts(path: str | os.PathLike, device: str = "cpu", dtype: 
         vae_cfg = lc.vae_config(shapes, family, lc.sidecar_scale_factor(original))
     except (KeyError, StopIteration, ValueError, IndexError) as e:
         raise TrainingError(f"{path}: cannot infer the {part} layout from the tensor shapes ({e!s:.120})") from None
+    if unet_cfg["in_channels"] != vae_cfg["latent_channels"]:
+        raise TrainingError(f"{path}: the UNet takes {unet_cfg['in_channels']} input channels but the VAE makes "
+                            f"{vae_cfg['latent_channels']} (an inpainting/instruct model); LoRA training needs a "
+                            "text-to-image base")
 
-    unet = _empty(lambda: UNet2DConditionModel(**unet_cfg))
-    _load(unet, sfu.convert_ldm_unet_checkpoint(_read(ckpt, (lc.UNET,)), unet_cfg), path, "UNet", dtype)
-    vae = _empty(lambda: AutoencoderKL(**vae_cfg))
-    _load(vae, sfu.convert_ldm_vae_checkpoint(_read(ckpt, (lc.VAE,)), vae_cfg), path, "VAE", dtype)
+    unet = _empty(UNet2DConditionModel, **unet_cfg)
+    _load(unet, sfu.convert_ldm_unet_checkpoint(_read(ckpt, (lc.UNET,), dtype), unet_cfg), path, "UNet", dtype)
+    vae = _empty(AutoencoderKL, **vae_cfg)
+    _load(vae, sfu.convert_ldm_vae_checkpoint(_read(ckpt, (lc.VAE,), dtype), vae_cfg), path, "VAE", dtype)
     tes = []
     for i, (kind, prefix, cfg, tok) in enumerate(zip(kinds, te_prefixes, te_cfgs, toks)):
         what = f"text encoder {i + 1}" if len(kinds) > 1 else "text encoder"
         config = CLIPTextConfig(**_text_config(cfg, tok, path, what))
         cls = CLIPTextModelWithProjection if (family == "sdxl" and i == 1) else CLIPTextModel
-        te = _empty(lambda: cls(config))
-        sd = _read(ckpt, (prefix,))
+        te = _empty(cls, config)
+        sd = _read(ckpt, (prefix,), dtype)
         if kind == "clip":
             sd = sfu.convert_ldm_clip_checkpoint(sd)
             sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v

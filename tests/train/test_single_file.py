@@ -274,7 +274,9 @@ def test_train_command_on_a_single_file_checkpoint(tmp_path, tok_dir, capsys):
                     "resolution = 32\nsteps = 1\n")
     rc = main(["train", str(toml), "--data", data, "--output", str(tmp_path / "v.safetensors")])
     assert rc == 0 and "done at step 1/1" in capsys.readouterr().out
-    assert load_lora(str(tmp_path / "v.safetensors")).metadata.get("ss_v_parameterization") in (None, "True", "true")
+    meta = load_lora(str(tmp_path / "v.safetensors")).metadata  # the TOML's prediction_type reached the host
+    assert meta["ss_prediction_type"] == "v_prediction" and meta["modelspec.prediction_type"] == "v"
+    assert lf.metadata["ss_prediction_type"] == "epsilon"
 
 
 def test_train_page_routes_sd_checkpoints_to_the_single_file_loader(tmp_path, tok_dir):
@@ -348,6 +350,26 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(tmp_path, tok_dir, c
     save_file(short, str(bad))
     line = _one_line_error(capsys, ["train", "--base", str(bad)] + run)
     assert str(bad) in line and "UNet weights do not fit" in line and "missing" in line
+
+
+def test_refiner_and_inpainting_checkpoints_are_refused_by_name(tmp_path, tok_dir):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, *_ = _checkpoint(tmp_path, "sdxl")
+    with safe_open(path, "pt") as fh:
+        refiner = {k.replace("embedders.1.", "embedders.0."): fh.get_tensor(k) for k in fh.keys()
+                   if not k.startswith("conditioner.embedders.0.")}
+    save_file(refiner, str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(TrainingError, match=r"refiner\.safetensors: an SDXL refiner checkpoint"):
+        load_single_file(str(tmp_path / "refiner.safetensors"), tokenizer=tok_dir)
+    _, tes, vae = _models("sd1")
+    torch.manual_seed(0)
+    inpaint = UNet2DConditionModel(**(TINY_UNET["sd1"] | {"in_channels": 9}))
+    bad = write_ldm_checkpoint(str(tmp_path / "inpaint.safetensors"), "sd1", inpaint, tes, vae)
+    with pytest.raises(TrainingError, match=r"inpaint\.safetensors: the UNet takes 9 input channels"):
+        load_single_file(bad, tokenizer=tok_dir)
 
 
 def test_without_a_tokenizer_the_error_says_what_to_provide(tmp_path):
