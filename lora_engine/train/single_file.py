@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -128,13 +129,61 @@ class SingleFileModel:
     name: str
 
 
+def infer_configs(path: str, shapes: dict, family: str, original: dict, prediction_type: str):
+    """(UNet, VAE, [text encoder]) config kwargs from the tensor shapes and the sidecar config."""
+    part = "text encoder"
+    try:
+        te_cfgs = [lc.clip_config(shapes, p) if p.endswith(".transformer.") else lc.openclip_config(shapes, p)
+                   for p in lc.TE_PREFIXES[family]]
+        part = "UNet"
+        unet_cfg = lc.unet_config(shapes, family, lc.sidecar_unet_params(original), prediction_type)
+        unet_cfg = lc.add_time_dim(unet_cfg, te_cfgs[-1]["projection_dim"])
+        part = "VAE"
+        vae_cfg = lc.vae_config(shapes, family, lc.sidecar_scale_factor(original))
+    except (KeyError, StopIteration, ValueError, IndexError) as e:
+        raise TrainingError(f"{path}: cannot infer the {part} layout from the tensor shapes ({e!s:.120})") from None
+    if unet_cfg["in_channels"] != vae_cfg["latent_channels"]:
+        raise TrainingError(f"{path}: the UNet takes {unet_cfg['in_channels']} input channels but the VAE makes "
+                            f"{vae_cfg['latent_channels']} (an inpainting/instruct model); LoRA training needs a "
+                            "text-to-image base")
+    return unet_cfg, vae_cfg, te_cfgs
+
+
+def build_models(path: str, family: str, unet_cfg: dict, vae_cfg: dict, te_cfgs: list, tokenizers: list,
+                 read: Callable[[tuple], dict], dtype: torch.dtype):
+    """Empty models from the configs, loaded strictly with diffusers' conversion of ``read(prefixes)``
+    (the ldm tensors under those prefixes); returns (unet, vae, [text encoders])."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = _empty(UNet2DConditionModel, **unet_cfg)
+    _load(unet, sfu.convert_ldm_unet_checkpoint(read((lc.UNET,)), unet_cfg), path, "UNet", dtype)
+    vae = _empty(AutoencoderKL, **vae_cfg)
+    _load(vae, sfu.convert_ldm_vae_checkpoint(read((lc.VAE,)), vae_cfg), path, "VAE", dtype)
+    tes = []
+    prefixes = lc.TE_PREFIXES[family]
+    for i, (prefix, cfg, tok) in enumerate(zip(prefixes, te_cfgs, tokenizers)):
+        what = f"text encoder {i + 1}" if len(prefixes) > 1 else "text encoder"
+        config = CLIPTextConfig(**_text_config(cfg, tok, path, what))
+        cls = CLIPTextModelWithProjection if (family == "sdxl" and i == 1) else CLIPTextModel
+        te = _empty(cls, config)
+        sd = read((prefix,))
+        if prefix.endswith(".transformer."):  # CLIP-L in HF layout
+            sd = sfu.convert_ldm_clip_checkpoint(sd)
+            sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+                  for k, v in sd.items()}
+        else:  # OpenCLIP: fused q/k/v, transposed projection
+            sd = sfu.convert_open_clip_checkpoint(te, sd, prefix=prefix)
+        tes.append(_load(te, sd, path, what, dtype))
+    return unet, vae, tes
+
+
 def load_single_file_parts(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
                            prediction_type: str | None = None,
                            tokenizer: str | os.PathLike | None = None) -> SingleFileModel:
     """Read, infer, convert and load every part of an SD1/SD2/SDXL single-file checkpoint."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDPMScheduler
 
     from ..tools.checkpoint import open_checkpoint
     from .clip_tokenizer import clip_tokenizers
@@ -149,45 +198,12 @@ def load_single_file_parts(path: str | os.PathLike, device: str = "cpu", dtype: 
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise TrainingError(f"prediction type {prediction_type!r}: use epsilon or v_prediction")
     pred = PREDICTION_TYPES.get(prediction_type or "") or lc.sidecar_prediction_type(original) or "epsilon"
-    te_prefixes = lc.TE_PREFIXES[family]
     kinds = ["clip", "openclip"] if family == "sdxl" else ["openclip" if family == "sd2" else "clip"]
     toks = clip_tokenizers(kinds, tokenizer, path)
 
-    part = "text encoder"
-    try:
-        te_cfgs = [lc.clip_config(shapes, p) if k == "clip" else lc.openclip_config(shapes, p)
-                   for k, p in zip(kinds, te_prefixes)]
-        part = "UNet"
-        unet_cfg = lc.unet_config(shapes, family, lc.sidecar_unet_params(original), pred)
-        unet_cfg = lc.add_time_dim(unet_cfg, te_cfgs[-1]["projection_dim"])
-        part = "VAE"
-        vae_cfg = lc.vae_config(shapes, family, lc.sidecar_scale_factor(original))
-    except (KeyError, StopIteration, ValueError, IndexError) as e:
-        raise TrainingError(f"{path}: cannot infer the {part} layout from the tensor shapes ({e!s:.120})") from None
-    if unet_cfg["in_channels"] != vae_cfg["latent_channels"]:
-        raise TrainingError(f"{path}: the UNet takes {unet_cfg['in_channels']} input channels but the VAE makes "
-                            f"{vae_cfg['latent_channels']} (an inpainting/instruct model); LoRA training needs a "
-                            "text-to-image base")
-
-    unet = _empty(UNet2DConditionModel, **unet_cfg)
-    _load(unet, sfu.convert_ldm_unet_checkpoint(_read(ckpt, (lc.UNET,), dtype), unet_cfg), path, "UNet", dtype)
-    vae = _empty(AutoencoderKL, **vae_cfg)
-    _load(vae, sfu.convert_ldm_vae_checkpoint(_read(ckpt, (lc.VAE,), dtype), vae_cfg), path, "VAE", dtype)
-    tes = []
-    for i, (kind, prefix, cfg, tok) in enumerate(zip(kinds, te_prefixes, te_cfgs, toks)):
-        what = f"text encoder {i + 1}" if len(kinds) > 1 else "text encoder"
-        config = CLIPTextConfig(**_text_config(cfg, tok, path, what))
-        cls = CLIPTextModelWithProjection if (family == "sdxl" and i == 1) else CLIPTextModel
-        te = _empty(cls, config)
-        sd = _read(ckpt, (prefix,), dtype)
-        if kind == "clip":
-            sd = sfu.convert_ldm_clip_checkpoint(sd)
-            sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-                  for k, v in sd.items()}
-        else:
-            sd = sfu.convert_open_clip_checkpoint(te, sd, prefix=prefix)
-        tes.append(_load(te, sd, path, what, dtype))
-
+    unet_cfg, vae_cfg, te_cfgs = infer_configs(path, shapes, family, original, pred)
+    unet, vae, tes = build_models(path, family, unet_cfg, vae_cfg, te_cfgs, toks,
+                                  lambda prefixes: _read(ckpt, prefixes, dtype), dtype)
     unet, vae, tes = unet.to(device), vae.to(device), [te.to(device) for te in tes]
     sched = DDPMScheduler.from_config(SCHEDULER | {"prediction_type": pred})
     return SingleFileModel(family, unet, tes, toks, vae, sched, pred, os.path.splitext(os.path.basename(path))[0])

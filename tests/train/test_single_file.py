@@ -167,7 +167,8 @@ def test_prediction_type_argument_beats_the_sidecar_and_fp16_files_load(tmp_path
 
 # ---- (b) config inference on full-size layouts (meta device: shapes only) ------------------------
 
-def _full_shapes(arch: str):
+def _full_checkpoint(arch: str) -> tuple[dict, object]:
+    """The ldm/sgm state dict (meta tensors) of a full-size model, with the extras real files carry."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -178,7 +179,20 @@ def _full_shapes(arch: str):
                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
         tes = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**c))
                for i, c in enumerate(te_cfgs)]
-    return {k: tuple(v.shape) for k, v in ldm_state_dict(arch, unet, tes, vae).items()}, unet
+        sd = ldm_state_dict(arch, unet, tes, vae)
+        clip = "conditioner.embedders.0.transformer." if arch == "sdxl" else "cond_stage_model.transformer."
+        if arch != "sd2":  # an int64 arange in A1111-era files; the model keeps its own
+            sd[clip + "text_model.embeddings.position_ids"] = torch.empty(1, 77, dtype=torch.int64)
+        if arch == "sd2":  # the 24th block and the projection are in the file; diffusers drops both
+            sd["cond_stage_model.model.text_projection"] = torch.empty(1024, 1024)
+        if arch != "sd1":
+            sd[lc.TE_PREFIXES[arch][-1] + "logit_scale"] = torch.empty(())
+    return sd, unet
+
+
+def _full_shapes(arch: str):
+    sd, unet = _full_checkpoint(arch)
+    return {k: tuple(v.shape) for k, v in sd.items()}, unet
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
@@ -213,6 +227,29 @@ def test_full_size_layouts_infer_the_real_configs(arch):
     vae = lc.vae_config(shapes, arch)
     assert vae["block_out_channels"] == (128, 256, 512, 512) and vae["layers_per_block"] == 2
     assert vae["latent_channels"] == 4 and vae["scaling_factor"] == (0.13025 if arch == "sdxl" else 0.18215)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_full_size_checkpoints_convert_and_load_strictly(arch, tok_dir):
+    """The whole load path on real-size layouts (meta tensors): inferred configs, diffusers' converters, the
+    strict load; SD2's 24 OpenCLIP blocks become 23 layers, SDXL's second encoder keeps its projection."""
+    from lora_engine.train.single_file import build_models, infer_configs
+
+    sd, real = _full_checkpoint(arch)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    pred = "v_prediction" if arch == "sd2" else "epsilon"
+    unet_cfg, vae_cfg, te_cfgs = infer_configs("full.safetensors", shapes, arch, {}, pred)
+    toks = [tiny_tokenizer(tok_dir)] * len(te_cfgs)
+    unet, vae, tes = build_models("full.safetensors", arch, unet_cfg, vae_cfg, te_cfgs, toks,
+                                  lambda prefixes: {k: v for k, v in sd.items() if k.startswith(prefixes)},
+                                  torch.float32)
+    assert unet.device.type == "meta" and unet.dtype == torch.float32
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in real.parameters())
+    layers = {"sd1": [12], "sd2": [23], "sdxl": [12, 32]}[arch]
+    assert [te.config.num_hidden_layers for te in tes] == layers
+    if arch == "sdxl":
+        assert tes[1].text_projection.weight.shape == (1280, 1280)
+    assert vae.config.block_out_channels == (128, 256, 512, 512)
 
 
 def test_sidecar_heads_override_the_convention(tmp_path):
