@@ -134,9 +134,12 @@ def run(args) -> int:
             print("lora-engine train: --data and --output are required", file=sys.stderr)
             return 2
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if os.path.isfile(base):
+        if os.path.isfile(base) or base.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
             host = load_single_file(base, device=device, **model)
         else:
+            if any(model.values()):
+                print("lora-engine train: note: --tokenizer/--prediction-type apply to single-file checkpoints; "
+                      "a diffusers folder brings its own", file=sys.stderr)
             host = load_diffusers_folder(base, device=device)
         if host.sample is not None:
             _saving_samples(host, cfg.output)

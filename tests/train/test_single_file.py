@@ -376,6 +376,9 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(tmp_path, tok_dir, c
     line = _one_line_error(capsys, ["train", "--base", str(bare)] + run)
     assert str(bare) in line and "no VAE weights" in line
 
+    line = _one_line_error(capsys, ["train", "--base", str(tmp_path / "absent.safetensors")] + run)
+    assert "absent.safetensors: cannot open" in line
+
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"\x80\x02}q\x00.")
     line = _one_line_error(capsys, ["train", "--base", str(ckpt)] + run)
