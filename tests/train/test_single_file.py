@@ -165,6 +165,23 @@ def test_prediction_type_argument_beats_the_sidecar_and_fp16_files_load(tmp_path
     assert host.prediction_type == "epsilon" and list(host.unet.config.attention_head_dim) == [1, 1, 1]
 
 
+def test_old_clip_layout_without_text_model_level_loads(tmp_path, tok_dir):
+    """Early SD1 files name CLIP ``cond_stage_model.transformer.embeddings.*`` (no ``text_model.`` level)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, *_ = _checkpoint(tmp_path, "sd1")
+    with safe_open(path, "pt") as fh:
+        old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."):
+               fh.get_tensor(k) for k in fh.keys()}
+    assert "cond_stage_model.transformer.embeddings.token_embedding.weight" in old
+    save_file(old, str(tmp_path / "old.safetensors"))
+    (tmp_path / "old.yaml").write_text(SIDECAR["sd1"])
+    a, b = load_single_file(path, tokenizer=tok_dir), load_single_file(str(tmp_path / "old.safetensors"),
+                                                                        tokenizer=tok_dir)
+    _same(a.encode_text(["blue square"]).context, b.encode_text(["blue square"]).context)
+
+
 # ---- (b) config inference on full-size layouts (meta device: shapes only) ------------------------
 
 def _full_checkpoint(arch: str) -> tuple[dict, object]:
