@@ -1,27 +1,106 @@
 """The one place where a slot's contributions become a weight (and bias) delta.
 
-ΔW = Σ_k m_k · ΔW_k(W₀), each ΔW_k computed in fp32 from the same original weight W₀, so the
-sum is order-independent. Merged mode, on-the-fly dense deltas and ``bake`` all call this.
+ΔW = Σ_k m_k · ΔW_k(W₀), each ΔW_k computed in fp32 from the same original weight W₀. Terms are
+taken in signature order (LoRA id, module, strength), so the bits do not depend on the stack's order.
+
+Plain LoRA/LoCon terms (no Tucker ``mid``) are summed as one product
+    Σ_k m_k·s_k·up_k·down_k = [m_1 s_1 up_1 | … | m_k s_k up_k] · [down_1; …; down_k]
+one GEMM of inner size Σr instead of k GEMMs plus k full-size scale and add passes; with the base
+given (``merged_weight``) the product lands in the destination buffer, then W = ΔW + W₀ in place.
+Merged mode, on-the-fly dense deltas and ``bake`` all call this.
 """
 from __future__ import annotations
 
 import torch
 
 from ..adapters.base import COMPUTE
+from ..adapters.lora import LoRA
 
 
-def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device | None = None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    device = device or base_weight.device
-    w0 = base_weight.to(device=device, dtype=COMPUTE)
-    dw = db = None
-    for c in contributions:
+def _ordered(contributions) -> list:
+    return sorted(contributions, key=lambda c: c.signature)
+
+
+def _lowrank(c) -> bool:
+    return isinstance(c.adapter, LoRA) and c.adapter.mid is None
+
+
+def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (o × Σr) with m·s folded in, D (Σr × i·k·k), both fp32 on ``device``."""
+    ups, downs = [], []
+    for c in terms:
+        a = c.adapter
+        ups.append(a.up.to(device=device, dtype=COMPUTE).reshape(a.up.shape[0], -1) * (a.scale * c.strength))
+        downs.append(a.down.to(device=device, dtype=COMPUTE).reshape(a.rank, -1))
+    if len(terms) == 1:
+        return ups[0], downs[0]
+    return torch.cat(ups, 1), torch.cat(downs, 0)
+
+
+def _bias_terms(terms, device) -> torch.Tensor | None:
+    db = None
+    for c in terms:
+        if c.adapter.up_bias is not None:
+            db = _accumulate(db, (c.adapter.scale * c.strength) * c.adapter.up_bias.to(device, COMPUTE).reshape(-1))
+    return db
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _other_terms(others, w0: torch.Tensor, device, dw, db):
+    for c in others:
         d = c.adapter.delta(w0) if device.type == "cpu" else _on_device(c.adapter, device).delta(w0)
         if d.weight is not None:
             dw = _accumulate(dw, c.strength * d.weight.to(device))
         if d.bias is not None:
             db = _accumulate(db, c.strength * d.bias.to(device).reshape(-1))
     return dw, db
+
+
+def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device | None = None,
+                 into: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ΔW, Δb) in fp32 (None where no term has one). ``into``: an fp32 contiguous buffer of the
+    weight's shape (not aliasing the base) that receives ΔW instead of a fresh tensor."""
+    device = device or base_weight.device
+    w0 = base_weight.to(device=device, dtype=COMPUTE)
+    ordered = _ordered(contributions)
+    lowrank = [c for c in ordered if _lowrank(c)]
+    # the other types first: a failure there leaves ``into`` unwritten
+    dw, db = _other_terms([c for c in ordered if not _lowrank(c)], w0, device, None, None)
+    if not lowrank:
+        return dw, db
+    _check_fit(lowrank, w0)
+    u, d = _stacked_factors(lowrank, device)
+    low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(w0.shape)
+    bias = _bias_terms(lowrank, device)
+    return (low if dw is None else low.add_(dw)), (bias if db is None else _accumulate(bias, db))
+
+
+def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(W₀ + ΔW, Δb) for fp32 ``w0``, the same bits as ``w0 + summed_delta(…)[0]`` (what ComfyUI's
+    patch path computes), written into ``out`` when given (fp32, contiguous, w0's shape; ``w0`` itself
+    is allowed, then W₀ is overwritten). ``None`` for the weight when no term changes it."""
+    into = out if out is not None and out.data_ptr() != w0.data_ptr() else None
+    dw, db = summed_delta(contributions, w0, into=into)
+    if dw is None:
+        return None, db
+    if out is None:
+        return (dw.add_(w0) if dw.shape == w0.shape else w0 + dw), db
+    if dw is out:
+        return out.add_(w0), db
+    return torch.add(w0, dw.reshape(w0.shape), out=out), db
+
+
+def _check_fit(terms, w0: torch.Tensor) -> None:
+    n = w0.numel()
+    for c in terms:
+        a = c.adapter
+        if a.up.shape[0] * a.down[0].numel() != n:
+            raise ValueError(f"lora: delta of shape {[a.up.shape[0], *a.down.shape[1:]]} does not fit "
+                             f"target {list(w0.shape)}")
 
 
 def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .delta import summed_delta
+from .delta import merged_weight
 from .plan import PatchPlan, changed_slots
 
 
@@ -69,9 +69,16 @@ class MergedPatcher:
         w0, b0 = self._backup(slot, target)
         w = _region(_param(self.root, target.weight_key), target.rows)
         w0f = w0.to(w.device, torch.float32)  # converted once: the base the deltas see and the first term
-        dw, db = summed_delta(contributions, w0f, device=w.device)
-        if dw is not None:
-            w.copy_(_plus(dw, w0f))  # copy_ casts with the same rounding as .to(w.dtype)
+        # an fp32 weight takes W0 + ΔW straight from the GEMM; other dtypes sum into their fresh fp32
+        # copy of W0 and get one rounding copy_
+        if w.dtype == torch.float32 and w.is_contiguous() and w.data_ptr() != w0f.data_ptr():
+            out = w
+        else:
+            out = w0f if w0f.data_ptr() != w0.data_ptr() else None
+        new, db = merged_weight(contributions, w0f, out=out)
+        if new is not None:
+            if new is not w:
+                w.copy_(new)  # copy_ casts with the same rounding as .to(w.dtype)
             self.stats.bytes_written += w.numel() * w.element_size()
         if db is not None and target.bias_key is not None:
             try:

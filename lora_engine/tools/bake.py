@@ -2,8 +2,8 @@
 bias), everything else copied byte for byte.
 
 The math is the engine's: ``patch.plan.build_plan`` maps each LoRA module onto the checkpoint's keys
-through ``keymap.build_keymap`` (ldm/sgm single files, diffusers folders), and ``patch.delta.summed_delta``
-gives the fp32 sum of deltas (one add, one cast per weight, exactly as the merged patcher writes it).
+through ``keymap.build_keymap`` (ldm/sgm single files, diffusers folders), and ``patch.delta.merged_weight``
+gives W₀ + Σ ΔW in fp32 (one add, one cast per weight, exactly as the merged patcher writes it).
 Fused OpenCLIP q/k/v weights are patched by row slices.
 
 Streaming: the output header is known from the input header (same keys, dtypes, shapes), so it is
@@ -25,7 +25,7 @@ from ..errors import ToolError
 from ..formats import load_lora
 from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic_file
 from ..keymap import build_keymap
-from ..patch.delta import summed_delta
+from ..patch.delta import merged_weight
 from ..patch.plan import PatchPlan, StackEntry, build_plan
 from .checkpoint import Checkpoint, Part, copy_bytes, diffusers_weight_files, open_checkpoint
 from .progress import Ticker
@@ -68,8 +68,11 @@ class _Deltas:
             target = self.plan.targets[slot]
             if weight_region is None:
                 weight_region = _region(self.ckpt.read(target.weight_key), target.rows)
-            dw, db = summed_delta(self.plan.contributions[slot], weight_region.to(self.device), device=self.device)
-            dw, db = (None if x is None else x.cpu() for x in (dw, db))
+            w0 = weight_region.to(self.device, torch.float32)
+            fresh = w0.data_ptr() != weight_region.data_ptr()
+            # the new weight W₀ + ΔW exactly as the merged patcher computes it (same GEMM, same bits)
+            w, db = merged_weight(self.plan.contributions[slot], w0, out=w0 if fresh else None)
+            dw, db = (None if x is None else x.cpu() for x in (w, db))
             roles = {"weight"} | ({"bias"} if _bias_slot(self.plan, slot, self.ckpt) else set())
             self.memo[slot] = [dw, db, roles]
         entry = self.memo[slot]
@@ -109,7 +112,11 @@ def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas) -> torch.Tensor:
         target = deltas.plan.targets[slot]
         region = _region(t, target.rows)
         d = deltas.get(slot, role, region if role == "weight" else None)  # read before this region is written
-        if d is not None:  # W₀ + ΔW in fp32, one cast (copy_ rounds like .to); ΔW is not used again
+        if d is None:
+            continue
+        if role == "weight":  # W₀ + ΔW in fp32, one cast (copy_ rounds like .to)
+            region.copy_(d.reshape(region.shape))
+        else:  # b₀ + Δb; Δb is not used again
             region.copy_(d.reshape(region.shape).add_(region))
     return t
 
