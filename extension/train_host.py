@@ -18,8 +18,12 @@ or sgm ``DiffusionEngine``), using the model's own modules and calling conventio
   ``parameterization`` ``"eps"`` / ``"v"`` -> ``epsilon`` / ``v_prediction``.
 
 Nothing here imports A1111: the model object is all it needs, so tests drive it with a stand-in.
+The run's place in A1111's queue (:func:`queue_job`) and its Interrupt button (:func:`interrupted`) take
+``modules.call_queue.queue_lock`` and ``shared.state`` as arguments for the same reason.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -125,3 +129,22 @@ def a1111_train_host(sd_model, model_name: str = "") -> TrainHost:
                      alphas_cumprod=sd_model.alphas_cumprod.detach().float().cpu(), prediction_type=prediction,
                      latent_factor=latent_factor(first_stage), base_model_version=base_model_version(sd_model, prediction),
                      model_name=model_name, device=device, text_encoders=text_encoders, unet=unet)
+
+
+def interrupted(state) -> bool:
+    """A1111's Interrupt button was pressed: ``shared.state.interrupted`` (``state.interrupt()`` sets it,
+    ``state.begin()`` clears it). Skip (``state.skipped``) skips one image of a batch: not a stop."""
+    return bool(getattr(state, "interrupted", False))
+
+
+@contextlib.contextmanager
+def queue_job(lock, state, job: str = "lora-engine training"):
+    """Hold A1111's queue lock for the run and make it the web UI's current job, as ``wrap_gradio_gpu_call``
+    does: ``state.begin(job)`` once the lock is ours (clearing an Interrupt left from an earlier generation,
+    which A1111 only clears at the next begin), ``state.end()`` before it is released."""
+    with lock if lock is not None else contextlib.nullcontext():
+        state.begin(job=job)
+        try:
+            yield
+        finally:
+            state.end()

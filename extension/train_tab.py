@@ -4,7 +4,10 @@ has loaded, plus a preset chooser and a samples gallery.
 
 - host: :func:`.train_host.a1111_train_host` over ``shared.sd_model`` (the form's "Base model" is ignored);
 - lock: ``modules.call_queue.queue_lock``, held by the job for the whole run, so no generation (which
-  takes the same lock in ``wrap_gradio_gpu_call``) overlaps it;
+  takes the same lock in ``wrap_gradio_gpu_call``) overlaps it; inside it the run is ``shared.state``'s
+  job (``begin``/``end``, :func:`.train_host.queue_job`);
+- Interrupt: A1111's button (``shared.state.interrupted``) is asked after every step; pressed, the job
+  stops after that step with the LoRA saved, as the tab's own Cancel does;
 - engine: our runtime's engine for that model, whose LoRAs the trainer takes off and puts back;
 - presets: ``sd15_*`` / ``sdxl_*`` character/style (``lora_engine.train.presets``); choosing one fills
   the form fields it names and the rest of it goes under the form's settings;
@@ -23,7 +26,7 @@ from lora_engine.errors import TrainingError
 from lora_engine.train.presets import PRESETS
 from lora_engine.ui.train_session import HostSetup, TrainForm
 
-from .train_host import a1111_train_host
+from .train_host import a1111_train_host, interrupted, queue_job
 
 log = logging.getLogger("lora_engine")
 FORM_FIELDS = tuple(f.name for f in dataclasses.fields(TrainForm))
@@ -45,6 +48,7 @@ class TrainTab:
 
     get_model: object  # () -> sd_model
     lock: object = None
+    state: object = None  # A1111's shared.state: its Interrupt stops the run after the current step
     get_engine: object = None  # (sd_model) -> LoraEngine | None
     make_sampler: object = None  # (width, height) -> sample(prompts, step)
     preset: str | None = None  # None: sd15_character, or sdxl_character on an SDXL model
@@ -67,7 +71,11 @@ class TrainTab:
             host.sample = self.make_sampler(int(form.resolution), int(form.resolution))
             settings |= {"sample_prompts": tuple(self.sample_prompts), "sample_every_steps": int(self.sample_every)}
         engine = self.get_engine(sd_model) if self.get_engine is not None else None
-        return HostSetup(host=host, settings=settings, lock=self.lock, engine=engine)
+        if self.state is None:
+            return HostSetup(host=host, settings=settings, lock=self.lock, engine=engine)
+        state = self.state
+        return HostSetup(host=host, settings=settings, lock=queue_job(self.lock, state), engine=engine,
+                         stop=lambda: interrupted(state))
 
 
 # ---- A1111 only below ----------------------------------------------------------------------------
@@ -114,7 +122,7 @@ def _a1111_tab() -> TrainTab:
         _restore_builtin_lora()
         return shared.sd_model
 
-    return TrainTab(get_model=get_model, lock=call_queue.queue_lock, get_engine=_engine_of,
+    return TrainTab(get_model=get_model, lock=call_queue.queue_lock, state=shared.state, get_engine=_engine_of,
                     make_sampler=_a1111_sampler)
 
 

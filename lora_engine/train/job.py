@@ -3,6 +3,7 @@
     job = TrainingJob(host, cfg, lock=shared.queue_lock)   # lock: held for the whole run
     job.start(); ...; job.status()  # -> JobStatus (state, step, loss history, ETA, samples, log)
     job.cancel()                    # stops after the current step; the last save is written
+    TrainingJob(..., stop=lambda: shared.state.interrupted)  # polled after every step: True -> cancel()
 
 ``state`` goes idle → validating → running → done | cancelled | failed. Any
 ``LoraEngineError`` (bad dataset, NaN that persists, bad settings) ends in ``failed`` with its
@@ -48,8 +49,9 @@ class _Live:
 
 class TrainingJob:
     def __init__(self, host, cfg, engine=None, lock=None, resume: str | None = None,
-                 on_progress: Callable[[Progress], None] | None = None):
+                 on_progress: Callable[[Progress], None] | None = None, stop: Callable[[], bool] | None = None):
         self.host, self.cfg, self.engine, self.resume = host, cfg, engine, resume
+        self.stop = stop  # a host's stop button (A1111's Interrupt), asked after every step
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.on_progress = on_progress
         self.trainer: Trainer | None = None
@@ -77,6 +79,9 @@ class TrainingJob:
     def _progress(self, p: Progress) -> None:
         with self._mutex:
             self._live.progress = p
+        if self.stop is not None and not self._cancel.is_set() and self.stop():
+            self._log(f"stop requested by the host at step {p.step}")
+            self.cancel()
         if self.on_progress is not None:
             self.on_progress(p)
 

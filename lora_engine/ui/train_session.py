@@ -38,13 +38,14 @@ class TrainForm:
 @dataclass(frozen=True)
 class HostSetup:
     """What a host factory gives the session instead of loading ``form.base``: the host, settings under
-    the form's (a preset), and the job's ``lock`` (held for the whole run) and ``engine`` (its LoRAs are
-    taken off while training)."""
+    the form's (a preset), and the job's ``lock`` (held for the whole run), ``engine`` (its LoRAs are
+    taken off while training) and ``stop`` (asked after every step; True cancels the run)."""
 
     host: object
     settings: dict = field(default_factory=dict)
     lock: object = None
     engine: object = None
+    stop: object = None  # () -> bool
 
 
 def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
@@ -94,7 +95,7 @@ def build_job(ctx: UiContext, form: TrainForm, host_factory: Callable[[TrainForm
                     "train_text_encoder": bool(form.train_text_encoder)},
         "dataset": dataset,
     })
-    return TrainingJob(host, cfg, engine=setup.engine, lock=setup.lock)
+    return TrainingJob(host, cfg, engine=setup.engine, lock=setup.lock, stop=setup.stop)
 
 
 def status_text(s) -> str:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from extension.train_host import a1111_train_host, prediction_type
@@ -24,7 +25,7 @@ from lora_engine.train.presets import PRESETS
 from lora_engine.ui.context import UiConfig, UiContext
 from lora_engine.ui.train_session import FINISHED, TrainForm, TrainSession
 from tests.hosts.a1111.conftest import MODULES_A, module_of, write_lora
-from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, tiny_vae_x8
+from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, State, tiny_vae_x8
 from tests.models.hosts import a1111_root, diffusers_root
 from tests.models.tiny_sd import TinySD
 from tests.train.models import make_dataset
@@ -141,6 +142,41 @@ def test_trains_the_loaded_model_under_the_queue_lock(tmp_path, model, tiny):
         x, t, encoder_hidden_states=host.encode_text(["red square"]).context).sample, atol=1e-5)
 
 
+def test_interrupt_button_stops_the_run_after_the_step_with_the_lora_saved(tmp_path, model):
+    """A1111's Interrupt (``shared.state.interrupt()``) while training: the job ends ``cancelled`` after the
+    step it was pressed in, queue lock released, file loadable. Skip does not stop it; an Interrupt left
+    from an earlier generation is cleared when the run takes the queue (``state.begin``)."""
+    lock, state = QueueLock(), State()
+    state.interrupt()  # stale: pressed during an earlier generation, never cleared since
+    tab = TrainTab(get_model=lambda: model, lock=lock, state=state)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    seen = []
+
+    def press(module, args):  # UNet forwards of step n + 1 see status().step == n
+        step = session.job.status().step
+        seen.append((lock.locked(), state.job))
+        if step == 1:
+            state.skip()
+        elif step == 2:
+            state.interrupt()
+
+    model.model.diffusion_model.register_forward_pre_hook(press)
+    st = _run(session, _form(tmp_path, steps=20))
+    assert st.state == "cancelled", st.error
+    assert st.step == 3 and len(st.losses) == 3 and all(math.isfinite(v) for v in st.losses)
+    assert "stop requested by the host at step 3" in st.log and "cancelled at step 3" in st.log
+    assert seen and all(s == (True, "lora-engine training") for s in seen)  # under the lock, as state's job
+    assert not lock.locked() and lock.acquired == 1 and state.job == ""  # state.end(), lock released
+    lora = load_lora(st.output)
+    assert lora.modules and lora.metadata["ss_steps"] == "3" and lora.metadata["ss_max_train_steps"] == "20"
+    ups = [t for k, t in load_file(st.output).items() if k.endswith("lora_up.weight")]
+    assert ups and any(torch.count_nonzero(t) for t in ups)  # trained: up starts at zero
+    # a new run takes the queue again and clears the flag this one left set
+    assert state.interrupted
+    st = _run(session, _form(tmp_path, steps=1, output="tab_lora_2"))
+    assert st.state == "done" and not state.interrupted and lock.acquired == 2
+
+
 def test_preset_goes_under_the_form(tmp_path, model):
     tab = TrainTab(get_model=lambda: model, preset="sd15_style")
     session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False)), tab.setup)
@@ -246,7 +282,8 @@ def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     from tests.hosts.a1111.standin import Opts
 
     pkg = types.ModuleType("modules")
-    pkg.shared = SimpleNamespace(sd_model=None, opts=Opts({}), cmd_opts=SimpleNamespace(lora_dir=str(tmp_path)))
+    pkg.shared = SimpleNamespace(sd_model=None, opts=Opts({}), cmd_opts=SimpleNamespace(lora_dir=str(tmp_path)),
+                                 state=State())
     pkg.paths = SimpleNamespace(models_path=str(tmp_path))
     pkg.call_queue = SimpleNamespace(queue_lock=threading.Lock())
     monkeypatch.setitem(sys.modules, "modules", pkg)

@@ -156,3 +156,27 @@ class QueueLock:
 
     def locked(self) -> bool:
         return self._lock.locked()
+
+
+class State:
+    """``modules.shared_state.State`` (``shared.state``), the parts a training run touches: the Interrupt and
+    Skip buttons call ``interrupt()`` / ``skip()``; ``begin(job)`` clears both flags and names the job (the
+    only place A1111 clears them), ``end()`` clears the name."""
+
+    skipped = False
+    interrupted = False
+    job = ""
+
+    def interrupt(self):
+        self.interrupted = True
+
+    def skip(self):
+        self.skipped = True
+
+    def begin(self, job: str = "(unknown)"):
+        self.skipped = False
+        self.interrupted = False
+        self.job = job
+
+    def end(self):
+        self.job = ""
