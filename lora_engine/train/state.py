@@ -21,18 +21,28 @@ KEY = "lora_engine_train_state"
 VERSION = 1
 
 
-def _encode(obj, tensors: dict, prefix: str):
-    """JSON-able tree; tensors go to ``tensors`` under fresh keys; tuples and int keys kept."""
+def _encode(obj, tensors: dict, prefix: str, seen: dict | None = None):
+    """JSON-able tree; tensors go to ``tensors`` under fresh keys; tuples and int keys kept. A tensor met
+    twice (bitsandbytes' 8-bit optimisers share one quantisation map across parameters) is stored once and
+    comes back as one tensor; other tensors sharing memory are copied (safetensors refuses shared memory)."""
+    seen = {"ids": {}, "storage": set()} if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        if id(obj) in seen["ids"]:
+            return {"__t": seen["ids"][id(obj)]}
         key = f"{prefix}{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        t = obj.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen["storage"]:
+            t = t.clone()
+        seen["storage"].add(t.untyped_storage().data_ptr())
+        tensors[key], seen["ids"][id(obj)] = t, key
         return {"__t": key}
     if isinstance(obj, dict):
-        return {"__d": [[_encode(k, tensors, prefix), _encode(v, tensors, prefix)] for k, v in obj.items()]}
+        return {"__d": [[_encode(k, tensors, prefix, seen), _encode(v, tensors, prefix, seen)]
+                        for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple": [_encode(v, tensors, prefix) for v in obj]}
+        return {"__tuple": [_encode(v, tensors, prefix, seen) for v in obj]}
     if isinstance(obj, list):
-        return [_encode(v, tensors, prefix) for v in obj]
+        return [_encode(v, tensors, prefix, seen) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TrainingError(f"cannot store a {type(obj).__name__} in the training state")
