@@ -1,10 +1,13 @@
 """All plain low-rank terms of one module as one side path (on-the-fly mode's hot loop).
 
-With k LoRAs on a layer, D = [down_1; …; down_k] (Σr × i[×kh×kw]) and U = [up_1 … up_k] (o × Σr):
-    y = base(x) + U · (ρ ⊙ D(x)),   ρ = per-rank scales (s_j · m_j · f_j repeated r_j times)
-— two matmuls/convs, one multiply and one add whatever k is. ρ is rebuilt each forward from the
-runtime factors (a vector of Σr numbers, or (batch, Σr) for per-sample factors), so changing a
-factor costs nothing; D and U are concatenated once per (dtype, device).
+With k LoRAs on a layer, D = [down_1; …; down_k] (Σr × i[×kh×kw]) and Û = [s_1 m_1 up_1 … s_k m_k up_k]
+(o × Σr, each LoRA's scale s_j and plan strength m_j folded in once):
+    y = base(x) + Û · (ρ ⊙ D(x)),   ρ = the runtime factors f_j repeated r_j times
+— two matmuls/convs and no full-size pass of its own: for a Linear the second product is added into
+the base output by the GEMM itself (``addmm``, in place when no gradient is being recorded). ρ is
+skipped when every factor is 1, a single LoRA's scalar factor rides on the GEMM's ``alpha``, and the
+vector for scalar factors is cached until they change; per-sample factors give ρ of shape (batch, Σr).
+D and Û are concatenated once per (dtype, device).
 """
 from __future__ import annotations
 
@@ -15,23 +18,26 @@ import torch.nn.functional as F
 class FusedLowRank:
     def __init__(self, terms, module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         conv = isinstance(module, torch.nn.Conv2d)
-        downs, ups, self.ranks, self.static = [], [], [], []
+        downs, ups, self.ranks = [], [], []
         for term in terms:
             f = term.contribution.adapter.factors()
             r = f.down.shape[0]
+            up = f.up.reshape(f.up.shape[0], -1) * (f.scale * term.contribution.strength)
             if conv:
                 down = f.down if f.down.ndim == 4 else f.down.reshape(r, -1, 1, 1)
-                up = f.up.reshape(f.up.shape[0], -1, 1, 1)
+                up = up.reshape(up.shape[0], -1, 1, 1)
             else:
-                down, up = f.down.reshape(r, -1), f.up.reshape(f.up.shape[0], -1)
+                down = f.down.reshape(r, -1)
             downs.append(down)
             ups.append(up)
             self.ranks.append(r)
-            self.static.append(f.scale * term.contribution.strength)
         self.lora_ids = [t.contribution.lora_id for t in terms]
         self.down = torch.cat(downs, 0).to(device=device, dtype=dtype)
         self.up = torch.cat(ups, 1).to(device=device, dtype=dtype)
+        self.up_t = None if conv else self.up.t()  # (Σr × o) for addmm
         self.conv = conv
+        self._rho_key: tuple | None = None
+        self._rho: torch.Tensor | None = None
 
     @staticmethod
     def compatible(terms, module) -> bool:
@@ -42,24 +48,36 @@ class FusedLowRank:
                   for t in terms}
         return len(shapes) == 1
 
-    def rank_scales(self, factors: list, h: torch.Tensor) -> torch.Tensor | None:
-        """ρ shaped to broadcast over h; None when every factor is 0."""
-        if all(isinstance(f, float) and f == 0.0 for f in factors):
-            return None
+    def _scalar_rho(self, factors: tuple, h: torch.Tensor) -> torch.Tensor:
+        """ρ for scalar factors, kept until the factors (or dtype/device) change."""
+        key = (factors, h.dtype, h.device)
+        if key != self._rho_key:
+            rho = torch.cat([torch.full((r,), f, dtype=h.dtype) for r, f in zip(self.ranks, factors)]).to(h.device)
+            self._rho_key, self._rho = key, rho.reshape(-1, 1, 1) if self.conv else rho
+        return self._rho
+
+    def rank_scales(self, factors: list, h: torch.Tensor):
+        """How h must be scaled: ``None`` (all factors 0: no side path), a float (one value for every
+        rank, applied through ``alpha``) or a tensor broadcasting over h."""
+        if all(not isinstance(f, torch.Tensor) for f in factors):
+            if all(f == 0.0 for f in factors):
+                return None
+            if len(set(factors)) == 1:
+                return float(factors[0])
+            return self._scalar_rho(tuple(factors), h)
         batch = next((f.numel() for f in factors if isinstance(f, torch.Tensor) and f.numel() > 1), None)
-        parts = []
-        for r, s, f in zip(self.ranks, self.static, factors):
-            if isinstance(f, torch.Tensor):
-                f = f.to(device=h.device, dtype=h.dtype).reshape(-1)
-                v = (f * s).reshape(-1, 1) if f.numel() > 1 else (f * s).reshape(1, 1)
-            else:
-                v = torch.full((1, 1), s * f, device=h.device, dtype=h.dtype)
-            parts.append(v.expand(batch or 1, r))
-        rho = torch.cat(parts, 1)  # (batch or 1, Σr)
         if batch is not None and batch != h.shape[0]:
             from ..errors import LoraEngineError
 
             raise LoraEngineError(f"per-sample multipliers for {batch} samples, but the batch has {h.shape[0]}")
+        parts = []
+        for r, f in zip(self.ranks, factors):
+            if isinstance(f, torch.Tensor):
+                v = f.to(device=h.device, dtype=h.dtype).reshape(-1, 1)
+            else:
+                v = torch.full((1, 1), f, device=h.device, dtype=h.dtype)
+            parts.append(v.expand(batch or 1, r))
+        rho = torch.cat(parts, 1)  # (batch or 1, Σr)
         if self.conv:
             return rho.reshape(rho.shape[0], -1, 1, 1)
         return rho.reshape(rho.shape[0], *([1] * (h.ndim - 2)), -1) if h.ndim > 1 else rho.reshape(-1)
@@ -72,6 +90,22 @@ class FusedLowRank:
         rho = self.rank_scales(factors, h)
         if rho is None:
             return out
-        h = h * rho
-        side = F.conv2d(h, self.up) if self.conv else F.linear(h, self.up)
-        return out + side
+        in_place = not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))
+        alpha = 1.0
+        if isinstance(rho, float):
+            alpha = rho
+        elif in_place and h.shape == torch.broadcast_shapes(h.shape, rho.shape):
+            h = h.mul_(rho)
+        else:
+            h = h * rho
+        if self.conv:
+            side = F.conv2d(h, self.up)
+            return out.add_(side, alpha=alpha) if in_place else out + (side if alpha == 1.0 else side * alpha)
+        if out.dtype != h.dtype or not out.is_contiguous():
+            side = F.linear(h, self.up)
+            return out.add_(side, alpha=alpha) if in_place and out.dtype == side.dtype else out + side * alpha
+        o = out.shape[-1]
+        if in_place:
+            out.view(-1, o).addmm_(h.reshape(-1, h.shape[-1]), self.up_t, alpha=alpha)
+            return out
+        return torch.addmm(out.view(-1, o), h.reshape(-1, h.shape[-1]), self.up_t, alpha=alpha).view(out.shape)

@@ -127,27 +127,29 @@ class _ModuleHook:
         return self._is_lowrank(term) and a.mid is None and a.up_bias is None
 
     def _fused_for(self, x: torch.Tensor):
-        key = ("fused", x.dtype, x.device)
-        if key not in self.fused_cache:
-            terms = [t for ts in self.terms.values() for t in ts if self._fusable(t)]
-            ok = terms and FusedLowRank.compatible(terms, self.module)
-            self.fused_cache[key] = FusedLowRank(terms, self.module, x.dtype, x.device) if ok else None
-        return self.fused_cache[key]
+        """(the fused side path or None, the terms it does not cover), per (dtype, device)."""
+        key = (x.dtype, x.device)
+        entry = self.fused_cache.get(key)
+        if entry is None:
+            all_terms = [t for ts in self.terms.values() for t in ts]
+            terms = [t for t in all_terms if self._fusable(t)]
+            fused = FusedLowRank(terms, self.module, x.dtype, x.device) \
+                if terms and FusedLowRank.compatible(terms, self.module) else None
+            rest = [t for t in all_terms if fused is None or not self._fusable(t)]
+            entry = self.fused_cache[key] = (fused, [(t, self._is_lowrank(t)) for t in rest])
+        return entry
 
     def _add_hook(self, module, args, out):
         x = args[0]
-        fused = self._fused_for(x)
+        fused, rest = self._fused_for(x)
         if fused is not None:
             out = fused(x, out, [self.patcher.factor(i) for i in fused.lora_ids], module)
-        for slot_terms in self.terms.values():
-            for term in slot_terms:
-                if fused is not None and self._fusable(term):
-                    continue
-                factor = self.patcher.factor(term.contribution.lora_id)
-                if isinstance(factor, float) and factor == 0.0:
-                    continue
-                side = self._lowrank(term, x) if self._is_lowrank(term) else self._dense(term, x)
-                out = out + side * (term.contribution.strength * _as_factor(factor, side))
+        for term, lowrank in rest:
+            factor = self.patcher.factor(term.contribution.lora_id)
+            if isinstance(factor, float) and factor == 0.0:
+                continue
+            side = self._lowrank(term, x) if lowrank else self._dense(term, x)
+            out = out + side * (term.contribution.strength * _as_factor(factor, side))
         return out
 
     # ---- anything else: swap a dense patched tensor in for one forward -------------------------
