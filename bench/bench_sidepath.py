@@ -1,0 +1,168 @@
+"""On-the-fly overhead layer by layer: the LoRA side path against its FLOP share, ours and diffusers+PEFT.
+
+    python bench/bench_sidepath.py [--stacks 1,3,5] [--rank 32] [--reps 7] [--rounds 3] [--threads 2]
+
+A whole UNet forward on a shared CPU swings by ±10 % between calls, which drowns a side path of a few
+per cent (bench_apply's forward rows). This measures the same quantity where it is paid: the SD1.5 UNet
+(real size, fp32, random values) runs one forward at a 32×32 latent and the input of every layer that
+kohya's default targets touch is captured; then each layer is timed alone on its captured input —
+base, with our on-the-fly hooks (``LoraEngine(ONTHEFLY)``), with PEFT's unfused adapters
+(``load_lora_into_unet`` + ``set_adapters``, enabled vs disabled) — min of ``reps`` calls, min over
+``rounds`` interleaved rounds. FLOPs come from ``torch.utils.flop_counter`` on the same calls.
+
+Reported per stack of n rank-R LoRAs: Σ base time of the touched layers, the extra time of ours and of
+PEFT in % of it, the LoRA FLOP share of those layers (extra FLOPs ÷ base FLOPs), and the ratio of the
+two (the issue's goal: ≤ 1.3). The untouched rest of the forward (attention products, convs, norms)
+is the same with and without LoRAs, so the whole-forward ratio is the same number, diluted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lora_engine.engine import LoraEngine, Mode, shapes_of  # noqa: E402
+from lora_engine.formats import load_lora  # noqa: E402
+from lora_engine.keymap import build_keymap  # noqa: E402
+from lora_engine.patch import StackEntry  # noqa: E402
+
+from bench.apply_setup import build_model, kohya_targets, make_pipe, peft_load, write_loras  # noqa: E402
+
+
+def _addmm_(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def capture_inputs(unet, paths: list[str]) -> dict[str, torch.Tensor]:
+    """The first input each layer sees in one UNet forward (32×32 latent, batch 1)."""
+    got, handles = {}, []
+    for p in paths:
+        def hook(module, args, p=p):
+            got.setdefault(p, args[0].detach().clone())
+        handles.append(unet.get_submodule(p).register_forward_pre_hook(hook))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, 32, 32, generator=g)
+    ehs = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        unet(x, torch.tensor([500]), encoder_hidden_states=ehs)
+    for h in handles:
+        h.remove()
+    return got
+
+
+def layer_times(unet, inputs: dict, reps: int) -> dict[str, float]:
+    out = {}
+    with torch.no_grad():
+        for p, x in inputs.items():
+            m = unet.get_submodule(p)
+            m(x)
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                m(x)
+                best = min(best, time.perf_counter() - t)
+            out[p] = best
+    return out
+
+
+def total_flops(unet, inputs: dict) -> int:
+    with torch.no_grad():
+        return sum(flops(lambda m=unet.get_submodule(p), x=x: m(x)) for p, x in inputs.items())
+
+
+def measure(unet, inputs, on, off, rounds: int, reps: int) -> tuple[float, float, float]:
+    """(Σ base s, Σ with s, FLOP share) over the layers, min per layer over interleaved rounds."""
+    base, lora = {}, {}
+    for _ in range(rounds):
+        off()
+        for p, t in layer_times(unet, inputs, reps).items():
+            base[p] = min(base.get(p, t), t)
+        on()
+        for p, t in layer_times(unet, inputs, reps).items():
+            lora[p] = min(lora.get(p, t), t)
+    f_with = total_flops(unet, inputs)
+    off()
+    f_base = total_flops(unet, inputs)
+    return sum(base.values()), sum(lora.values()), (f_with - f_base) / f_base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stacks", default="1,3,5")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-diffusers", action="store_true")
+    args = ap.parse_args()
+    stacks = [int(s) for s in args.stacks.split(",")]
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from diffusers.utils import logging as dlog
+    dlog.set_verbosity_error()
+
+    root = build_model("sd1", torch.float32)
+    keymap = build_keymap(shapes_of(root))
+    targets = kohya_targets(keymap, "sd1")
+    folder = tempfile.mkdtemp(prefix="bench_sidepath_")
+    try:
+        paths = write_loras(folder, targets, max(stacks), args.rank)
+        files = [load_lora(p) for p in paths]
+        unet_paths = sorted({t.weight_key.rpartition(".")[0][len("unet."):] for t in targets.values()
+                             if t.weight_key.startswith("unet.")})
+        inputs = capture_inputs(root.unet, unet_paths)
+        print(f"{len(inputs)} UNet layers touched; torch threads {torch.get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        rows = {}
+        engine = LoraEngine(root, keymap, Mode.ONTHEFLY)
+        for n in stacks:
+            stack = [StackEntry(f, te=1.0 - 0.2 * i, unet=1.0 - 0.2 * i) for i, f in enumerate(files[:n])]
+            rows[n] = [measure(root.unet, inputs, lambda: engine.set_stack(stack), engine.restore,
+                               args.rounds, args.reps), None]
+            print(f"  ours n={n}: base {rows[n][0][0]:.3f}s with {rows[n][0][1]:.3f}s share {rows[n][0][2]:.4f}",
+                  flush=True)
+        engine.restore()
+        if not args.no_diffusers:
+            pipe = make_pipe("sd1", root)
+            for i, p in enumerate(paths):
+                peft_load(pipe, p, f"l{i}")
+            for n in stacks:
+                names = [f"l{i}" for i in range(n)]
+                weights = [1.0 - 0.2 * i for i in range(n)]
+                rows[n][1] = measure(root.unet, inputs,
+                                     lambda: (pipe.enable_lora(), pipe.set_adapters(names, weights)),
+                                     pipe.disable_lora, args.rounds, args.reps)
+                print(f"  diffusers+PEFT n={n}: base {rows[n][1][0]:.3f}s with {rows[n][1][1]:.3f}s", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    print("\n| n | Σ base ms (touched layers) | ours +% | PEFT unfused +% | LoRA FLOP share % | ours ÷ share | "
+          "PEFT ÷ share |\n|---:|---:|---:|---:|---:|---:|---:|")
+    for n, (ours, peft) in rows.items():
+        b, w, share = ours
+        o = 100 * (w - b) / b
+        p = 100 * (peft[1] - peft[0]) / peft[0] if peft else float("nan")
+        print(f"| {n} | {1000 * b:.0f} | {o:.1f} | {p:.1f} | {100 * share:.1f} | {o / (100 * share):.2f} | "
+              f"{p / (100 * share):.2f} |")
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
