@@ -116,7 +116,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
     dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
 
     root = build_model("sd1", torch.float32)
     keymap = build_keymap(shapes_of(root))
