@@ -16,6 +16,7 @@ computed once before sampling, as in sd-webui-lora-block-weight).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -86,6 +87,26 @@ class BatchStacks:
 
     def hashes(self) -> list[tuple[str, str]]:
         return [(v.mentioned, v.short_hash) for v in self.variants if v.short_hash]
+
+    def te_distinct(self) -> "BatchStacks":
+        """Images whose prompt texts are equal but whose text-encoder LoRAs differ get texts that differ by
+        leading spaces (k spaces for the k-th distinct text-encoder stack of that text). A1111 encodes
+        each distinct text once per batch (``prompt_parser`` de-duplicates by exact string), while both of
+        its tokenizers (CLIP's and OpenCLIP's ``whitespace_clean``) collapse and strip whitespace: every
+        image then gets its own encode, of the same tokens, under its own LoRAs."""
+        def distinct(texts, negative: bool) -> tuple[str, ...]:
+            stacks: dict[str, list[tuple]] = {}
+            out = []
+            for i, t in enumerate(texts):
+                te = tuple(v.ident for v in self.variants if v.entry.te != 0.0 and v.te_on(i, negative))
+                seen = stacks.setdefault(str(t), [])
+                if te not in seen:
+                    seen.append(te)
+                out.append(" " * seen.index(te) + str(t))
+            return tuple(out)
+
+        return dataclasses.replace(self, positives=distinct(self.positives, False),
+                                   negatives=distinct(self.negatives, True))
 
     def te_conflicts(self) -> list[str]:
         """A1111 encodes each distinct prompt text once per batch (``prompt_parser`` dedups), so

@@ -72,7 +72,10 @@ class LoraNetwork:
         if from_p:
             shown = getattr(p, "hr_prompts" if hires else "prompts", None)
             if shown and len(shown) == batch.n_images:  # the texts A1111 will encode (its own tag removal)
-                batch = dataclasses.replace(batch, positives=tuple(shown))
+                batch = dataclasses.replace(batch, positives=tuple(shown)).te_distinct()
+                setattr(p, "hr_prompts" if hires else "prompts", list(batch.positives))
+            else:
+                batch = dataclasses.replace(batch, negatives=batch.te_distinct().negatives)
             self._strip_negatives(p, batch, hires)
         runtime = c.runtime_for(model)
         mode = c.modes.choose(s.mode, batch, "hires" if hires else "first", runtime.engine.mode)

@@ -163,8 +163,11 @@ def get_learned_conditioning(model, prompts):
 
 
 def tokenize(texts, n_ctx: int, vocab: int) -> torch.Tensor:
+    """One token per character, after the whitespace clean-up both of A1111's tokenizers do first
+    (CLIP's and OpenCLIP's ``whitespace_clean``: runs of whitespace -> one space, stripped)."""
     out = torch.ones(len(texts), n_ctx, dtype=torch.long)
     for i, t in enumerate(texts):
+        t = " ".join(t.split())
         ids = [0] + [2 + (ord(ch) % (vocab - 2)) for ch in t][: n_ctx - 2] + [1]
         out[i, : len(ids)] = torch.tensor(ids)
     return out

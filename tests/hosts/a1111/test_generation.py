@@ -85,10 +85,17 @@ def test_per_image_loras_in_one_batch_equal_separate_runs(sd_model, loras):
     torch.testing.assert_close(one[1:2], ref, rtol=0, atol=1e-4)
 
 
-def test_shared_prompt_text_with_different_te_loras_is_reported(sd_model, loras):
+def test_same_text_with_different_te_loras_gets_each_images_conds(sd_model, loras):
+    """A1111 encodes each distinct prompt text once per batch; images with the same text but other
+    text-encoder LoRAs (here also in the negative prompt) still get their own conds."""
     folder, _ = loras
-    _, p, _ = generate(sd_model, folder, ["cat <lora:a:1>", "cat <lora:b:1>"], ["bad", "bad"], 2)
-    assert any("share the prompt" in c for c in p.comments), p.comments
+    prompts = ["cat <lora:a:1>", "cat <lora:b:1>", "cat <lora:a:1>", "cat"]
+    negs = ["bad", "bad <lora:b:0.5>", "bad", "bad"]
+    one, p, _ = generate(sd_model, folder, prompts, negs, batch_size=4)
+    apart, _, _ = generate(sd_model, folder, prompts, negs, batch_size=1)
+    torch.testing.assert_close(one, apart, rtol=0, atol=1e-4)
+    assert not any("share the" in c for c in p.comments), p.comments
+    assert p.prompts == ["cat ", " cat ", "cat ", "cat"] and p.negative_prompts == ["bad", " bad", "bad", "  bad"]
 
 
 @pytest.mark.parametrize("mode", ["on the fly", "merged"])
