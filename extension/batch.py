@@ -110,7 +110,8 @@ class BatchStacks:
 
     def te_conflicts(self) -> list[str]:
         """A1111 encodes each distinct prompt text once per batch (``prompt_parser`` dedups), so
-        images with the same text but different text-encoder LoRAs share the first one's conds."""
+        images with the same text but different text-encoder LoRAs would share the first one's conds
+        (``te_distinct`` prevents it where the texts can be written back)."""
         out = []
         for negative, texts in ((False, self.positives), (True, self.negatives)):
             seen: dict[str, tuple] = {}
