@@ -64,25 +64,28 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
     """(ΔW, Δb) in fp32 (None where no term has one). ``into``: an fp32 contiguous buffer of the
     weight's shape (not aliasing the base) that receives ΔW instead of a fresh tensor."""
     device = device or base_weight.device
-    w0 = base_weight.to(device=device, dtype=COMPUTE)
     ordered = _ordered(contributions)
     lowrank = [c for c in ordered if _lowrank(c)]
-    # the other types first: a failure there leaves ``into`` unwritten
-    dw, db = _other_terms([c for c in ordered if not _lowrank(c)], w0, device, None, None)
+    others = [c for c in ordered if not _lowrank(c)]
+    dw = db = None
+    if others:  # first: a failure there leaves ``into`` unwritten
+        w0 = base_weight.to(device=device, dtype=COMPUTE)
+        dw, db = _other_terms(others, w0, device, None, None)
     if not lowrank:
         return dw, db
-    _check_fit(lowrank, w0)
+    _check_fit(lowrank, base_weight)
     u, d = _stacked_factors(lowrank, device)
-    low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(w0.shape)
+    low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(base_weight.shape)
     bias = _bias_terms(lowrank, device)
     return (low if dw is None else low.add_(dw)), (bias if db is None else _accumulate(bias, db))
 
 
 def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(W₀ + ΔW, Δb) for fp32 ``w0``, the same bits as ``w0 + summed_delta(…)[0]`` (what ComfyUI's
-    patch path computes), written into ``out`` when given (fp32, contiguous, w0's shape; ``w0`` itself
-    is allowed, then W₀ is overwritten). ``None`` for the weight when no term changes it."""
+    """(W₀ + ΔW, Δb) in fp32, the same bits as ``fp32(w0) + summed_delta(…)[0]`` (what ComfyUI's patch
+    path computes; ``w0`` may be any float dtype, its upcast is exact), written into ``out`` when given
+    (fp32, contiguous, w0's shape; ``w0`` itself is allowed, then W₀ is overwritten). ``None`` for the
+    weight when no term changes it."""
     into = out if out is not None and out.data_ptr() != w0.data_ptr() else None
     dw, db = summed_delta(contributions, w0, into=into)
     if dw is None:

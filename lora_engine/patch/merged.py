@@ -49,6 +49,7 @@ class MergedPatcher:
     plan: PatchPlan = field(default_factory=PatchPlan)
     backups: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     stats: PatchStats = field(default_factory=PatchStats)
+    _scratch: torch.Tensor | None = field(default=None, repr=False)
 
     def _backup(self, slot: str, target) -> tuple[torch.Tensor, torch.Tensor | None]:
         if slot not in self.backups:
@@ -64,18 +65,27 @@ class MergedPatcher:
                                   None if b is None else (b.to(dev, copy=True) if dev else b.clone()))
         return self.backups[slot]
 
+    def _scratch_for(self, w: torch.Tensor) -> torch.Tensor:
+        """An fp32 buffer of w's shape, reused across the slots of one ``apply`` (a fresh full-size
+        temporary per slot costs page faults at every call for large layers)."""
+        n = w.numel()
+        buf = self._scratch
+        if buf is None or buf.numel() < n or buf.device != w.device:
+            buf = self._scratch = torch.empty(n, dtype=torch.float32, device=w.device)
+        return buf[:n].view(w.shape)
+
     @torch.no_grad()
     def _write(self, slot: str, target, contributions) -> None:
         w0, b0 = self._backup(slot, target)
         w = _region(_param(self.root, target.weight_key), target.rows)
-        w0f = w0.to(w.device, torch.float32)  # converted once: the base the deltas see and the first term
-        # an fp32 weight takes W0 + ΔW straight from the GEMM; other dtypes sum into their fresh fp32
-        # copy of W0 and get one rounding copy_
-        if w.dtype == torch.float32 and w.is_contiguous() and w.data_ptr() != w0f.data_ptr():
+        w0 = w0.to(w.device)  # no copy when the backup lives on the weight's device
+        # an fp32 weight takes ΔW straight from the GEMM, then += W0; other dtypes sum into a reused
+        # fp32 buffer (W0 upcast exactly in the add) and get one rounding copy_
+        if w.dtype == torch.float32 and w.is_contiguous() and w.data_ptr() != w0.data_ptr():
             out = w
         else:
-            out = w0f if w0f.data_ptr() != w0.data_ptr() else None
-        new, db = merged_weight(contributions, w0f, out=out)
+            out = self._scratch_for(w)
+        new, db = merged_weight(contributions, w0, out=out)
         if new is not None:
             if new is not w:
                 w.copy_(new)  # copy_ casts with the same rounding as .to(w.dtype)
@@ -112,6 +122,7 @@ class MergedPatcher:
                 self._write(slot, new_plan.targets[slot], new_plan.contributions[slot])
         # keep targets of removed slots out, of current slots in
         self.plan = new_plan
+        self._scratch = None  # held for one apply only: steady RAM stays the backups
         return self.stats
 
     def restore(self) -> PatchStats:
