@@ -50,6 +50,7 @@ class MergedPatcher:
     backups: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     stats: PatchStats = field(default_factory=PatchStats)
     _scratch: torch.Tensor | None = field(default=None, repr=False)
+    _scratch_size: int = field(default=0, repr=False)
 
     def _backup(self, slot: str, target) -> tuple[torch.Tensor, torch.Tensor | None]:
         if slot not in self.backups:
@@ -70,8 +71,10 @@ class MergedPatcher:
         temporary per slot costs page faults at every call for large layers)."""
         n = w.numel()
         buf = self._scratch
-        if buf is None or buf.numel() < n or buf.device != w.device:
-            buf = self._scratch = torch.empty(n, dtype=torch.float32, device=w.device)
+        if buf is None or buf.numel() < n or buf.device != w.device:  # sized once per apply
+            size = max(n, self._scratch_size)
+            self._scratch = None  # free the old one first
+            buf = self._scratch = torch.empty(size, dtype=torch.float32, device=w.device)
         return buf[:n].view(w.shape)
 
     @torch.no_grad()
@@ -114,6 +117,8 @@ class MergedPatcher:
         """Move the model from the current plan to ``new_plan``, touching only changed slots."""
         self.stats = PatchStats()
         changed = changed_slots(self.plan, new_plan)
+        self._scratch_size = max((int(torch.Size(new_plan.targets[s].shape).numel()) for s in changed
+                                  if s in new_plan.contributions), default=0)
         for slot in changed:
             if slot not in new_plan.contributions:
                 if slot in self.backups:
