@@ -6,10 +6,11 @@ callback                       what it does
 ``on_ui_settings``             the "lora-engine" settings section (``settings.register``)
 ``on_before_ui``               extra network ``lora`` + alias ``lyco`` (after the built-in, which
                                stays installed but idle; order pinned in ``metadata.ini``); the page
+``on_app_started``             REST routes (``api.register``); takes the tags back if another
+                               ``before_ui`` registered ``lora`` after ours (``claim_tags``)
 ``on_model_loaded``            new weights: drop the old engine (its backups hold the old weights)
 ``on_cfg_denoiser``            per-step factors / re-merges (``steps.on_cfg_denoiser``)
 ``on_infotext_pasted``         ``<lora:NAME`` -> local file by ``Lora hashes``
-``on_app_started``             REST routes (``api.register``)
 ``on_script_unloaded``         UI reload: remove our patches and hooks
 =============================  ==================================================================
 """
@@ -43,6 +44,7 @@ def before_ui() -> None:
     body = LoraNetwork(c)
     ours = make_extra_network(body)
     c.builtin = extra_networks.extra_network_registry.get("lora")  # the built-in, registered before us
+    c.network = ours
     if c.settings().handover and c.builtin is not None:
         log.info("lora-engine: <lora> tags handed to the built-in Lora (setting lora_engine_handover)")
     extra_networks.register_extra_network(ours)  # every activation decides handover at run time
@@ -60,7 +62,27 @@ def infotext_pasted(infotext_text: str, params: dict) -> None:
         log.warning("lora-engine: %s", note)
 
 
+def claim_tags(c: Controller, extra_networks) -> bool:
+    """Make sure ``<lora:…>``/``<lyco:…>`` reach our network. A1111 1.10 calls the ``before_ui``
+    callbacks in reverse order of its sorted list; ``metadata.ini`` puts ours last, but its section only
+    matches when the folder is named ``lora-engine`` (A1111 names extensions by folder). If the built-in
+    (or anything else) registered ``lora`` after us, take it back here and remember it as the built-in,
+    so the hand-back setting still reaches it. Returns True when the tags had to be taken back."""
+    registry = extra_networks.extra_network_registry
+    if c.network is None or registry.get("lora") is c.network:
+        return False
+    c.builtin = registry.get("lora")
+    extra_networks.register_extra_network(c.network)
+    extra_networks.register_extra_network_alias(c.network, "lyco")
+    log.warning("lora-engine: another extension registered <lora> after lora-engine (callback order: keep the "
+                "folder name extensions/lora-engine); lora-engine takes the tags back")
+    return True
+
+
 def app_started(demo, app) -> None:
+    from modules import extra_networks
+
+    claim_tags(controller(), extra_networks)
     api.register(controller(), app)
 
 

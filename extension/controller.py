@@ -55,6 +55,7 @@ class Controller:
         self.modes = ModeChooser()
         self.cond_guard = CondGuard()
         self.builtin = None  # the built-in Lora's extra network, when it exists
+        self.network = None  # our extra network object, once registered (``callbacks.before_ui``)
         self.builtin_dirty = True  # the built-in may have merged something we must undo first
         self.last_warnings: list[str] = []
         self._hashes: dict[tuple[str, int], str] = {}

@@ -52,6 +52,98 @@ def test_entry_script_registers_callbacks_under_a_unique_package(tmp_path):
                                   "'script_unloaded', 'ui_settings', 'ui_tabs'] True []"), out.stdout
 
 
+# modules.script_callbacks.add_callback as A1111 1.10 names a callback: "<extension folder>/<basename of the
+# first stack frame outside script_callbacks.py>/<category>"
+NAMING_CALLBACKS = textwrap.dedent('''
+    import inspect, os
+    registered = []
+    def _on(kind):
+        def register(callback, *, name=None):
+            caller = [f.filename for f in inspect.stack() if f.filename != __file__][0]
+            registered.append("lora-engine/" + os.path.basename(caller) + "/" + kind)
+        return register
+    for _k in ("ui_settings", "before_ui", "model_loaded", "cfg_denoiser", "infotext_pasted",
+               "app_started", "script_unloaded", "ui_tabs"):
+        globals()["on_" + _k] = _on(_k)
+''')
+
+
+def _a1111_before_ui_call_order(names: list[str], ini_path: str) -> list[str]:
+    """A1111 1.10's order: sort_callbacks (metadata.ini After/Before -> util.topological_sort), then
+    before_ui_callback iterates ``reversed(...)``."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ini_path)
+    deps = {n: [] for n in names}
+    for section in config.sections():
+        name = section[len("callbacks/"):]
+        if not section.startswith("callbacks/") or name not in deps:
+            continue
+        for after in config.get(section, "After", fallback="").replace(",", " ").split():
+            if after in deps:
+                deps[name].append(after)
+        for before in config.get(section, "Before", fallback="").replace(",", " ").split():
+            if before in deps:
+                deps[before].append(name)
+    seen, order = set(), []
+
+    def visit(n):
+        seen.add(n)
+        for d in deps[n]:
+            if d not in seen:
+                visit(d)
+        order.append(n)
+
+    for n in deps:
+        if n not in seen:
+            visit(n)
+    return list(reversed(order))
+
+
+def test_metadata_ini_makes_our_before_ui_run_after_the_builtins(tmp_path):
+    """Found in a real A1111 1.10.1: with the section under the wrong callback name (and `After`), the
+    built-in's before_ui ran last and kept <lora:...>."""
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "__init__.py").write_text("")
+    (tmp_path / "modules" / "script_callbacks.py").write_text(NAMING_CALLBACKS)
+    code = textwrap.dedent(f'''
+        import runpy, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        runpy.run_path({os.path.join(ROOT, "scripts", "lora_engine_a1111.py")!r})
+        from modules import script_callbacks
+        print([n for n in script_callbacks.registered if n.endswith("/before_ui")][0])
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert out.returncode == 0, out.stderr
+    ours = out.stdout.strip()
+    builtin = "lora/lora_script.py/before_ui"  # extensions-builtin/Lora/scripts/lora_script.py, loaded first
+    called = _a1111_before_ui_call_order([builtin, "hypertile/hypertile_script.py/before_ui", ours],
+                                         os.path.join(ROOT, "metadata.ini"))
+    assert called[-1] == ours and called.index(builtin) < called.index(ours), called
+
+
+def test_app_started_takes_the_tags_back_if_registered_over(tmp_path):
+    import types
+
+    from extension.callbacks import claim_tags
+    from extension.controller import Controller
+
+    registry, aliases = {}, {}
+    extra_networks = types.SimpleNamespace(  # modules.extra_networks: a dict and two setters
+        extra_network_registry=registry,
+        register_extra_network=lambda n: registry.__setitem__(n.name, n),
+        register_extra_network_alias=lambda n, alias: aliases.__setitem__(alias, n))
+    c = Controller(Opts({}), [str(tmp_path)], cache_path=None)
+    ours, other = types.SimpleNamespace(name="lora"), types.SimpleNamespace(name="lora")
+    c.network = ours
+    registry["lora"] = ours
+    assert claim_tags(c, extra_networks) is False and c.builtin is None
+    registry["lora"] = other  # e.g. the folder was renamed, so metadata.ini's order did not apply
+    assert claim_tags(c, extra_networks) is True
+    assert registry["lora"] is ours and aliases["lyco"] is ours and c.builtin is other
+
+
 def _file(path, meta=None):
     save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1)},
               str(path), metadata=meta or {})
