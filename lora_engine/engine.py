@@ -23,8 +23,15 @@ class Mode(str, enum.Enum):
 
 
 def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """{parameter key: shape} of a module tree, the input of ``keymap.build_keymap``."""
-    return {k: tuple(v.shape) for k, v in root.state_dict(keep_vars=True).items()}
+    """{parameter key: shape} of a module tree, the input of ``keymap.build_keymap``. A tensor reachable
+    under two names is listed once, under the first (A1111's SDXL model holds its ``conditioner`` again
+    as ``cond_stage_model``: one pair of text encoders, not two)."""
+    seen, out = set(), {}
+    for k, v in root.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = tuple(v.shape)
+    return out
 
 
 class LoraEngine:

@@ -35,11 +35,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def bpe_tokenizer(bpe_gz: str, pad_token: str, max_length: int = MAX_LENGTH):
-    """A ``CLIPTokenizer`` from an open_clip-style gzipped BPE merges file (vocab built as open_clip
-    builds it: byte characters, the same with ``</w>``, the merges, then the two special tokens)."""
-    from transformers import CLIPTokenizer
-
+def write_bpe_vocab(bpe_gz: str, folder: str) -> tuple[str, str]:
+    """``vocab.json`` + ``merges.txt`` (the Hugging Face CLIP tokenizer files) in ``folder`` from an
+    open_clip-style gzipped BPE merges file (vocab built as open_clip builds it: byte characters, the
+    same with ``</w>``, the merges, then the two special tokens)."""
     try:
         with gzip.open(bpe_gz, "rt", encoding="utf-8") as fh:
             lines = fh.read().split("\n")
@@ -48,12 +47,20 @@ def bpe_tokenizer(bpe_gz: str, pad_token: str, max_length: int = MAX_LENGTH):
     merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()]
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_file, "w", encoding="utf-8") as fh:
+        json.dump({t: i for i, t in enumerate(vocab)}, fh)
+    with open(merges_file, "w", encoding="utf-8") as fh:
+        fh.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges))
+    return vocab_file, merges_file
+
+
+def bpe_tokenizer(bpe_gz: str, pad_token: str, max_length: int = MAX_LENGTH):
+    """A ``CLIPTokenizer`` from an open_clip-style gzipped BPE merges file (``write_bpe_vocab``)."""
+    from transformers import CLIPTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as fh:
-            json.dump({t: i for i, t in enumerate(vocab)}, fh)
-        with open(merges_file, "w", encoding="utf-8") as fh:
-            fh.write("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges))
+        vocab_file, merges_file = write_bpe_vocab(bpe_gz, tmp)
         return CLIPTokenizer(vocab_file, merges_file, pad_token=pad_token, model_max_length=max_length)
 
 

@@ -70,3 +70,36 @@ def test_fused_openclip_rows(arch, dtype, tmp_path):
     torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], y_merged, rtol=0, atol=10 * tol)
     net.activate(P(model), [])
     torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], y0, rtol=0, atol=0)
+
+
+def test_sdxl_cond_stage_model_alias_is_one_pair_of_encoders(tmp_path, caplog):
+    """A1111's hijack sets ``sd_model.cond_stage_model = sd_model.conditioner`` for SDXL (seen in a real
+    A1111 1.10.1: the state dict then lists both encoders twice). One pair is mapped, no warning, and a
+    LoRA on the second encoder writes its rows once and restores exactly."""
+    import logging
+
+    from lora_engine.engine import shapes_of
+    from lora_engine.keymap import build_keymap
+
+    name, te_path, block = CASES["sdxl"]
+    model = a1111_root(TinySD.build("sdxl"), wrapped=True)
+    model.cond_stage_model = model.conditioner
+    assert any(k.startswith("cond_stage_model.") for k in model.state_dict())  # the alias is really there
+    with caplog.at_level(logging.WARNING, logger="lora_engine"):
+        keymap = build_keymap(shapes_of(model))
+    assert not [r for r in caplog.records if "text encoders" in r.getMessage()], caplog.text
+    assert keymap.lookup(name) is not None and keymap.lookup("lora_te1_text_model_encoder_layers_0_mlp_fc1")
+    attn = model.get_submodule(te_path).transformer.resblocks[0].attn
+    h = attn.embed_dim
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(2, h, generator=g), torch.randn(h, 2, generator=g)
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)},
+              str(tmp_path / "t.safetensors"))
+    w0 = attn.in_proj_weight.detach().clone()
+    c, net = make_network(tmp_path, lora_engine_mode="merged")
+    net.activate(P(model), [ExtraNetworkParams(["t", "0.5"])])
+    want = w0.clone()
+    want[block * h:(block + 1) * h] += 0.5 * (up @ down)
+    torch.testing.assert_close(attn.in_proj_weight, want, rtol=2.0 ** -23, atol=1e-7)
+    net.activate(P(model), [])
+    assert torch.equal(attn.in_proj_weight, w0)
