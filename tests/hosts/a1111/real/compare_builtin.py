@@ -5,6 +5,7 @@ Set-up (see README § AUTOMATIC1111, "Comparing with the built-in in a real A111
 ``make_models.py`` in A1111's ``models/`` and the matching checkpoint loaded. Then
 
     python -m tests.hosts.a1111.real.compare_builtin sd1|sd2|sdxl A1111_ROOT OUT_DIR [--url URL] [--size 128]
+                                                     [--every N]
 
 Same seed, same stack (two LoRAs, one with separate te/unet weights, one negative), in this order:
 base; ours merged; ours on the fly; base; built-in (hand-back setting); base; ours merged again; base.
@@ -35,8 +36,8 @@ STACK = ((0, 0.8, 0.8), (1, 0.6, -0.5))  # (LoRA index, te weight, unet weight)
 
 
 class A1111:
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, every: int = 1):
+        self.url, self.every = url, every
 
     def call(self, path: str, data=None, method: str | None = None):
         req = urllib.request.Request(self.url + path, data=None if data is None else json.dumps(data).encode(),
@@ -50,7 +51,7 @@ class A1111:
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["images"][0])))).astype(np.int16)
 
     def dump(self, path: str) -> dict[str, torch.Tensor]:
-        self.call(f"/lora-engine-probe/dump?path={path}", method="POST")
+        self.call(f"/lora-engine-probe/dump?path={path}&every={self.every}", method="POST")
         return load_file(path)
 
 
@@ -66,6 +67,8 @@ def exact_weights(w0: dict, checkpoint: str, loras: list[str]) -> dict[str, torc
         for key in [k for k in f if k.endswith(".lora_down.weight")]:
             name = key[: -len(".lora_down.weight")]
             t = keymap.lookup(name)
+            if t.weight_key not in plain:  # not in this dump (``--every``)
+                continue
             down, up = f[key].double().flatten(1), f[name + ".lora_up.weight"].double().flatten(1)
             scale = f[name + ".alpha"].double().item() / down.shape[0]
             m = unet if name.startswith("lora_unet_") else te
@@ -82,9 +85,10 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--url", default="http://127.0.0.1:7860")
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--every", type=int, default=1, help="compare one targeted weight in N (SDXL: 8 saves RAM)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    api = A1111(args.url)
+    api = A1111(args.url, args.every)
     names = [f"{args.arch}_style{i}" for i, _, _ in STACK]
     loras = [os.path.join(args.a1111_root, "models", "Lora", n + ".safetensors") for n in names]
     checkpoint = os.path.join(args.a1111_root, "models", "Stable-diffusion", f"{args.arch}_random.safetensors")

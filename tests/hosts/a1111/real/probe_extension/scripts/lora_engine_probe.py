@@ -1,4 +1,4 @@
-"""A1111 test extension for tests/hosts/a1111/real: ``POST /lora-engine-probe/dump?path=FILE`` writes the
+"""A1111 test extension for tests/hosts/a1111/real: ``POST /lora-engine-probe/dump?path=FILE[&every=N]`` writes the
 current weights of the LoRA-targetable layers (attention, MLP, proj_in/out; UNet and text encoders)
 of the loaded model to a safetensors file, so a check can compare them bit for bit.
 Copy this folder to ``extensions/lora-engine-probe`` of a test A1111, never of one you use."""
@@ -11,12 +11,14 @@ from modules import script_callbacks, shared
 TARGETS = re.compile(r"(transformer_blocks|encoder\.layers|resblocks|proj_in|proj_out)\..*weight$")
 
 
-def dump(path: str) -> dict:
+def dump(path: str, every: int = 1) -> dict:
+    """``every``: keep one target tensor in that many (an SDXL dump of all of them is ~5 GB)."""
     sd, seen = {}, set()
     for k, v in shared.sd_model.state_dict(keep_vars=True).items():  # SDXL: cond_stage_model aliases conditioner
         if TARGETS.search(k) and "norm" not in k and ".ln_" not in k and v.is_floating_point() and id(v) not in seen:
             seen.add(id(v))
-            sd[k] = v.detach().to("cpu").contiguous().clone()
+            if (len(seen) - 1) % every == 0:
+                sd[k] = v.detach().to("cpu").contiguous().clone()
     save_file(sd, path)
     return {"tensors": len(sd), "dtype": str(next(iter(sd.values())).dtype)}
 
