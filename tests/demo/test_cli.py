@@ -38,8 +38,11 @@ def test_missing_base_file_is_one_clear_line(tmp_path, capsys):
 def test_ctrl_c_during_training_leaves_no_partial_output(tmp_path):
     out = tmp_path / "demo_out"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # A shell without job control starts background commands with SIGINT ignored, and Python then keeps
+    # it ignored: reset it in the child so Ctrl+C is what the demo sees, however the tests were launched.
     proc = subprocess.Popen([sys.executable, "-m", "lora_engine", "demo", "--out", str(out)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     deadline = time.time() + 240
     try:
