@@ -34,22 +34,30 @@ FAKE_CALLBACKS = textwrap.dedent('''
 ''')
 
 
-def test_entry_script_registers_callbacks_under_a_unique_package(tmp_path):
+def _run_entry_script(tmp_path, callbacks_module: str, then: str) -> str:
+    """Run scripts/lora_engine_a1111.py in a fresh interpreter against a ``modules.script_callbacks``
+    stand-in, then ``then`` (code that prints); returns what it printed."""
     (tmp_path / "modules").mkdir()
     (tmp_path / "modules" / "__init__.py").write_text("")
-    (tmp_path / "modules" / "script_callbacks.py").write_text(FAKE_CALLBACKS)
+    (tmp_path / "modules" / "script_callbacks.py").write_text(callbacks_module)
     code = textwrap.dedent(f'''
         import runpy, sys
         sys.path.insert(0, {str(tmp_path)!r})
         runpy.run_path({os.path.join(ROOT, "scripts", "lora_engine_a1111.py")!r})
         from modules import script_callbacks
+    ''') + textwrap.dedent(then)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_entry_script_registers_callbacks_under_a_unique_package(tmp_path):
+    printed = _run_entry_script(tmp_path, FAKE_CALLBACKS, '''
         bad = [m for m in ("extension", "networks", "network", "lora", "lora_patches") if m in sys.modules]
         print(sorted(script_callbacks.registered), "lora_engine_a1111.callbacks" in sys.modules, bad)
     ''')
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("['app_started', 'before_ui', 'cfg_denoiser', 'infotext_pasted', 'model_loaded', "
-                                  "'script_unloaded', 'ui_settings', 'ui_tabs'] True []"), out.stdout
+    assert printed == ("['app_started', 'before_ui', 'cfg_denoiser', 'infotext_pasted', 'model_loaded', "
+                       "'script_unloaded', 'ui_settings', 'ui_tabs'] True []"), printed
 
 
 # modules.script_callbacks.add_callback as A1111 1.10 names a callback: "<extension folder>/<basename of the
@@ -104,19 +112,9 @@ def _a1111_before_ui_call_order(names: list[str], ini_path: str) -> list[str]:
 def test_metadata_ini_makes_our_before_ui_run_after_the_builtins(tmp_path):
     """Found in a real A1111 1.10.1: with the section under the wrong callback name (and `After`), the
     built-in's before_ui ran last and kept <lora:...>."""
-    (tmp_path / "modules").mkdir()
-    (tmp_path / "modules" / "__init__.py").write_text("")
-    (tmp_path / "modules" / "script_callbacks.py").write_text(NAMING_CALLBACKS)
-    code = textwrap.dedent(f'''
-        import runpy, sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        runpy.run_path({os.path.join(ROOT, "scripts", "lora_engine_a1111.py")!r})
-        from modules import script_callbacks
+    ours = _run_entry_script(tmp_path, NAMING_CALLBACKS, '''
         print([n for n in script_callbacks.registered if n.endswith("/before_ui")][0])
     ''')
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
-    assert out.returncode == 0, out.stderr
-    ours = out.stdout.strip()
     builtin = "lora/lora_script.py/before_ui"  # extensions-builtin/Lora/scripts/lora_script.py, loaded first
     called = _a1111_before_ui_call_order([builtin, "hypertile/hypertile_script.py/before_ui", ours],
                                          os.path.join(ROOT, "metadata.ini"))
