@@ -26,7 +26,12 @@ def builtin_networks():
 
 @torch.no_grad()
 def release_builtin(model: torch.nn.Module, networks=None) -> int:
-    """Undo whatever the built-in merged into ``model``; returns the number of layers restored."""
+    """Undo whatever the built-in merged into ``model``; returns the number of layers restored.
+
+    Then its backups are dropped: with nothing merged (``network_current_names == ()``) they equal the
+    weights, and the built-in takes a fresh one from the (original) weights the next time it merges.
+    Kept, they would sit beside ours — on SDXL two full sets of backups ran a 24 GB machine out of
+    memory in a real A1111 1.10.1 after a hand-back and a take-over."""
     networks = networks or builtin_networks()
     if networks is None:
         return 0
@@ -37,6 +42,9 @@ def release_builtin(model: torch.nn.Module, networks=None) -> int:
             networks.network_restore_weights_from_backup(module)
             module.network_current_names = ()
             n += 1
+        if getattr(module, "network_weights_backup", None) is not None and not module.network_current_names:
+            module.network_weights_backup = None
+            module.network_bias_backup = None
     return n
 
 

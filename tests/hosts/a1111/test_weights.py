@@ -143,8 +143,12 @@ def test_release_builtin_restores_its_layers_first(sd_model, tiny, loras):
     layer.network_current_names = (("old", 1.0, 1.0, None),)
     with torch.no_grad():
         layer.weight.add_(1.0)  # the built-in's merged delta
+    idle = module_of(tiny, "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+    idle.network_weights_backup, idle.network_current_names = idle.weight.detach().clone(), ()  # restored earlier
     assert release_builtin(sd_model, Networks) == 1
     assert torch.equal(layer.weight, w0) and Networks.loaded_networks == []
+    # its backups are dropped (the built-in re-takes one from the now original weights when it merges again)
+    assert layer.network_weights_backup is None and idle.network_weights_backup is None
     _, net = make_network(folder, lora_engine_mode="merged")
     _run_activate(net, sd_model, "<lora:a:1>")
     d = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
