@@ -32,7 +32,8 @@ RANKS = (8, 4)
 
 
 def kohya_targets(arch: str, root) -> dict:
-    """{kohya name: target} in the names kohya writes (SD1/SD2 UNet: diffusers blocks; SDXL: sgm)."""
+    """{kohya name: target} in the names kohya writes (SD1/SD2 UNet: diffusers blocks; SDXL: sgm UNet
+    blocks and ``lora_te1_``/``lora_te2_`` encoders)."""
     keymap = build_keymap({k: tuple(v.shape) for k, v in root.state_dict().items()})
     out, seen = {}, set()
     for name in keymap.names():
@@ -43,9 +44,11 @@ def kohya_targets(arch: str, root) -> dict:
             continue
         if unet and sgm != (arch == "sdxl"):
             continue
-        if len(t.shape) == 4 and tuple(t.shape[2:]) != (1, 1):
-            continue
+        if not (len(t.shape) == 2 or (len(t.shape) == 4 and tuple(t.shape[2:]) == (1, 1))):
+            continue  # norms and 3x3 convs are not kohya's default LoRA targets
         seen.add((t.weight_key, t.rows))
+        if arch == "sdxl" and name.startswith("lora_te_"):
+            name = "lora_te1_" + name[len("lora_te_"):]  # kohya's SDXL spelling; the built-in knows only this one
         out[name] = t
     return out
 
