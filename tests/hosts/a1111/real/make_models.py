@@ -26,31 +26,17 @@ from tests.models.full_sd import build_full
 from tests.models.hosts import diffusers_root
 from tests.models.ldm_checkpoint import write_ldm_checkpoint
 
-UNET_PARTS = ("transformer_blocks", "proj_in", "proj_out")  # kohya's default UNet targets
-TE_PARTS = ("self_attn", "mlp")
 RANKS = (8, 4)
 
 
 def kohya_targets(arch: str, root) -> dict:
     """{kohya name: target} in the names kohya writes (SD1/SD2 UNet: diffusers blocks; SDXL: sgm UNet
-    blocks and ``lora_te1_``/``lora_te2_`` encoders)."""
+    blocks and ``lora_te1_``/``lora_te2_`` encoders), over the benchmarks' default target set."""
+    from bench.apply_setup import kohya_targets as default_targets
+
     keymap = build_keymap({k: tuple(v.shape) for k, v in root.state_dict().items()})
-    out, seen = {}, set()
-    for name in keymap.names():
-        t = keymap.lookup(name)
-        unet = name.startswith("lora_unet_")
-        sgm = any(s in name for s in ("input_blocks", "middle_block", "output_blocks"))
-        if not any(p in name for p in (UNET_PARTS if unet else TE_PARTS)) or (t.weight_key, t.rows) in seen:
-            continue
-        if unet and sgm != (arch == "sdxl"):
-            continue
-        if not (len(t.shape) == 2 or (len(t.shape) == 4 and tuple(t.shape[2:]) == (1, 1))):
-            continue  # norms and 3x3 convs are not kohya's default LoRA targets
-        seen.add((t.weight_key, t.rows))
-        if arch == "sdxl" and name.startswith("lora_te_"):
-            name = "lora_te1_" + name[len("lora_te_"):]  # kohya's SDXL spelling; the built-in knows only this one
-        out[name] = t
-    return out
+    return {("lora_te1_" + name[len("lora_te_"):] if arch == "sdxl" and name.startswith("lora_te_") else name): t
+            for name, t in default_targets(keymap, arch).items()}  # kohya's SDXL spelling; the built-in knows only it
 
 
 def write_loras(arch: str, root, folder: str) -> list[str]:
