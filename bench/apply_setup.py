@@ -1,6 +1,7 @@
-"""Parts of ``bench_apply``: machine figures (RSS, copy bandwidth, GEMM rate), the real-size models
-filled in their own dtype, kohya LoRA files over kohya's default targets, parameter fingerprints, and the
-diffusers pipeline object that loads the same files through diffusers+PEFT."""
+"""Parts of ``bench_apply`` / ``bench_sidepath``: machine figures (RSS or GPU memory, copy bandwidth, GEMM
+rate), the real-size models filled in their own dtype on the CPU or a CUDA device, kohya LoRA files over
+kohya's default targets, parameter fingerprints, and the diffusers pipeline object that loads the same files
+through diffusers+PEFT. Every timing synchronises the device before and after (``timed``)."""
 from __future__ import annotations
 
 import ctypes
@@ -36,7 +37,13 @@ _LIBC = ctypes.CDLL("libc.so.6")
 
 
 class Ram:
-    """RSS growth over a block: ``peak`` (VmHWM after a clear_refs reset) and ``steady`` (VmRSS after gc)."""
+    """Memory growth over a block, host and (for a CUDA ``device``) device: ``peak`` / ``steady`` are host
+    RSS growth (VmHWM after a clear_refs reset; VmRSS after gc), ``dev_peak`` / ``dev_steady`` the CUDA
+    caching allocator's ``max_memory_allocated`` / ``memory_allocated`` growth (0 on the CPU)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.dev_peak = self.dev_steady = 0
 
     def __enter__(self):
         gc.collect()
@@ -44,48 +51,81 @@ class Ram:
         self.base = proc_status("VmRSS")
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.dev_base = torch.cuda.memory_allocated()
         return self
 
     def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.dev_peak = torch.cuda.max_memory_allocated() - self.dev_base
         self.peak = proc_status("VmHWM") - self.base
         gc.collect()
         _LIBC.malloc_trim(0)
         self.steady = proc_status("VmRSS") - self.base
+        if self.cuda:
+            self.dev_steady = torch.cuda.memory_allocated() - self.dev_base
 
 
-def timed(fn) -> float:
+def sync(device: torch.device | str | None = None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device | str | None = None) -> float:
+    """Wall time of ``fn()``, the device's queue drained before and after (CUDA runs asynchronously)."""
+    sync(device)
     t0 = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - t0
 
 
-def copy_bandwidth(nbytes: int = 512 * MiB) -> float:
+def copy_bandwidth(nbytes: int = 512 * MiB, device="cpu") -> float:
     """Bytes read+written per second by a large fp32 tensor ``copy_`` (best of 5)."""
-    src = torch.randn(nbytes // 4)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src)) for _ in range(5))
+    best = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
     return 2 * nbytes / best
 
 
-def fresh_copy_rate(nbytes: int = 512 * MiB) -> float:
-    """Bytes per second of a ``clone`` into freshly allocated memory (page faults included): what a
-    first backup of the touched weights costs at best (best of 3)."""
-    src = torch.randn(nbytes // 4)
-    return nbytes / min(timed(lambda: src.clone()) for _ in range(3))
+def fresh_copy_rate(nbytes: int = 512 * MiB, device="cpu") -> float:
+    """Bytes per second of a ``clone`` into freshly allocated memory (page faults included on the CPU;
+    a cudaMalloc on CUDA, the caching allocator emptied first): what a first backup of the touched
+    weights costs at best (best of 3)."""
+    src = torch.randn(nbytes // 4, device=device)
+    cuda = torch.device(device).type == "cuda"
+
+    def clone():
+        if cuda:
+            torch.cuda.empty_cache()
+        return timed(lambda: src.clone(), device)
+    return nbytes / min(clone() for _ in range(3))
 
 
-def gemm_rate(rank: int) -> float:
-    """FLOP/s of the merge's product shape: (out x rank) @ (rank x in), fp32 (best of 3)."""
-    up, down = torch.randn(1280, rank), torch.randn(rank, 5120)
+def gemm_rate(rank: int, device="cpu") -> float:
+    """FLOP/s of the merge's product shape: (out x rank) @ (rank x in), fp32 (best of 3; 20 products
+    per timing on CUDA, where one is a few microseconds)."""
+    up, down = torch.randn(1280, rank, device=device), torch.randn(rank, 5120, device=device)
     up @ down
-    best = min(timed(lambda: up @ down) for _ in range(3))
+    k = 20 if torch.device(device).type == "cuda" else 1
+    best = min(timed(lambda: [up @ down for _ in range(k)], device) for _ in range(3)) / k
     return 2 * 1280 * 5120 * rank / best
+
+
+def free_memory(device="cpu") -> int:
+    """Bytes free where the model will live: MemAvailable, or the CUDA device's free memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return free_ram()
 
 
 # ---- models and files ---------------------------------------------------------------------------
 def _fill(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim >= 2:
@@ -96,8 +136,9 @@ def _fill(module: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.01, generator=g)
 
 
-def build_model(arch: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A root holding ``unet`` (and ``text_encoder`` for SD1), as a diffusers pipeline holds them."""
+def build_model(arch: str, dtype: torch.dtype, device="cpu") -> torch.nn.Module:
+    """A root holding ``unet`` (and ``text_encoder`` for SD1), as a diffusers pipeline holds them, on
+    ``device`` (the UNet is filled there; the text encoder is seeded on the CPU and moved)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -107,16 +148,16 @@ def build_model(arch: str, dtype: torch.dtype) -> torch.nn.Module:
     root = torch.nn.Module()
     if arch == "tiny":
         m = TinySD.build("sd1")
-        root.unet, root.text_encoder = m.unet.to(dtype), m.text_encoders[0].to(dtype)
+        root.unet, root.text_encoder = m.unet.to(device, dtype), m.text_encoders[0].to(device, dtype)
         return root
     with torch.device("meta"):
         unet = UNet2DConditionModel(**UNET[arch])
-    unet = unet.to(dtype).to_empty(device="cpu").eval()
+    unet = unet.to(dtype).to_empty(device=device).eval()
     _fill(unet, 0)
     root.unet = unet
     if arch == "sd1":
         torch.manual_seed(0)
-        root.text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(dtype).eval()
+        root.text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(device, dtype).eval()
     return root
 
 
@@ -157,13 +198,26 @@ def write_loras(folder: str, targets: dict, count: int, rank: int) -> list[str]:
 
 
 def fingerprint(params: dict) -> dict:
-    return {k: hashlib.blake2b(memoryview(p.detach().contiguous().view(torch.uint8).numpy())).digest()
-            for k, p in params.items()}
+    """What ``n_differ`` compares bit for bit: a blake2b digest of each CPU tensor; a copy of each tensor
+    on its own device otherwise (hashing gigabytes through the host would dominate a GPU run)."""
+    return {k: (hashlib.blake2b(memoryview(p.detach().contiguous().view(torch.uint8).numpy())).digest()
+                if p.device.type == "cpu" else p.detach().clone()) for k, p in params.items()}
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def n_differ(params: dict, before: dict) -> int:
-    now = fingerprint(params)
-    return sum(now[k] != v for k, v in before.items())
+    """How many parameters are not bit-identical to their ``fingerprint``."""
+    n = 0
+    for k, v in before.items():
+        p = params[k]
+        if isinstance(v, torch.Tensor):
+            n += not _bits_equal(p.detach(), v)
+        else:
+            n += hashlib.blake2b(memoryview(p.detach().contiguous().view(torch.uint8).numpy())).digest() != v
+    return n
 
 
 # ---- one model ----------------------------------------------------------------------------------
@@ -206,6 +260,7 @@ def peft_load(pipe, path: str, name: str) -> None:
 
 # ---- driver -------------------------------------------------------------------------------------
 def model_bytes(arch: str, dtype: torch.dtype) -> int:
+    """Parameter bytes of the model ``build_model`` makes (the text encoder approximated)."""
     from diffusers import UNet2DConditionModel
 
     from tests.models.full_sd import UNET

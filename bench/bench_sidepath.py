@@ -1,6 +1,7 @@
 """On-the-fly overhead layer by layer: the LoRA side path against its FLOP share, ours and diffusers+PEFT.
 
     python bench/bench_sidepath.py [--stacks 1,3,5] [--rank 32] [--reps 7] [--rounds 3] [--threads 2]
+                                   [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--latent 32] [--batch 1]
 
 A whole UNet forward on a shared CPU swings by ±10 % between calls, which drowns a side path of a few
 per cent (bench_apply's forward rows). This measures the same quantity where it is paid: the SD1.5 UNet
@@ -14,6 +15,10 @@ Reported per stack of n rank-R LoRAs: Σ base time of the touched layers, the ex
 PEFT in % of it, the LoRA FLOP share of those layers (extra FLOPs ÷ base FLOPs), and the ratio of the
 two (the issue's goal: ≤ 1.3). The untouched rest of the forward (attention products, convs, norms)
 is the same with and without LoRAs, so the whole-forward ratio is the same number, diluted.
+
+On CUDA (``--device cuda``; defaults there: fp16, 64×64 latent = 512 px, batch 2) one layer call is a few
+microseconds of queued kernels, so a timing is ``reps`` back-to-back calls between two synchronisations,
+divided by ``reps`` (what a sampler's steady stream of layers sees), min over rounds.
 """
 from __future__ import annotations
 
@@ -35,7 +40,9 @@ from lora_engine.formats import load_lora  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
 
-from bench.apply_setup import build_model, kohya_targets, make_pipe, peft_load, write_loras  # noqa: E402
+from bench.apply_setup import build_model, kohya_targets, make_pipe, peft_load, sync, write_loras  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _addmm_(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
@@ -50,29 +57,40 @@ def flops(fn) -> int:
     return fc.get_total_flops()
 
 
-def capture_inputs(unet, paths: list[str]) -> dict[str, torch.Tensor]:
-    """The first input each layer sees in one UNet forward (32×32 latent, batch 1)."""
+def capture_inputs(unet, paths: list[str], side: int = 32, batch: int = 1) -> dict[str, torch.Tensor]:
+    """The first input each layer sees in one UNet forward (side×side latent)."""
     got, handles = {}, []
     for p in paths:
         def hook(module, args, p=p):
             got.setdefault(p, args[0].detach().clone())
         handles.append(unet.get_submodule(p).register_forward_pre_hook(hook))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, unet.config.in_channels, 32, 32, generator=g)
-    ehs = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    dev, dt = unet.device, unet.dtype
+    x = torch.randn(batch, unet.config.in_channels, side, side, generator=g).to(dev, dt)
+    ehs = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(dev, dt)
     with torch.no_grad():
-        unet(x, torch.tensor([500]), encoder_hidden_states=ehs)
+        unet(x, torch.tensor([500] * batch, device=dev), encoder_hidden_states=ehs)
     for h in handles:
         h.remove()
     return got
 
 
 def layer_times(unet, inputs: dict, reps: int) -> dict[str, float]:
+    """Per layer: min over ``reps`` single calls (CPU), or ``reps`` queued calls ÷ reps (CUDA)."""
     out = {}
+    dev = unet.device
     with torch.no_grad():
         for p, x in inputs.items():
             m = unet.get_submodule(p)
             m(x)
+            if dev.type == "cuda":
+                sync(dev)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    m(x)
+                sync(dev)
+                out[p] = (time.perf_counter() - t) / reps
+                continue
             best = float("inf")
             for _ in range(reps):
                 t = time.perf_counter()
@@ -111,7 +129,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="default fp32 on the CPU, fp16 on CUDA")
+    ap.add_argument("--latent", type=int, help="latent side (default 32; CUDA 64)")
+    ap.add_argument("--batch", type=int, help="batch (default 1; CUDA 2)")
+    ap.add_argument("--model", default="sd1", choices=["sd1", "tiny"], help="tiny: the tests' model (smoke test)")
     args = ap.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
+    dtype = DTYPES[args.dtype or ("fp16" if cuda else "fp32")]
+    side, batch = args.latent or (64 if cuda else 32), args.batch or (2 if cuda else 1)
     stacks = [int(s) for s in args.stacks.split(",")]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -120,7 +146,7 @@ def main() -> None:
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
 
-    root = build_model("sd1", torch.float32)
+    root = build_model(args.model, dtype, args.device)
     keymap = build_keymap(shapes_of(root))
     targets = kohya_targets(keymap, "sd1")
     folder = tempfile.mkdtemp(prefix="bench_sidepath_")
@@ -129,8 +155,9 @@ def main() -> None:
         files = [load_lora(p) for p in paths]
         unet_paths = sorted({t.weight_key.rpartition(".")[0][len("unet."):] for t in targets.values()
                              if t.weight_key.startswith("unet.")})
-        inputs = capture_inputs(root.unet, unet_paths)
-        print(f"{len(inputs)} UNet layers touched; torch threads {torch.get_num_threads()}, "
+        inputs = capture_inputs(root.unet, unet_paths, side, batch)
+        where = torch.cuda.get_device_name(args.device) if cuda else f"CPU, torch threads {torch.get_num_threads()}"
+        print(f"{len(inputs)} UNet layers touched; {where}; {str(dtype)[6:]}, {side}x{side} latent, batch {batch}; "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         rows = {}
         engine = LoraEngine(root, keymap, Mode.ONTHEFLY)

@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on the tests' tiny model (so they do not rot between the runs
+that produce the figures in bench/README.md), and what they check bit for bit holds: our merged
+restore gives back every touched parameter exactly, with backups on the CPU and on the weight's device.
+No timing is asserted."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args: str) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _table_rows(text: str, first_header: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_bench_apply_runs_and_restores_exactly_with_both_backup_places():
+    out = _run("bench/bench_apply.py", "--models", "tiny", "--stacks", "1,2", "--reps", "1",
+               "--backup", "cpu,same", "--threads", "1")
+    speed = _table_rows(out, "| model | n | backup | touched MiB")
+    assert [(r[0], r[1], r[2]) for r in speed] == [("tiny", n, b) for n in ("1", "2") for b in ("cpu", "same")]
+    # a change of the last LoRA's weight rewrites every slot it touches (kohya targets: all of them)
+    assert all(r[11] == "1.00" for r in speed)
+    restore = _table_rows(out, "| model | n | backup | ours restore s")
+    assert [r[5] for r in restore] == ["yes"] * 4, out
+    # diffusers+PEFT merged the same files onto the same modules: same weights within float rounding
+    assert all(float(r[-1]) < 1e-5 for r in restore), out
+    otf = _table_rows(out, "| model | n | forward s")
+    assert [r[1] for r in otf] == ["1", "2"] and all(float(r[5]) > 0 for r in otf)
+
+
+def test_bench_sidepath_runs_on_the_tiny_model():
+    out = _run("bench/bench_sidepath.py", "--model", "tiny", "--stacks", "1,2", "--reps", "2", "--rounds", "1",
+               "--threads", "1")
+    rows = _table_rows(out, "| n | Σ base ms")
+    assert [r[0] for r in rows] == ["1", "2"]
+    shares = [float(r[4]) for r in rows]
+    assert shares[1] > shares[0] > 0  # two LoRAs: twice the side-path FLOPs
+    assert re.search(r"\d+ UNet layers touched", out)
