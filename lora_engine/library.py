@@ -100,7 +100,9 @@ class ScanReport:
 
 
 def _natural_key(s: str) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+    """Natural order, "lora2" before "lora10". The split puts runs of decimal digits (``\\d``) at odd positions, so
+    the parts always alternate text / number; ``isdigit`` would also take "²" (not a decimal) to int()."""
+    return [int(t) if t.isdecimal() else t.lower() for t in re.split(r"(\d+)", s)]
 
 
 def _summarize(path: str) -> tuple[str, str, str | None]:
