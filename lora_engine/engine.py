@@ -35,19 +35,25 @@ def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 class LoraEngine:
-    def __init__(self, root: torch.nn.Module, keymap, mode: Mode | str = Mode.MERGED, backup_device: str = "cpu"):
+    def __init__(self, root: torch.nn.Module, keymap, mode: Mode | str = Mode.MERGED, backup_device: str = "cpu",
+                 device_factors: bool = True):
+        """``backup_device``: "cpu" or "same" (the weight's device) for merged mode's originals.
+        ``device_factors``: keep the stack's LoRA tensors on a GPU model's device while they are in the
+        stack (about each LoRA's file size of GPU memory) instead of copying them over at every change."""
         self.root = root
         self.keymap = keymap
         self.mode = Mode(mode)
         self.backup_device = backup_device
+        self.device_factors = device_factors
         self.stack: list[StackEntry] = []
         self.plan = PatchPlan()
+        self._resolved: dict = {}  # build_plan's per-file lookups, for the files in the stack
         self._patcher = self._make_patcher()
 
     def _make_patcher(self):
         if self.mode is Mode.MERGED:
-            return MergedPatcher(self.root, self.backup_device)
-        return OnTheFlyPatcher(self.root)
+            return MergedPatcher(self.root, self.backup_device, device_factors=self.device_factors)
+        return OnTheFlyPatcher(self.root, device_factors=self.device_factors)
 
     def set_mode(self, mode: Mode | str) -> None:
         mode = Mode(mode)
@@ -61,7 +67,7 @@ class LoraEngine:
 
     def set_stack(self, stack: list[StackEntry]):
         """Apply the wanted stack; returns the plan (with per-LoRA reports)."""
-        plan = build_plan(stack, self.keymap)
+        plan = build_plan(stack, self.keymap, self._resolved)
         self._patcher.apply(plan)
         self.stack, self.plan = list(stack), plan
         return plan

@@ -11,10 +11,13 @@ Merged mode, on-the-fly dense deltas and ``bake`` all call this.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..adapters.base import COMPUTE
 from ..adapters.lora import LoRA
+from .device_factors import on_device
 
 
 def _ordered(contributions) -> list:
@@ -26,15 +29,19 @@ def _lowrank(c) -> bool:
 
 
 def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """U (o × Σr) with m·s folded in, D (Σr × i·k·k), both fp32 on ``device``."""
-    ups, downs = [], []
-    for c in terms:
-        a = c.adapter
-        ups.append(a.up.to(device=device, dtype=COMPUTE).reshape(a.up.shape[0], -1) * (a.scale * c.strength))
-        downs.append(a.down.to(device=device, dtype=COMPUTE).reshape(a.rank, -1))
+    """U (o × Σr) with m·s folded in, D (Σr × i·k·k), both fp32 on ``device``. Several terms are
+    concatenated in their stored dtype first (exact: the upcast follows), so the whole stack costs one
+    concatenation, one cast and one column scaling per factor, whatever its length."""
     if len(terms) == 1:
-        return ups[0], downs[0]
-    return torch.cat(ups, 1), torch.cat(downs, 0)
+        c = terms[0]
+        a = c.adapter
+        return (a.up.to(device=device, dtype=COMPUTE).reshape(a.up.shape[0], -1) * (a.scale * c.strength),
+                a.down.to(device=device, dtype=COMPUTE).reshape(a.rank, -1))
+    ups = [c.adapter.up.to(device).reshape(c.adapter.up.shape[0], -1) for c in terms]
+    downs = [c.adapter.down.to(device).reshape(c.adapter.rank, -1) for c in terms]
+    scales = torch.tensor([c.adapter.scale * c.strength for c in terms for _ in range(c.adapter.rank)],
+                          dtype=COMPUTE).to(device)
+    return torch.cat(ups, 1).to(COMPUTE).mul_(scales), torch.cat(downs, 0).to(COMPUTE)
 
 
 def _bias_terms(terms, device) -> torch.Tensor | None:
@@ -51,7 +58,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _other_terms(others, w0: torch.Tensor, device, dw, db):
     for c in others:
-        d = c.adapter.delta(w0) if device.type == "cpu" else _on_device(c.adapter, device).delta(w0)
+        d = c.adapter.delta(w0) if device.type == "cpu" else on_device(c.adapter, device).delta(w0)
         if d.weight is not None:
             dw = _accumulate(dw, c.strength * d.weight.to(device))
         if d.bias is not None:
@@ -101,7 +108,7 @@ def _check_fit(terms, w0: torch.Tensor) -> None:
     n = w0.numel()
     for c in terms:
         a = c.adapter
-        if a.up.shape[0] * a.down[0].numel() != n:
+        if a.up.shape[0] * math.prod(a.down.shape[1:]) != n:
             raise ValueError(f"lora: delta of shape {[a.up.shape[0], *a.down.shape[1:]]} does not fit "
                              f"target {list(w0.shape)}")
 
@@ -112,17 +119,3 @@ def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     if total is None:
         return term
     return total.add_(term) if total.shape == term.shape else total + term
-
-
-def _on_device(adapter, device):
-    """A copy of a frozen adapter dataclass with its tensors on ``device`` (math then runs there)."""
-    import dataclasses
-
-    changes = {}
-    for f in dataclasses.fields(adapter):
-        v = getattr(adapter, f.name)
-        if isinstance(v, torch.Tensor):
-            changes[f.name] = v.to(device)
-        elif dataclasses.is_dataclass(v):
-            changes[f.name] = _on_device(v, device)
-    return dataclasses.replace(adapter, **changes)

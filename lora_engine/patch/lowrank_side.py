@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 
 class FusedLowRank:
-    def __init__(self, terms, module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    def __init__(self, contributions, module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         conv = isinstance(module, torch.nn.Conv2d)
         downs, ups, self.ranks = [], [], []
-        for term in terms:
-            f = term.contribution.adapter.factors()
+        for c in contributions:
+            f = c.adapter.factors()
             r = f.down.shape[0]
-            up = f.up.reshape(f.up.shape[0], -1) * (f.scale * term.contribution.strength)
+            up = f.up.reshape(f.up.shape[0], -1) * (f.scale * c.strength)
             if conv:
                 down = f.down if f.down.ndim == 4 else f.down.reshape(r, -1, 1, 1)
                 up = up.reshape(up.shape[0], -1, 1, 1)
@@ -31,7 +31,7 @@ class FusedLowRank:
             downs.append(down)
             ups.append(up)
             self.ranks.append(r)
-        self.lora_ids = [t.contribution.lora_id for t in terms]
+        self.lora_ids = [c.lora_id for c in contributions]
         self.down = torch.cat(downs, 0).to(device=device, dtype=dtype)
         self.up = torch.cat(ups, 1).to(device=device, dtype=dtype)
         self.up_t = None if conv else self.up.t()  # (Σr × o) for addmm
@@ -40,12 +40,11 @@ class FusedLowRank:
         self._rho: torch.Tensor | None = None
 
     @staticmethod
-    def compatible(terms, module) -> bool:
+    def compatible(contributions, module) -> bool:
         """One kernel shape for every down (k×k LoCon downs must match, 1×1/linear always do)."""
         if not isinstance(module, torch.nn.Conv2d):
             return True
-        shapes = {tuple(t.contribution.adapter.down.shape[2:]) if t.contribution.adapter.down.ndim == 4 else (1, 1)
-                  for t in terms}
+        shapes = {tuple(c.adapter.down.shape[2:]) if c.adapter.down.ndim == 4 else (1, 1) for c in contributions}
         return len(shapes) == 1
 
     def _scalar_rho(self, factors: tuple, h: torch.Tensor) -> torch.Tensor:

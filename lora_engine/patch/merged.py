@@ -1,16 +1,20 @@
 """Merged mode: add the stack's deltas into the weights in place; restore by copying backups.
 
 Only touched slots are backed up, once, in their own dtype (on CPU or on the weight's device).
-A slot's new value is always computed from its backup: W = cast(W₀ + Σ m·ΔW), one add, one cast,
-so any sequence of stacks followed by ``restore()`` gives back the original bits.
+A slot's new value is always computed from W₀: W = cast(W₀ + Σ m·ΔW), one add, one cast, so any
+sequence of stacks followed by ``restore()`` gives back the original bits. On a slot's first write the
+live weight still holds W₀ and is read directly (the backup on another device is not copied back);
+later writes read the backup. The adapters' tensors are moved to a GPU weight's device once per LoRA
+(``DeviceFactors``), not at every write.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .delta import merged_weight
+from .device_factors import DeviceFactors, plan_adapters
 from .plan import PatchPlan, changed_slots
 
 
@@ -24,9 +28,17 @@ class PatchStats:
 
 
 def _param(root: torch.nn.Module, key: str) -> torch.Tensor:
-    module_path, _, name = key.rpartition(".")
-    module = root.get_submodule(module_path) if module_path else root
-    p = getattr(module, name)
+    """The tensor at a state-dict key, looked up afresh each time (a host may replace a module between
+    two applies) but through the registries directly: ``get_submodule`` costs tens of microseconds per
+    key through ``Module.__getattr__``, which adds up over a thousand slots per change."""
+    *path, name = key.split(".")
+    module = root
+    for part in path:
+        child = module._modules.get(part)
+        module = child if child is not None else getattr(module, part)
+    p = module._parameters.get(name) if name in module._parameters else getattr(module, name, None)
+    if p is None:
+        p = module._buffers.get(name)
     if not isinstance(p, torch.Tensor):
         raise KeyError(key)
     return p
@@ -49,6 +61,8 @@ class MergedPatcher:
     plan: PatchPlan = field(default_factory=PatchPlan)
     backups: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     stats: PatchStats = field(default_factory=PatchStats)
+    device_factors: bool = True  # keep the stack's adapter tensors on a GPU weight's device
+    adapters_on_device: DeviceFactors = field(default_factory=DeviceFactors, repr=False)
     _scratch: torch.Tensor | None = field(default=None, repr=False)
     _scratch_size: int = field(default=0, repr=False)
 
@@ -79,9 +93,15 @@ class MergedPatcher:
 
     @torch.no_grad()
     def _write(self, slot: str, target, contributions) -> None:
+        first = slot not in self.backups
         w0, b0 = self._backup(slot, target)
         w = _region(_param(self.root, target.weight_key), target.rows)
-        w0 = w0.to(w.device)  # no copy when the backup lives on the weight's device
+        if first and (w0.device != w.device or w.dtype != torch.float32):
+            w0 = w.detach()  # still W₀: read it where it is (its sum goes through the scratch buffer)
+        else:
+            w0 = w0.to(w.device)  # no copy when the backup lives on the weight's device
+        if self.device_factors and w.device.type != "cpu":
+            contributions = [replace(c, adapter=self.adapters_on_device.get(c.adapter, w.device)) for c in contributions]
         # an fp32 weight takes ΔW straight from the GEMM, then += W0; other dtypes sum into a reused
         # fp32 buffer (W0 upcast exactly in the add) and get one rounding copy_
         if w.dtype == torch.float32 and w.is_contiguous() and w.data_ptr() != w0.data_ptr():
@@ -128,6 +148,8 @@ class MergedPatcher:
         # keep targets of removed slots out, of current slots in
         self.plan = new_plan
         self._scratch = None  # held for one apply only: steady RAM stays the backups
+        if len(self.adapters_on_device):
+            self.adapters_on_device.retain(plan_adapters(new_plan))  # LoRAs that left the stack leave the device
         return self.stats
 
     def restore(self) -> PatchStats:

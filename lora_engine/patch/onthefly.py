@@ -12,7 +12,7 @@ put back right after (post-hook); the stored weight is never modified. Those tak
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import LoraEngineError
 from ..adapters.lora import LoRA
 from .delta import summed_delta
+from .device_factors import DeviceFactors, plan_adapters
 from .lowrank_side import FusedLowRank
 from .merged import _param
 from .plan import Contribution, PatchPlan, changed_slots
@@ -133,8 +134,9 @@ class _ModuleHook:
         if entry is None:
             all_terms = [t for ts in self.terms.values() for t in ts]
             terms = [t for t in all_terms if self._fusable(t)]
-            fused = FusedLowRank(terms, self.module, x.dtype, x.device) \
-                if terms and FusedLowRank.compatible(terms, self.module) else None
+            contribs = [self.patcher.on_device(t.contribution, x.device) for t in terms]
+            fused = FusedLowRank(contribs, self.module, x.dtype, x.device) \
+                if terms and FusedLowRank.compatible(contribs, self.module) else None
             rest = [t for t in all_terms if fused is None or not self._fusable(t)]
             entry = self.fused_cache[key] = (fused, [(t, self._is_lowrank(t)) for t in rest])
         return entry
@@ -198,11 +200,19 @@ def hook_path(root: torch.nn.Module, weight_key: str) -> str:
 
 
 class OnTheFlyPatcher:
-    def __init__(self, root: torch.nn.Module):
+    def __init__(self, root: torch.nn.Module, device_factors: bool = True):
         self.root = root
         self.plan = PatchPlan()
         self.hooks: dict[str, _ModuleHook] = {}
         self.factors: dict[str, float | torch.Tensor] = {}
+        self.device_factors = device_factors
+        self.adapters_on_device = DeviceFactors()  # adapters moved once to a GPU model's device
+
+    def on_device(self, contribution: Contribution, device: torch.device) -> Contribution:
+        """The contribution with its adapter's tensors on ``device`` (kept there while in the plan)."""
+        if not self.device_factors or device.type == "cpu":
+            return contribution
+        return replace(contribution, adapter=self.adapters_on_device.get(contribution.adapter, device))
 
     def factor(self, lora_id: str):
         return self.factors.get(lora_id, 1.0)
@@ -235,6 +245,8 @@ class OnTheFlyPatcher:
                     hook.remove()
                     del self.hooks[path]
         self.plan = new_plan
+        if len(self.adapters_on_device):
+            self.adapters_on_device.retain(plan_adapters(new_plan))
         return len(changed)
 
     def restore(self) -> None:
@@ -242,3 +254,4 @@ class OnTheFlyPatcher:
             hook.remove()
         self.hooks = {}
         self.plan = PatchPlan()
+        self.adapters_on_device.clear()

@@ -120,19 +120,40 @@ def _has_bias_delta(adapter) -> bool:
     return any(getattr(inner, f, None) is not None for f in ("up_bias", "diff_b", "b_norm"))
 
 
-def build_plan(stack: list[StackEntry], keymap) -> PatchPlan:
+def resolve(lora: LoraFile, keymap) -> tuple:
+    """Per module of a LoRA file: (name, its ``ModuleAdapter``, the keymap target or None, why the
+    adapter does not fit that target or None). Depends on the file and the model only, not on the
+    stack's weights, so an engine keeps it while the LoRA stays in the stack (``build_plan``'s
+    ``resolved``): a change of weights then skips every lookup and shape check."""
+    rows = []
+    for name, ma in lora.modules.items():
+        target = keymap.lookup(name, ma.dotted)
+        rows.append((name, ma, target, None if target is None else misfit(ma.adapter, target.shape)))
+    return tuple(rows)
+
+
+def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
+    if cache is None:
+        return resolve(lora, keymap)
+    hit = cache.get(id(lora))
+    if hit is None or hit[0] is not lora or hit[1] is not keymap:
+        hit = cache[id(lora)] = (lora, keymap, resolve(lora, keymap))
+    return hit[2]
+
+
+def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None) -> PatchPlan:
+    """The plan for a wanted stack. ``resolved``: a dict the caller keeps between calls, holding
+    ``resolve`` of each LoRA file (pruned to the stack's files here)."""
     plan = PatchPlan()
     contributions: dict[str, list[Contribution]] = {}
     for entry in stack:
         lf = entry.lora
         report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems)))
         unmatched = []
-        for name, ma in lf.modules.items():
-            target = keymap.lookup(name, ma.dotted)
+        for name, ma, target, why in _resolved(lf, keymap, resolved):
             if target is None:
                 unmatched.append(name)
                 continue
-            why = misfit(ma.adapter, target.shape)
             if why is not None:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
                 unmatched.append(name)
                 report.wrong_shape.append(f"{name}: {why}")
@@ -153,6 +174,10 @@ def build_plan(stack: list[StackEntry], keymap) -> PatchPlan:
         if unmatched:
             report.diagnosis = keymap.diagnose(unmatched)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
+    if resolved is not None:
+        keep = {id(e.lora) for e in stack}
+        for k in [k for k in resolved if k not in keep]:
+            del resolved[k]
     return plan
 
 
