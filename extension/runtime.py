@@ -70,7 +70,10 @@ def _texts(args) -> list | None:
 class ModelRuntime:
     def __init__(self, sd_model, backup_device: str = "cpu"):
         self.sd_model = sd_model
-        self.engine = LoraEngine(sd_model, build_keymap(shapes_of(sd_model)), EngineMode.MERGED, backup_device)
+        # --lowvram / --medvram (A1111 marks the model ``lowvram``): leave the LoRA tensors in host memory
+        # rather than holding a copy on the GPU while they are in the stack
+        self.engine = LoraEngine(sd_model, build_keymap(shapes_of(sd_model)), EngineMode.MERGED, backup_device,
+                                 device_factors=not getattr(sd_model, "lowvram", False))
         self.batch: BatchStacks | None = None
         self.merged_first_image = False
         self.notes: list[str] = []

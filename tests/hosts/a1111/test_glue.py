@@ -256,3 +256,16 @@ def test_metadata_editor_fields_round_trip_through_the_card(tmp_path):
     f = card_fields(fresh_sidecars(e), "m", 1.0, "sd1")
     assert f["tag"] == "<lora:m:0.7> blue eyes" and f["negative"] == "lowres" and meta["notes"] == "keep"
     assert extra_values(meta) == ("blue eyes", 0.7, "lowres", "SD1")
+
+
+def test_lowvram_models_keep_lora_tensors_off_the_gpu(sd_model):
+    """A1111 marks a model ``lowvram`` under --lowvram/--medvram: the engine then copies no LoRA tensors
+    to the GPU to keep them there (it would with the whole model on the GPU)."""
+    from extension.runtime import ModelRuntime
+
+    assert ModelRuntime(sd_model).engine.device_factors is True
+    sd_model.lowvram = True
+    rt = ModelRuntime(sd_model)
+    assert rt.engine.device_factors is False and rt.engine._patcher.device_factors is False
+    rt.engine.set_mode("onthefly")
+    assert rt.engine._patcher.device_factors is False
