@@ -150,11 +150,8 @@ class Bench:
     def flops(fn) -> int:
         from torch.utils.flop_counter import FlopCounterMode
 
-        def addmm_(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
-            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-        # in-place addmm_ (our side path adds its up product into the base output) is not in torch's table
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_}) as fc:
+        from bench.bench_sidepath import INPLACE_GEMMS
+        with FlopCounterMode(display=False, custom_mapping=INPLACE_GEMMS) as fc:
             fn()
         return fc.get_total_flops()
 

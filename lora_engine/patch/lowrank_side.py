@@ -4,7 +4,9 @@ With k LoRAs on a layer, D = [down_1; …; down_k] (Σr × i[×kh×kw]) and Û =
 (o × Σr, each LoRA's scale s_j and plan strength m_j folded in once):
     y = base(x) + Û · (ρ ⊙ D(x)),   ρ = the runtime factors f_j repeated r_j times
 — two matmuls/convs and no full-size pass of its own: for a Linear the second product is added into
-the base output by the GEMM itself (``addmm``, in place when no gradient is being recorded). ρ is
+the base output by the GEMM itself (``addmm``, in place when no gradient is being recorded; a 1×1
+convolution runs as the same two products over the pixels, ``baddbmm``, rather than two convolutions
+and an add pass). ρ is
 skipped when every factor is 1, a single LoRA's scalar factor rides on the GEMM's ``alpha``, and the
 vector for scalar factors is cached until they change; per-sample factors give ρ of shape (batch, Σr).
 D and Û are concatenated once per (dtype, device).
@@ -36,6 +38,13 @@ class FusedLowRank:
         self.up = torch.cat(ups, 1).to(device=device, dtype=dtype)
         self.up_t = None if conv else self.up.t()  # (Σr × o) for addmm
         self.conv = conv
+        # a 1×1, stride-1, unpadded conv: y[b] = W·x[b] over the H·W pixels, so the side path is two
+        # batched matrix products on (B, C, H·W) views (D: Σr × C, Û: o × Σr)
+        self.pointwise = conv and tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1) \
+            and module.padding in ((0, 0), "valid") and module.groups == 1 and tuple(self.down.shape[2:]) == (1, 1)
+        if self.pointwise:
+            self.down_2d = self.down.reshape(self.down.shape[0], -1)
+            self.up_2d = self.up.reshape(self.up.shape[0], -1)
         self._rho_key: tuple | None = None
         self._rho: torch.Tensor | None = None
 
@@ -81,7 +90,28 @@ class FusedLowRank:
             return rho.reshape(rho.shape[0], -1, 1, 1)
         return rho.reshape(rho.shape[0], *([1] * (h.ndim - 2)), -1) if h.ndim > 1 else rho.reshape(-1)
 
+    def _pointwise(self, x: torch.Tensor, out: torch.Tensor, factors: list) -> torch.Tensor:
+        b, c = x.shape[:2]
+        h = torch.matmul(self.down_2d, x.reshape(b, c, -1))  # (B, Σr, H·W)
+        rho = self.rank_scales(factors, h.unsqueeze(-1))  # conv-shaped ρ: (batch or 1, Σr, 1, 1)
+        if rho is None:
+            return out
+        in_place = not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))
+        alpha = 1.0
+        if isinstance(rho, float):
+            alpha = rho
+        else:
+            h = h * rho.squeeze(-1)
+        o = out.shape[1]
+        up = self.up_2d.expand(b, o, self.up_2d.shape[1])
+        if in_place:
+            out.view(b, o, -1).baddbmm_(up, h, alpha=alpha)
+            return out
+        return torch.baddbmm(out.reshape(b, o, -1), up, h, alpha=alpha).view(out.shape)
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor, factors: list, module) -> torch.Tensor:
+        if self.pointwise and x.ndim == 4 and out.is_contiguous() and out.dtype == x.dtype:
+            return self._pointwise(x, out, factors)
         if self.conv:
             h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation)
         else:
