@@ -115,10 +115,14 @@ class Controller:
         self.builtin_dirty = True
 
     def runtime_for(self, sd_model) -> ModelRuntime:
-        if self.runtime is None or self.runtime.sd_model is not sd_model:
-            if self.runtime is not None:
-                self.runtime.clear()
-            self.runtime = ModelRuntime(sd_model)
+        """The engine for this model; rebuilt (after restoring the weights) for another model or when
+        the backups setting moved them elsewhere."""
+        backup_device = self.settings().backup_device
+        rt = self.runtime
+        if rt is None or rt.sd_model is not sd_model or rt.engine.backup_device != backup_device:
+            if rt is not None:
+                rt.clear()
+            self.runtime = ModelRuntime(sd_model, backup_device)
         return self.runtime
 
     def state(self) -> dict:

@@ -151,3 +151,27 @@ def test_hires_pass_uses_its_own_stack(sd_model, loras):
     process_images(p, {"lora": net}, {}, [functools.partial(on_cfg_denoiser, c)], hires_steps=2)
     assert [v.mentioned for v in c.runtime.batch.variants] == ["b"]
     assert p.extra_generation_params["Lora hashes"].startswith("a: ") and ", b: " in p.extra_generation_params["Lora hashes"]
+
+
+def test_backups_setting_moves_them_and_changing_it_restores_first(sd_model, loras):
+    """Backups in "GPU memory" = the engine's ``same`` device; switching the setting between generations
+    puts the weights back bit for bit before the engine is rebuilt with the new place."""
+    folder, _ = loras
+    before = {k: v.detach().clone() for k, v in sd_model.state_dict().items()}
+    c, net = make_network(folder, lora_engine_mode="merged")
+    p = Processing(sd_model, ["<lora:a:0.8> x"], [""], 1, 2)
+    process_images(p, {"lora": net}, {"lyco": net}, [functools.partial(on_cfg_denoiser, c)])
+    first = c.runtime
+    assert first.engine.backup_device == "cpu" and first.engine.plan.contributions
+    c.opts.values["lora_engine_backups"] = "GPU memory"
+    rt = c.runtime_for(sd_model)
+    assert rt is not first and rt.engine.backup_device == "same"
+    assert not first.engine.plan.contributions  # the old engine restored before it was let go
+    for k, v in sd_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    p = Processing(sd_model, ["<lora:a:0.8> x"], [""], 1, 2)
+    process_images(p, {"lora": net}, {"lyco": net}, [functools.partial(on_cfg_denoiser, c)])
+    assert c.runtime is rt and rt.engine.plan.contributions and rt.engine._patcher.backups
+    rt.clear()
+    for k, v in sd_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
