@@ -90,18 +90,27 @@ class FusedLowRank:
             return rho.reshape(rho.shape[0], -1, 1, 1)
         return rho.reshape(rho.shape[0], *([1] * (h.ndim - 2)), -1) if h.ndim > 1 else rho.reshape(-1)
 
+    def _scaled(self, h: torch.Tensor, factors: list, out: torch.Tensor, pointwise: bool = False):
+        """(h scaled by ρ, the GEMM's α, whether ``out`` may be written in place), or None when every
+        factor is 0. A single scalar factor rides on α; a tensor ρ multiplies h (in place when allowed)."""
+        rho = self.rank_scales(factors, h.unsqueeze(-1) if pointwise else h)  # pointwise h: (B, Σr, H·W)
+        if rho is None:
+            return None
+        in_place = not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))
+        if isinstance(rho, float):
+            return h, rho, in_place
+        if pointwise:
+            rho = rho.squeeze(-1)  # conv-shaped (batch or 1, Σr, 1, 1) -> (batch or 1, Σr, 1)
+        if in_place and h.shape == torch.broadcast_shapes(h.shape, rho.shape):
+            return h.mul_(rho), 1.0, in_place
+        return h * rho, 1.0, in_place
+
     def _pointwise(self, x: torch.Tensor, out: torch.Tensor, factors: list) -> torch.Tensor:
         b, c = x.shape[:2]
-        h = torch.matmul(self.down_2d, x.reshape(b, c, -1))  # (B, Σr, H·W)
-        rho = self.rank_scales(factors, h.unsqueeze(-1))  # conv-shaped ρ: (batch or 1, Σr, 1, 1)
-        if rho is None:
+        scaled = self._scaled(torch.matmul(self.down_2d, x.reshape(b, c, -1)), factors, out, pointwise=True)
+        if scaled is None:
             return out
-        in_place = not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))
-        alpha = 1.0
-        if isinstance(rho, float):
-            alpha = rho
-        else:
-            h = h * rho.squeeze(-1)
+        h, alpha, in_place = scaled
         o = out.shape[1]
         up = self.up_2d.expand(b, o, self.up_2d.shape[1])
         if in_place:
@@ -116,17 +125,10 @@ class FusedLowRank:
             h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation)
         else:
             h = F.linear(x, self.down)
-        rho = self.rank_scales(factors, h)
-        if rho is None:
+        scaled = self._scaled(h, factors, out)
+        if scaled is None:
             return out
-        in_place = not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))
-        alpha = 1.0
-        if isinstance(rho, float):
-            alpha = rho
-        elif in_place and h.shape == torch.broadcast_shapes(h.shape, rho.shape):
-            h = h.mul_(rho)
-        else:
-            h = h * rho
+        h, alpha, in_place = scaled
         if self.conv:
             side = F.conv2d(h, self.up)
             return out.add_(side, alpha=alpha) if in_place else out + (side if alpha == 1.0 else side * alpha)
