@@ -9,8 +9,8 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #         diffusers==0.42.1 peft==0.21.2 importlib_metadata
-# Then: the device tool's run with carry [".whl"] and command `bash bench/gpu_check.sh [apply|sidepath|all]`.
-# Sized for one 10-minute call ("all"); "apply" and "sidepath" split it in two if the machine is slow.
+# Then: the device tool's run with carry [".whl"] and command `bash bench/gpu_check.sh [tests|apply|sidepath|all]`.
+# Sized for one 10-minute call ("all"); "tests", "apply" and "sidepath" split it if the machine is slow.
 set -euo pipefail
 part=${1:-all}
 out=${OUT:-/tmp/gpu_check}
@@ -28,6 +28,10 @@ threads=$(nproc)
 '| transformers', transformers.__version__, '| safetensors', safetensors.__version__,
 '| tf32 matmul', torch.backends.cuda.matmul.allow_tf32)"
 } 2>&1 | tee "$out/gpu.txt"
+if [[ $part == all || $part == tests ]]; then  # the engine's CUDA tests first: numbers before timings
+    python3 -m pytest -q -x tests/patch/test_cuda.py tests/patch/test_device_factors.py tests/patch/test_lowrank_side.py \
+        2>&1 | tail -15 | tee "$out/tests.txt"
+fi
 if [[ $part == all || $part == apply ]]; then
     python3 bench/bench_apply.py --device cuda --models sd15,sdxl --stacks 1,3,5 --threads "$threads" \
         2>&1 | grep -v -e 'Loading weights' -e kernels-community | tee "$out/bench_apply.txt"
