@@ -30,7 +30,7 @@ threads=$(nproc)
 } 2>&1 | tee "$out/gpu.txt"
 if [[ $part == all || $part == tests ]]; then  # the engine's CUDA tests first: numbers before timings
     python3 -m pytest -q -x tests/patch/test_cuda.py tests/patch/test_device_factors.py tests/patch/test_lowrank_side.py \
-        2>&1 | tail -15 | tee "$out/tests.txt"
+        2>&1 | tail -15 | tee "$out/tests.txt" || echo "CUDA TESTS FAILED (see above); the benchmarks still run" | tee -a "$out/tests.txt"
 fi
 if [[ $part == all || $part == apply ]]; then
     python3 bench/bench_apply.py --device cuda --models sd15,sdxl --stacks 1,3,5 --threads "$threads" \
