@@ -47,6 +47,8 @@ class FusedLowRank:
             self.up_2d = self.up.reshape(self.up.shape[0], -1)
         self._rho_key: tuple | None = None
         self._rho: torch.Tensor | None = None
+        self._sample_rho_key: tuple | None = None  # (factor version, dtype, device, h.ndim)
+        self._sample_rho: torch.Tensor | None = None
 
     @staticmethod
     def compatible(contributions, module) -> bool:
@@ -64,15 +66,25 @@ class FusedLowRank:
             self._rho_key, self._rho = key, rho.reshape(-1, 1, 1) if self.conv else rho
         return self._rho
 
-    def rank_scales(self, factors: list, h: torch.Tensor):
+    def rank_scales(self, factors: list, h: torch.Tensor, version: int | None = None):
         """How h must be scaled: ``None`` (all factors 0: no side path), a float (one value for every
-        rank, applied through ``alpha``) or a tensor broadcasting over h."""
+        rank, applied through ``alpha``) or a tensor broadcasting over h. ``version`` (the patcher's
+        factor version) lets a per-sample ρ be built once per change of factors, not per call."""
         if all(not isinstance(f, torch.Tensor) for f in factors):
             if all(f == 0.0 for f in factors):
                 return None
             if len(set(factors)) == 1:
                 return float(factors[0])
             return self._scalar_rho(tuple(factors), h)
+        key = None if version is None else (version, h.dtype, h.device, h.ndim, h.shape[0])
+        if key is not None and key == self._sample_rho_key:
+            return self._sample_rho
+        rho = self._sample_scales(factors, h)
+        if key is not None:
+            self._sample_rho_key, self._sample_rho = key, rho
+        return rho
+
+    def _sample_scales(self, factors: list, h: torch.Tensor) -> torch.Tensor:
         batch = next((f.numel() for f in factors if isinstance(f, torch.Tensor) and f.numel() > 1), None)
         if batch is not None and batch != h.shape[0]:
             from ..errors import LoraEngineError
@@ -90,10 +102,10 @@ class FusedLowRank:
             return rho.reshape(rho.shape[0], -1, 1, 1)
         return rho.reshape(rho.shape[0], *([1] * (h.ndim - 2)), -1) if h.ndim > 1 else rho.reshape(-1)
 
-    def _scaled(self, h: torch.Tensor, factors: list, out: torch.Tensor, pointwise: bool = False):
+    def _scaled(self, h: torch.Tensor, factors: list, out: torch.Tensor, version=None, pointwise: bool = False):
         """(h scaled by ρ, the GEMM's α, whether ``out`` may be written in place), or None when every
         factor is 0. A single scalar factor rides on α; a tensor ρ multiplies h (in place when allowed)."""
-        rho = self.rank_scales(factors, h.unsqueeze(-1) if pointwise else h)  # pointwise h: (B, Σr, H·W)
+        rho = self.rank_scales(factors, h.unsqueeze(-1) if pointwise else h, version)  # pointwise h: (B, Σr, H·W)
         if rho is None:
             return None
         in_place = not (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad))
@@ -105,9 +117,9 @@ class FusedLowRank:
             return h.mul_(rho), 1.0, in_place
         return h * rho, 1.0, in_place
 
-    def _pointwise(self, x: torch.Tensor, out: torch.Tensor, factors: list) -> torch.Tensor:
+    def _pointwise(self, x: torch.Tensor, out: torch.Tensor, factors: list, version=None) -> torch.Tensor:
         b, c = x.shape[:2]
-        scaled = self._scaled(torch.matmul(self.down_2d, x.reshape(b, c, -1)), factors, out, pointwise=True)
+        scaled = self._scaled(torch.matmul(self.down_2d, x.reshape(b, c, -1)), factors, out, version, pointwise=True)
         if scaled is None:
             return out
         h, alpha, in_place = scaled
@@ -118,14 +130,16 @@ class FusedLowRank:
             return out
         return torch.baddbmm(out.reshape(b, o, -1), up, h, alpha=alpha).view(out.shape)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor, factors: list, module) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, factors: list, module, version: int | None = None
+                 ) -> torch.Tensor:
+        """``version``: the patcher's factor version (None: ρ is rebuilt at every call)."""
         if self.pointwise and x.ndim == 4 and out.is_contiguous() and out.dtype == x.dtype:
-            return self._pointwise(x, out, factors)
+            return self._pointwise(x, out, factors, version)
         if self.conv:
             h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation)
         else:
             h = F.linear(x, self.down)
-        scaled = self._scaled(h, factors, out)
+        scaled = self._scaled(h, factors, out, version)
         if scaled is None:
             return out
         h, alpha, in_place = scaled

@@ -145,9 +145,10 @@ class _ModuleHook:
         x = args[0]
         fused, rest = self._fused_for(x)
         if fused is not None:
-            out = fused(x, out, [self.patcher.factor(i) for i in fused.lora_ids], module)
+            out = fused(x, out, [self.patcher.factor_on(i, x.device, x.dtype) for i in fused.lora_ids], module,
+                        self.patcher.factor_version)
         for term, lowrank in rest:
-            factor = self.patcher.factor(term.contribution.lora_id)
+            factor = self.patcher.factor_on(term.contribution.lora_id, x.device, x.dtype)
             if isinstance(factor, float) and factor == 0.0:
                 continue
             side = self._lowrank(term, x) if lowrank else self._dense(term, x)
@@ -205,6 +206,8 @@ class OnTheFlyPatcher:
         self.plan = PatchPlan()
         self.hooks: dict[str, _ModuleHook] = {}
         self.factors: dict[str, float | torch.Tensor] = {}
+        self.factor_version = 0  # bumped by set_factor: side paths rebuild their ρ only then
+        self._factors_on: dict[tuple, torch.Tensor] = {}  # (lora id, device, dtype) -> the factor there
         self.device_factors = device_factors
         self.adapters_on_device = DeviceFactors()  # adapters moved once to a GPU model's device
 
@@ -217,9 +220,24 @@ class OnTheFlyPatcher:
     def factor(self, lora_id: str):
         return self.factors.get(lora_id, 1.0)
 
+    def factor_on(self, lora_id: str, device: torch.device, dtype: torch.dtype):
+        """The factor as a float, or its per-sample tensor on ``device`` in ``dtype``: converted once per
+        ``set_factor``, not in every hooked layer (on a GPU each host-to-device copy waits for the queue)."""
+        f = self.factors.get(lora_id, 1.0)
+        if isinstance(f, float) or (f.device == device and f.dtype == dtype):
+            return f
+        key = (lora_id, device, dtype)
+        on = self._factors_on.get(key)
+        if on is None:
+            on = self._factors_on[key] = f.to(device=device, dtype=dtype)
+        return on
+
     def set_factor(self, lora_id: str, value) -> None:
         """Runtime multiplier of one LoRA (scalar, or one value per sample). No re-patching."""
         self.factors[lora_id] = value if isinstance(value, torch.Tensor) else float(value)
+        self.factor_version += 1
+        for key in [k for k in self._factors_on if k[0] == lora_id]:
+            del self._factors_on[key]
 
     def original(self, target) -> torch.Tensor:
         w = _param(self.root, target.weight_key).detach()

@@ -98,3 +98,38 @@ def test_runtime_factor_and_per_sample(tmp_path):
     eng.restore()
     torch.testing.assert_close(off, _unet_out(m), rtol=0, atol=0)
     assert hooks > 0
+
+
+def test_per_sample_factors_are_prepared_once_per_change_not_per_layer(tmp_path, monkeypatch):
+    """A per-sample factor vector is converted to the layers' device/dtype once per ``set_factor`` and each
+    side path builds its ρ once per change (on a GPU every host-to-device copy waits for the queue, so a
+    copy per hooked layer per step would stall the sampler)."""
+    from lora_engine.patch.lowrank_side import FusedLowRank
+
+    m, root, km = make_host("sd1", "diffusers")
+    write_kohya(tmp_path / "a.safetensors", km, seed=5, fraction=0.7, component="unet")
+    a = LoraCache().get(tmp_path / "a.safetensors")
+    eng = LoraEngine(root, km, Mode.ONTHEFLY)
+    eng.set_stack([StackEntry(a)])
+    built, converted = [], []
+    real_scales = FusedLowRank._sample_scales
+    monkeypatch.setattr(FusedLowRank, "_sample_scales", lambda self, f, h: built.append(self) or real_scales(self, f, h))
+    real_to = torch.Tensor.to
+
+    def counting_to(t, *args, **kwargs):
+        if t.dtype == torch.float64:
+            converted.append(1)
+        return real_to(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    eng.set_factor(a.path, torch.tensor([1.0, -0.5], dtype=torch.float64))  # host vector, other dtype
+    first = _unet_out(m, batch=2)
+    n_modules, n_conv = len(set(map(id, built))), len(converted)
+    assert n_modules == len(built) > 10 and n_conv == 1  # one conversion, one ρ per side path
+    second = _unet_out(m, batch=2)
+    assert len(built) == n_modules and len(converted) == 1 and torch.equal(first, second)
+    eng.set_factor(a.path, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    third = _unet_out(m, batch=2)
+    assert len(built) == 2 * n_modules and len(converted) == 2
+    assert not torch.allclose(first, third)
+    eng.restore()
