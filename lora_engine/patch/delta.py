@@ -30,8 +30,9 @@ def _lowrank(c) -> bool:
 
 def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
     """U (o × Σr) with m·s folded in, D (Σr × i·k·k), both fp32 on ``device``. Several terms are
-    concatenated in their stored dtype first (exact: the upcast follows), so the whole stack costs one
-    concatenation, one cast and one column scaling per factor, whatever its length."""
+    concatenated in their stored dtype first (exact: the upcast follows), so the stack costs one
+    concatenation and one cast per factor, then each term's columns of U are scaled in place (by a
+    Python scalar: no host-to-device copy, which on a GPU would wait for the queue at every slot)."""
     if len(terms) == 1:
         c = terms[0]
         a = c.adapter
@@ -39,9 +40,12 @@ def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
                 a.down.to(device=device, dtype=COMPUTE).reshape(a.rank, -1))
     ups = [c.adapter.up.to(device).reshape(c.adapter.up.shape[0], -1) for c in terms]
     downs = [c.adapter.down.to(device).reshape(c.adapter.rank, -1) for c in terms]
-    scales = torch.tensor([c.adapter.scale * c.strength for c in terms for _ in range(c.adapter.rank)],
-                          dtype=COMPUTE).to(device)
-    return torch.cat(ups, 1).to(COMPUTE).mul_(scales), torch.cat(downs, 0).to(COMPUTE)
+    u = torch.cat(ups, 1).to(COMPUTE)
+    start = 0
+    for c in terms:
+        u[:, start:start + c.adapter.rank].mul_(c.adapter.scale * c.strength)
+        start += c.adapter.rank
+    return u, torch.cat(downs, 0).to(COMPUTE)
 
 
 def _bias_terms(terms, device) -> torch.Tensor | None:
