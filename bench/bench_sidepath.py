@@ -6,10 +6,12 @@
 A whole UNet forward on a shared CPU swings by ±10 % between calls, which drowns a side path of a few
 per cent (bench_apply's forward rows). This measures the same quantity where it is paid: the SD1.5 UNet
 (real size, fp32, random values) runs one forward at a 32×32 latent and the input of every layer that
-kohya's default targets touch is captured; then each layer is timed alone on its captured input —
-base, with our on-the-fly hooks (``LoraEngine(ONTHEFLY)``), with PEFT's unfused adapters
-(``load_lora_into_unet`` + ``set_adapters``, enabled vs disabled) — min of ``reps`` calls, min over
-``rounds`` interleaved rounds. FLOPs come from ``torch.utils.flop_counter`` on the same calls.
+kohya's default targets touch is captured; then each layer is timed alone on its captured input,
+without and with its LoRA side path back to back (alternating call by call, so the machine's drift
+hits both alike): ours = our on-the-fly hooks (``LoraEngine(ONTHEFLY)``) against the layer's own
+``forward`` (a direct ``forward`` skips hooks); PEFT = its unfused adapters (``load_lora_into_unet``
++ ``set_adapters``) against the wrapped ``base_layer``. Min of ``reps`` calls, min over ``rounds``
+rounds. FLOPs come from ``torch.utils.flop_counter`` on the same calls.
 
 Reported per stack of n rank-R LoRAs: Σ base time of the touched layers, the extra time of ours and of
 PEFT in % of it, the LoRA FLOP share of those layers (extra FLOPs ÷ base FLOPs), and the ratio of the
@@ -18,7 +20,7 @@ is the same with and without LoRAs, so the whole-forward ratio is the same numbe
 
 On CUDA (``--device cuda``; defaults there: fp16, 64×64 latent = 512 px, batch 2) one layer call is a few
 microseconds of queued kernels, so a timing is ``reps`` back-to-back calls between two synchronisations,
-divided by ``reps`` (what a sampler's steady stream of layers sees), min over rounds.
+divided by ``reps`` (what a sampler's steady stream of layers sees), min of 3 such blocks per round.
 """
 from __future__ import annotations
 
@@ -83,29 +85,41 @@ def capture_inputs(unet, paths: list[str], side: int = 32, batch: int = 1) -> di
     return got
 
 
-def layer_times(unet, inputs: dict, reps: int) -> dict[str, float]:
-    """Per layer: min over ``reps`` single calls (CPU), or ``reps`` queued calls ÷ reps (CUDA)."""
-    out = {}
-    dev = unet.device
+def _time_calls(fn, x, reps: int, cuda: bool) -> float:
+    """min of ``reps`` single calls (CPU), or ``reps`` queued calls ÷ reps (CUDA)."""
+    if cuda:
+        sync(x.device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn(x)
+        sync(x.device)
+        return (time.perf_counter() - t) / reps
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def paired_times(unet, inputs: dict, reps: int, base_of) -> tuple[dict, dict]:
+    """Per layer, the layer without and with its LoRA timed back to back (``reps`` each, alternating in
+    blocks of one), so that the machine's drift hits both alike. ``base_of(module)`` is the LoRA-free call:
+    ``module.forward`` for ours (a direct ``forward`` skips the hooks), ``module.base_layer`` for PEFT."""
+    base, lora = {}, {}
+    cuda = unet.device.type == "cuda"
     with torch.no_grad():
         for p, x in inputs.items():
             m = unet.get_submodule(p)
-            m(x)
-            if dev.type == "cuda":
-                sync(dev)
-                t = time.perf_counter()
-                for _ in range(reps):
-                    m(x)
-                sync(dev)
-                out[p] = (time.perf_counter() - t) / reps
-                continue
-            best = float("inf")
-            for _ in range(reps):
-                t = time.perf_counter()
-                m(x)
-                best = min(best, time.perf_counter() - t)
-            out[p] = best
-    return out
+            plain = base_of(m)
+            plain(x), m(x)
+            inner, outer = (reps, 3) if cuda else (1, reps)
+            b = w = float("inf")
+            for _ in range(outer):
+                b = min(b, _time_calls(plain, x, inner, cuda))
+                w = min(w, _time_calls(m, x, inner, cuda))
+            base[p], lora[p] = b, w
+    return base, lora
 
 
 def total_flops(unet, inputs: dict) -> int:
@@ -113,16 +127,15 @@ def total_flops(unet, inputs: dict) -> int:
         return sum(flops(lambda m=unet.get_submodule(p), x=x: m(x)) for p, x in inputs.items())
 
 
-def measure(unet, inputs, on, off, rounds: int, reps: int) -> tuple[float, float, float]:
-    """(Σ base s, Σ with s, FLOP share) over the layers, min per layer over interleaved rounds."""
+def measure(unet, inputs, on, off, rounds: int, reps: int, base_of) -> tuple[float, float, float]:
+    """(Σ base s, Σ with s, FLOP share) over the layers, min per layer over ``rounds`` rounds of paired
+    timings (``paired_times``); the FLOPs with the LoRAs on and off."""
     base, lora = {}, {}
+    on()
     for _ in range(rounds):
-        off()
-        for p, t in layer_times(unet, inputs, reps).items():
-            base[p] = min(base.get(p, t), t)
-        on()
-        for p, t in layer_times(unet, inputs, reps).items():
-            lora[p] = min(lora.get(p, t), t)
+        b, w = paired_times(unet, inputs, reps, base_of)
+        for p in b:
+            base[p], lora[p] = min(base.get(p, b[p]), b[p]), min(lora.get(p, w[p]), w[p])
     f_with = total_flops(unet, inputs)
     off()
     f_base = total_flops(unet, inputs)
@@ -172,7 +185,7 @@ def main() -> None:
         for n in stacks:
             stack = [StackEntry(f, te=1.0 - 0.2 * i, unet=1.0 - 0.2 * i) for i, f in enumerate(files[:n])]
             rows[n] = [measure(root.unet, inputs, lambda: engine.set_stack(stack), engine.restore,
-                               args.rounds, args.reps), None]
+                               args.rounds, args.reps, lambda m: m.forward), None]
             print(f"  ours n={n}: base {rows[n][0][0]:.3f}s with {rows[n][0][1]:.3f}s share {rows[n][0][2]:.4f}",
                   flush=True)
         engine.restore()
@@ -185,7 +198,8 @@ def main() -> None:
                 weights = [1.0 - 0.2 * i for i in range(n)]
                 rows[n][1] = measure(root.unet, inputs,
                                      lambda: (pipe.enable_lora(), pipe.set_adapters(names, weights)),
-                                     pipe.disable_lora, args.rounds, args.reps)
+                                     pipe.disable_lora, args.rounds, args.reps,
+                                     lambda m: getattr(m, "base_layer", m))
                 print(f"  diffusers+PEFT n={n}: base {rows[n][1][0]:.3f}s with {rows[n][1][1]:.3f}s", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
