@@ -49,8 +49,12 @@ class Ram:
         gc.collect()
         _LIBC.malloc_trim(0)  # give freed heap pages back, so the baseline is what is really held
         self.base = proc_status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+        try:  # resets VmHWM to the current RSS; some sandboxes (gVisor) have no clear_refs
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.hwm_reset = True
+        except OSError:
+            self.hwm_reset = False
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -61,7 +65,8 @@ class Ram:
         if self.cuda:
             torch.cuda.synchronize()
             self.dev_peak = torch.cuda.max_memory_allocated() - self.dev_base
-        self.peak = proc_status("VmHWM") - self.base
+        # without a reset VmHWM is the whole process's peak, not this block's: not reported (nan)
+        self.peak = proc_status("VmHWM") - self.base if self.hwm_reset else float("nan")
         gc.collect()
         _LIBC.malloc_trim(0)
         self.steady = proc_status("VmRSS") - self.base
