@@ -55,7 +55,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lora_engine.cache import LoraCache  # noqa: E402
+from lora_engine.library.parsed import LoraCache  # noqa: E402
 from lora_engine.engine import LoraEngine, Mode, shapes_of  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lora_engine.library import LoraLibrary  # noqa: E402
+from lora_engine.library.index import LoraLibrary  # noqa: E402
 
 
 def generate(root: str, n: int) -> None:

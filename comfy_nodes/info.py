@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from lora_engine.diagnose import format_summary, summarize
+from lora_engine.library.summary import format_summary, summarize
 from lora_engine.errors import LoraEngineError
-from lora_engine.hashes import hash_file, short_hash
+from lora_engine.library.hashes import hash_file, short_hash
 from lora_engine.patch import StackEntry, build_plan
 
 from . import common, loading

@@ -1,9 +1,9 @@
 """Parsed LoRAs and names, shared by every node of the process.
 
-- :data:`CACHE`: lora-engine's :class:`~lora_engine.cache.LoraCache` (keyed by real path, size and
+- :data:`CACHE`: lora-engine's :class:`~lora_engine.library.parsed.LoraCache` (keyed by real path, size and
   mtime), so a node re-run with another strength reads and parses no file, and a file re-saved
   under the same name is read again (ComfyUI's own loader keeps the old tensors).
-- :func:`library`: lora-engine's :class:`~lora_engine.library.LoraLibrary` over ComfyUI's
+- :func:`library`: lora-engine's :class:`~lora_engine.library.index.LoraLibrary` over ComfyUI's
   ``loras`` folders, the one resolver for ``<lora:NAME>`` tag names (stem, ``sub/stem``, alias,
   hash prefix); rescanned when ComfyUI's file list changes.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import threading
 
-from lora_engine.blocks import ModuleMultiplier, resolve_lbw
-from lora_engine.cache import LoraCache
+from lora_engine.syntax.blocks import ModuleMultiplier, resolve_lbw
+from lora_engine.library.parsed import LoraCache
 from lora_engine.errors import LoraEngineError
 from lora_engine.formats import LoraFile
-from lora_engine.library import LoraEntry, LoraLibrary
+from lora_engine.library.index import LoraEntry, LoraLibrary
 from lora_engine.patch import StackEntry
 
 from . import folders

@@ -1,6 +1,6 @@
 """Prompt with LoRA tags: an A1111 prompt (``<lora:name:te:unet:dyn=…:lbw=…:start=…:stop=…>``) in one node.
 
-The tags (full grammar of :mod:`lora_engine.prompt`) are removed from the text, resolved with
+The tags (full grammar of :mod:`lora_engine.syntax.prompt`) are removed from the text, resolved with
 lora-engine's library over ComfyUI's ``loras`` folders, applied to clones of MODEL and CLIP,
 and the cleaned text is encoded with the patched CLIP (as ComfyUI's CLIPTextEncode:
 ``clip.tokenize`` then ``clip.encode_from_tokens_scheduled``). Tags with ``start=``/``stop=``
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from lora_engine.blocks import ModuleMultiplier, module_multiplier
+from lora_engine.syntax.blocks import ModuleMultiplier, module_multiplier
 from lora_engine.errors import LoraEngineError
 from lora_engine.patch import StackEntry
-from lora_engine.prompt import LoraTag, parse_prompt
+from lora_engine.syntax.prompt import LoraTag, parse_prompt
 
 from . import common, loading
 from .apply import apply_stack, keymap_for

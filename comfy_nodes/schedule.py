@@ -7,7 +7,7 @@ multiplies each patch's strength by the current keyframe's and re-computes the h
 only when the keyframe changes; our adapter is linear in that strength.
 
 Steps to percent: ComfyUI keyframes start at a fraction of the sampling schedule; step N
-(1-based) of T starts at ``(N−1)/T``. A tag's ``start=``/``stop=`` (:class:`lora_engine.prompt.StepPoint`)
+(1-based) of T starts at ``(N−1)/T``. A tag's ``start=``/``stop=`` (:class:`lora_engine.syntax.prompt.StepPoint`)
 is converted with the node's ``steps``; without it a fraction f is used as is and whole step
 numbers cannot be placed (the caller warns).
 """

@@ -2,7 +2,7 @@
 
 A1111 strips the tags of every prompt but hands the extra networks only the first prompt's
 (``extra_networks.parse_prompts``), and never reads the negative prompt. Here each image's own
-prompt and negative prompt are read with the core parser (``lora_engine.prompt``), so:
+prompt and negative prompt are read with the core parser (``lora_engine.syntax.prompt``), so:
 
 - a *variant* is one file at one setting (te, unet, dyn, block weights): one ``StackEntry``;
 - a *use* says which image asked for it, from which prompt (positive or negative) and over
@@ -21,10 +21,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lora_engine.blocks import module_multiplier
+from lora_engine.syntax.blocks import module_multiplier
 from lora_engine.errors import LoraEngineError
 from lora_engine.patch import StackEntry
-from lora_engine.prompt import LoraTag, StepPoint, parse_prompt
+from lora_engine.syntax.prompt import LoraTag, StepPoint, parse_prompt
 
 
 @dataclass(frozen=True)

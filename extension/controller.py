@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-from lora_engine.cache import LoraCache
+from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import Mode as EngineMode
 from lora_engine.errors import NameResolutionError
-from lora_engine.hashes import hash_file
-from lora_engine.library import LoraLibrary
+from lora_engine.library.hashes import hash_file
+from lora_engine.library.index import LoraLibrary
 
 from .conds import CondGuard
 from .runtime import ModelRuntime

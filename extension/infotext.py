@@ -2,11 +2,11 @@
 
 (Writing ``Lora hashes`` happens in ``network._record``: ``p.extra_generation_params``; A1111 quotes
 the value.) ``on_infotext_pasted(infotext, params)`` receives the parsed fields; the core does the
-rewrite (``lora_engine.infotext.rewrite_prompt``), here we only pick the fields.
+rewrite (``lora_engine.syntax.infotext.rewrite_prompt``), here we only pick the fields.
 """
 from __future__ import annotations
 
-from lora_engine.infotext import addnet_tags, parse_lora_hashes, rewrite_prompt
+from lora_engine.syntax.infotext import addnet_tags, parse_lora_hashes, rewrite_prompt
 
 PROMPT_FIELDS = ("Prompt", "Negative prompt", "Hires prompt", "Hires negative prompt")
 

@@ -3,7 +3,7 @@ fields a LoRA card needs: activation text, preferred weight, negative text, sd v
 
 Saved as ``{stem}.json`` next to the file, in the keys A1111's built-in Lora uses ("activation
 text", "preferred weight", "negative text", "sd version"), so both read the same files; the library
-(``lora_engine.library``) reads them back as sidecars, and the cards use them (``page.card_fields``).
+(``lora_engine.library.index``) reads them back as sidecars, and the cards use them (``page.card_fields``).
 """
 from __future__ import annotations
 

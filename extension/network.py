@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from lora_engine.infotext import lora_hashes_value, parse_lora_hashes
-from lora_engine.prompt import parse_prompt
+from lora_engine.syntax.infotext import lora_hashes_value, parse_lora_hashes
+from lora_engine.syntax.prompt import parse_prompt
 
 from .batch import BatchStacks, build_batch, tags_text
 from .builtin import release_builtin

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 
-from lora_engine.library import read_sidecars
+from lora_engine.library.index import read_sidecars
 
 ARCH_OF_MODEL = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
 

@@ -1,5 +1,5 @@
 """The top-level "LoRA Training" tab (a1111.md §5.5): the web UI's Train page
-(:func:`lora_engine.ui.train_page.build_train_page`) with a host factory that trains the checkpoint A1111
+(:func:`lora_engine.apps.ui.train_page.build_train_page`) with a host factory that trains the checkpoint A1111
 has loaded, plus a preset chooser and a samples gallery.
 
 - host: :func:`.train_host.a1111_train_host` over ``shared.sd_model`` (the form's "Base model" is ignored);
@@ -24,7 +24,7 @@ import re
 
 from lora_engine.errors import TrainingError
 from lora_engine.train.presets import PRESETS
-from lora_engine.ui.train_session import HostSetup, TrainForm
+from lora_engine.apps.ui.train_session import HostSetup, TrainForm
 
 from .train_host import a1111_train_host, interrupted, queue_job
 
@@ -127,7 +127,7 @@ def _a1111_tab() -> TrainTab:
 
 
 def _ui_context():
-    from lora_engine.ui.context import UiConfig, UiContext
+    from lora_engine.apps.ui.context import UiConfig, UiContext
 
     from .callbacks import controller
 
@@ -138,8 +138,8 @@ def _ui_context():
 
 
 def on_ui_tabs():
-    from lora_engine.ui.compat import gradio
-    from lora_engine.ui.train_page import build_train_page
+    from lora_engine.apps.ui.compat import gradio
+    from lora_engine.apps.ui.train_page import build_train_page
 
     gr = gradio()
     tab = _a1111_tab()

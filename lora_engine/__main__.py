@@ -1,5 +1,5 @@
 import sys
 
-from lora_engine.cli import main
+from lora_engine.apps.cli import main
 
 sys.exit(main())

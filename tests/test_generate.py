@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from lora_engine.engine import LoraEngine, shapes_of  # noqa: E402
 from lora_engine.formats import load_lora  # noqa: E402
-from lora_engine.generate import GenerateOptions, generate, load_pipeline, pipeline_root  # noqa: E402
+from lora_engine.apps.generate import GenerateOptions, generate, load_pipeline, pipeline_root  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
 from tests.patch.lorafiles import write_kohya  # noqa: E402
@@ -127,7 +127,7 @@ def test_bad_model_folder_is_one_line(tmp_path):
 
 
 def test_cli_writes_png(model_dir, tmp_path, capsys):
-    from lora_engine.cli import main
+    from lora_engine.apps.cli import main
 
     out = tmp_path / "out"
     rc = main(["generate", str(model_dir[0]), "red square <lora:style:0.7> <lora:nothere:1>", "--lora-dir",
@@ -142,7 +142,7 @@ def test_cli_writes_png(model_dir, tmp_path, capsys):
 
 
 def test_cli_missing_folder_one_line(tmp_path, capsys):
-    from lora_engine.cli import main
+    from lora_engine.apps.cli import main
 
     rc = main(["generate", str(tmp_path / "nope"), "x", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()

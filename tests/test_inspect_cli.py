@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_engine.cli import main as cli_main
+from lora_engine.apps.cli import main as cli_main
 from tests.formats.peft_oracle import TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models
 from tests.oracle_models import tiny_unet
 

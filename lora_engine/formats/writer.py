@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ToolError
-from ..hashes import hash_file
+from ..library.hashes import hash_file
 from .safetensors_writer import atomic_dir, atomic_file, write_safetensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -86,7 +86,7 @@ def network_metadata(modules: dict[str, LoraTensors]) -> dict[str, str]:
 
 def sshs_hashes(tmp_path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) of ``tensors`` serialised with only ``ss_*`` metadata
-    (written to ``tmp_path`` and hashed by :func:`lora_engine.hashes.hash_file`)."""
+    (written to ``tmp_path`` and hashed by :func:`lora_engine.library.hashes.hash_file`)."""
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     write_safetensors(tmp_path, tensors, ss_only)
     try:

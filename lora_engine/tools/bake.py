@@ -27,7 +27,7 @@ from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic
 from ..keymap import build_keymap
 from ..patch.delta import merged_weight
 from ..patch.plan import PatchPlan, StackEntry, build_plan
-from .checkpoint import Checkpoint, Part, copy_bytes, diffusers_weight_files, open_checkpoint
+from ..formats.checkpoint import Checkpoint, Part, copy_bytes, diffusers_weight_files, open_checkpoint
 from .progress import Ticker
 
 

@@ -213,7 +213,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, reference=N
     ticker = Ticker(1, progress, cancel)
     got = _collect(src)
     if isinstance(reference, (str, os.PathLike)):
-        from .checkpoint import open_checkpoint
+        from ..formats.checkpoint import open_checkpoint
         reference = open_checkpoint(reference).shapes()
     if to == "kohya":
         res = _to_kohya(got, out)

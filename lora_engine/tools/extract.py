@@ -22,7 +22,7 @@ from ..adapters.base import COMPUTE
 from ..errors import ToolError
 from ..formats.writer import LoraTensors, write_kohya
 from ..keymap import build_keymap
-from .checkpoint import open_checkpoint
+from ..formats.checkpoint import open_checkpoint
 from .lowrank import factor
 from .progress import Ticker
 

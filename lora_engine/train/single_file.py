@@ -185,7 +185,7 @@ def load_single_file_parts(path: str | os.PathLike, device: str = "cpu", dtype: 
     """Read, infer, convert and load every part of an SD1/SD2/SDXL single-file checkpoint."""
     from diffusers import DDPMScheduler
 
-    from ..tools.checkpoint import open_checkpoint
+    from ..formats.checkpoint import open_checkpoint
     from .clip_tokenizer import clip_tokenizers
 
     path = os.fspath(path)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from lora_engine.cli import build_parser, main  # noqa: E402
+from lora_engine.apps.cli import build_parser, main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

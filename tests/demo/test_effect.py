@@ -16,9 +16,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("PIL")
 
-from lora_engine.demo.base import base_path  # noqa: E402
-from lora_engine.demo.concept import ConceptSettings  # noqa: E402
-from lora_engine.demo.run import DemoOptions, run_demo  # noqa: E402
+from lora_engine.apps.demo.base import base_path  # noqa: E402
+from lora_engine.apps.demo.concept import ConceptSettings  # noqa: E402
+from lora_engine.apps.demo.run import DemoOptions, run_demo  # noqa: E402
 
 FAST = dict(steps=int(os.environ.get("DEMO_TEST_LORA_STEPS", "80")))
 PROMPTS = ("a purple circle", "a purple square")
@@ -49,7 +49,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, one_thread):
     if not base_path()[1]:
-        pytest.fail("the demo base weights are not shipped (lora_engine/demo/assets/demo_base.safetensors)")
+        pytest.fail("the demo base weights are not shipped (lora_engine/apps/demo/assets/demo_base.safetensors)")
     out = tmp_path_factory.mktemp("demo") / "out"
     opts = DemoOptions(out=str(out), prompts=PROMPTS, weights=WEIGHTS, sample_steps=10,
                        concept=dataclasses.replace(ConceptSettings(), **FAST))
@@ -71,7 +71,7 @@ def test_lora_file_is_kohya_and_fully_matched(demo):
     from lora_engine.engine import shapes_of
     from lora_engine.formats import load_lora
     from lora_engine.keymap import build_keymap
-    from lora_engine.demo.model import load_model
+    from lora_engine.apps.demo.model import load_model
 
     _, res = demo
     lf = load_lora(res.lora)
@@ -92,8 +92,8 @@ def test_reported_scores_move_with_the_weight(demo):
 def test_effect_through_on_the_fly_hooks_independent_statistic(demo):
     """Same LoRA file, applied by the other patcher (hooks, weights untouched), scored by another
     statistic: toward purple at +1, away at -1; and the model is bit-identical afterwards."""
-    from lora_engine.demo.diffusion import sample
-    from lora_engine.demo.model import load_model
+    from lora_engine.apps.demo.diffusion import sample
+    from lora_engine.apps.demo.model import load_model
     from lora_engine.engine import LoraEngine, shapes_of
     from lora_engine.formats import load_lora
     from lora_engine.keymap import build_keymap

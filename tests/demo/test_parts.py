@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("PIL")
 
-from lora_engine.demo import dataset, model, tokenizer  # noqa: E402
+from lora_engine.apps.demo import dataset, model, tokenizer  # noqa: E402
 from lora_engine.errors import LoraFileError  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def test_key_map_sees_the_demo_model_as_sd1():
 
 
 def test_base_training_script_is_deterministic(tmp_path):
-    from lora_engine.demo import train_base
+    from lora_engine.apps.demo import train_base
 
     outs = []
     for name in ("a", "b"):

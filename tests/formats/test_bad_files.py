@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_engine.cli import main as cli_main
+from lora_engine.apps.cli import main as cli_main
 from lora_engine.errors import AdapterShapeError, LoraFileError, UnsafeFileError
 from lora_engine.formats import load_lora
 

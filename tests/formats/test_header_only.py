@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_engine.diagnose import summarize
+from lora_engine.library.summary import summarize
 from lora_engine.errors import LoraFileError
 from lora_engine.formats import load_lora
 

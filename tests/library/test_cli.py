@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from lora_engine.cli import main
+from lora_engine.apps.cli import main
 from tests.library.conftest import write_lora
 
 

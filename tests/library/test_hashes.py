@@ -7,7 +7,7 @@ import hashlib
 import torch
 from safetensors.torch import save, save_file
 
-from lora_engine.hashes import hash_file, short_hash
+from lora_engine.library.hashes import hash_file, short_hash
 from tests.library.conftest import write_lora
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import os
 
-from lora_engine.infotext import (addnet_tags, find_lora_hashes, hashes_for_tags, lora_hashes_field, lora_hashes_value,
+from lora_engine.syntax.infotext import (addnet_tags, find_lora_hashes, hashes_for_tags, lora_hashes_field, lora_hashes_value,
                                   parse_lora_hashes, rewrite_prompt)
-from lora_engine.library import LoraLibrary
-from lora_engine.prompt import parse_prompt
+from lora_engine.library.index import LoraLibrary
+from lora_engine.syntax.prompt import parse_prompt
 from tests.library.conftest import write_lora
 
 

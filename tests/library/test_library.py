@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from lora_engine.errors import NameResolutionError, OperationCancelled
-from lora_engine.library import LoraLibrary
+from lora_engine.library.index import LoraLibrary
 from tests.library.conftest import write_lora
 
 

@@ -8,8 +8,8 @@ import tempfile
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lora_engine.library import LoraLibrary
-from lora_engine.prompt import LoraTag, parse_prompt
+from lora_engine.library.index import LoraLibrary
+from lora_engine.syntax.prompt import LoraTag, parse_prompt
 from tests.library.conftest import write_lora
 
 # Not in tag names: ":" "<" ">" (grammar); not in file names: "/" NUL; "\\" is read as a separator.

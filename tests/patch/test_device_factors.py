@@ -12,7 +12,7 @@ import torch
 
 from lora_engine.adapters.dora import DoRA
 from lora_engine.adapters.lora import LoRA
-from lora_engine.cache import LoraCache
+from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import LoraEngine, Mode
 from lora_engine.patch import StackEntry
 from lora_engine.patch.device_factors import DeviceFactors

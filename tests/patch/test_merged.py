@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lora_engine.cache import LoraCache
+from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import LoraEngine, Mode
 from lora_engine.patch import StackEntry
 from tests.patch.conftest import make_host

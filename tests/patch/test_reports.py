@@ -2,7 +2,7 @@
 import torch
 from safetensors.torch import save_file
 
-from lora_engine.cache import LoraCache
+from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import LoraEngine
 from lora_engine.patch import StackEntry
 from tests.patch.conftest import make_host

@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from lora_engine.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, ModuleMultiplier, module_block, module_multiplier,
+from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, ModuleMultiplier, module_block, module_multiplier,
                                 parse_directives, parse_presets, parse_vector)
-from lora_engine.prompt import parse_prompt
+from lora_engine.syntax.prompt import parse_prompt
 from tests.models.ldm_view import ldm_unet_view
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_engine.prompt import LoraTag, StepPoint, parse_prompt
+from lora_engine.syntax.prompt import LoraTag, StepPoint, parse_prompt
 
 
 def one(text: str) -> LoraTag:

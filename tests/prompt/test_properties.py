@@ -7,7 +7,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine.prompt import LoraTag, parse_prompt
+from lora_engine.syntax.prompt import LoraTag, parse_prompt
 
 # Names: anything but the characters the grammar reserves, no surrounding spaces.
 names = st.text(alphabet=st.characters(blacklist_characters=":<>", blacklist_categories=("Cs",)),

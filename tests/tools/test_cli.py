@@ -1,13 +1,13 @@
-"""The tool subcommands end to end through ``lora_engine.cli.main`` (files on disk, real parsing).
+"""The tool subcommands end to end through ``lora_engine.apps.cli.main`` (files on disk, real parsing).
 The numerics are tested in the other files here; these check wiring, output files, errors, exit codes."""
 from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_engine.cli import main
-from lora_engine.cli.bake_cmd import parse_lora
-from lora_engine.cli.tool_common import split_weights
+from lora_engine.apps.cli import main
+from lora_engine.apps.cli.bake_cmd import parse_lora
+from lora_engine.apps.cli.tool_common import split_weights
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from tests.models.hosts import a1111_root

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lora_engine.cli import main
+from lora_engine.apps.cli import main
 from lora_engine.formats import load_lora
 from tests.train.models import make_dataset, tiny_parts
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from lora_engine.cli import main
+from lora_engine.apps.cli import main
 from lora_engine.errors import LoraEngineError, TrainingError
 from lora_engine.formats import load_lora
 from lora_engine.train import ldm_config as lc
@@ -336,8 +336,8 @@ def test_train_command_on_a_single_file_checkpoint(tmp_path, tok_dir, capsys):
 def test_train_page_routes_sd_checkpoints_to_the_single_file_loader(tmp_path, tok_dir):
     import time
 
-    from lora_engine.ui.context import UiConfig, UiContext
-    from lora_engine.ui.train_session import TrainForm, TrainSession
+    from lora_engine.apps.ui.context import UiConfig, UiContext
+    from lora_engine.apps.ui.train_session import TrainForm, TrainSession
 
     path, *_ = _checkpoint(tmp_path, "sd1")
     (tmp_path / "loras").mkdir()
@@ -444,7 +444,7 @@ def test_without_a_tokenizer_the_error_says_what_to_provide(tmp_path):
 
 
 def test_demo_bases_and_sd_checkpoints_are_told_apart(tmp_path):
-    from lora_engine.demo.base import base_path
+    from lora_engine.apps.demo.base import base_path
 
     demo, exists = base_path()
     if exists:

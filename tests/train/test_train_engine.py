@@ -10,7 +10,7 @@ import torch
 
 from lora_engine.engine import LoraEngine, Mode, shapes_of
 from lora_engine.formats import load_lora
-from lora_engine.hashes import hash_file
+from lora_engine.library.hashes import hash_file
 from lora_engine.keymap import build_keymap
 from lora_engine.patch import StackEntry
 from lora_engine.train import Trainer, build_config

@@ -13,7 +13,7 @@ def lora_root(tmp_path):
 
 @pytest.fixture
 def ctx(lora_root):
-    from lora_engine.ui.context import UiConfig, UiContext
+    from lora_engine.apps.ui.context import UiConfig, UiContext
 
     c = UiContext(UiConfig((lora_root,)))
     c.scan()
@@ -24,7 +24,7 @@ def ctx(lora_root):
 def demo_base(tmp_path_factory):
     """A demo base model file with freshly initialised weights (the real architecture, no training)."""
     pytest.importorskip("diffusers")
-    from lora_engine.demo.model import build_model, save_model
+    from lora_engine.apps.demo.model import build_model, save_model
 
     path = tmp_path_factory.mktemp("demo") / "demo_base.safetensors"
     save_model(build_model(0), path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_engine.ui import tool_ops
+from lora_engine.apps.ui import tool_ops
 
 pytest.importorskip("diffusers")
 MODULE = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -17,7 +17,7 @@ PARAM = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 
 @pytest.fixture
 def base_folder(tmp_path, demo_base):
-    from lora_engine.demo.model import load_model
+    from lora_engine.apps.demo.model import load_model
 
     model = load_model(demo_base)
     folder = tmp_path / "base"

@@ -159,7 +159,7 @@ def test_resize_runs_with_visible_progress(page, server):
 
 
 def test_train_starts_shows_progress_and_cancels(page, server, tmp_path):
-    from lora_engine.demo.concept import write_concept_images
+    from lora_engine.apps.demo.concept import write_concept_images
 
     data = str(tmp_path / "images")
     write_concept_images(data, 4, seed=0)

@@ -9,8 +9,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from lora_engine.ui import tool_ops
-from lora_engine.ui.cards import card_html, cards_html, filter_entries
+from lora_engine.apps.ui import tool_ops
+from lora_engine.apps.ui.cards import card_html, cards_html, filter_entries
 from tests.ui.files import write_lora
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_engine.ui.lossplot import loss_plot, smoothed
+from lora_engine.apps.ui.lossplot import loss_plot, smoothed
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -31,7 +31,7 @@ def test_smoothed_is_a_bias_corrected_ema_and_plot_draws_it():
 
 
 def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_base):
-    from lora_engine.ui.sweep import DemoGenerator, SweepRunner, SweepSpec
+    from lora_engine.apps.ui.sweep import DemoGenerator, SweepRunner, SweepSpec
 
     gen = DemoGenerator(demo_base)
     before = {k: v.clone() for k, v in gen.model.state_dict().items()}
@@ -58,7 +58,7 @@ def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_b
             dotted = dotted.replace("attn1_", "attn1.").replace("attn2_", "attn2.") + ".weight"
             down, up = sd[key], sd[f"{name}.lora_up.weight"]
             params[dotted] += float(sd[f"{name}.alpha"]) / down.shape[0] * (up @ down)
-    from lora_engine.demo.diffusion import sample
+    from lora_engine.apps.demo.diffusion import sample
 
     by_hand = sample(manual, ["a purple circle"], 3, 2, 3.0)[0]
     assert (cells[0][2] - by_hand).abs().max() < 1e-4
@@ -68,8 +68,8 @@ def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_b
 
 
 def test_sweep_refuses_unknown_lora_and_bad_weights(ctx, demo_base):
-    from lora_engine.ui.generate_page import GenerateSession
-    from lora_engine.ui.context import UiConfig, UiContext
+    from lora_engine.apps.ui.generate_page import GenerateSession
+    from lora_engine.apps.ui.context import UiConfig, UiContext
 
     c = UiContext(UiConfig(ctx.config.lora_dirs, model=demo_base))
     c.scan()
@@ -91,9 +91,9 @@ def _wait(session, timeout=240):
 
 
 def test_train_session_runs_a_job_to_a_loadable_lora(ctx, lora_root, demo_base, tmp_path):
-    from lora_engine.demo.concept import write_concept_images
+    from lora_engine.apps.demo.concept import write_concept_images
     from lora_engine.formats import load_lora
-    from lora_engine.ui.train_session import TrainForm, TrainSession
+    from lora_engine.apps.ui.train_session import TrainForm, TrainSession
 
     data = tmp_path / "images"
     write_concept_images(str(data), 4, seed=0)
@@ -107,8 +107,8 @@ def test_train_session_runs_a_job_to_a_loadable_lora(ctx, lora_root, demo_base, 
 
 
 def test_train_session_bad_folder_and_cancel(ctx, demo_base, tmp_path):
-    from lora_engine.demo.concept import write_concept_images
-    from lora_engine.ui.train_session import TrainForm, TrainSession
+    from lora_engine.apps.demo.concept import write_concept_images
+    from lora_engine.apps.ui.train_session import TrainForm, TrainSession
 
     session = TrainSession(ctx)
     msg = session.start(TrainForm(demo_base, str(tmp_path / "missing"), "x"))

@@ -22,8 +22,8 @@ from lora_engine.keymap import build_keymap
 from lora_engine.patch.plan import StackEntry
 from lora_engine.train.network import NetworkConfig, TrainNetwork
 from lora_engine.train.presets import PRESETS
-from lora_engine.ui.context import UiConfig, UiContext
-from lora_engine.ui.train_session import FINISHED, TrainForm, TrainSession
+from lora_engine.apps.ui.context import UiConfig, UiContext
+from lora_engine.apps.ui.train_session import FINISHED, TrainForm, TrainSession
 from tests.hosts.a1111.conftest import MODULES_A, module_of, write_lora
 from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, State, tiny_vae_x8
 from tests.models.hosts import a1111_root, diffusers_root
@@ -182,7 +182,7 @@ def test_preset_goes_under_the_form(tmp_path, model):
     session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False)), tab.setup)
     setup = tab.setup(_form(tmp_path))
     assert setup.settings["conv_rank"] == 8 and setup.settings["flip"] is True and setup.lock is None
-    from lora_engine.ui.train_session import build_job
+    from lora_engine.apps.ui.train_session import build_job
 
     job = build_job(session.ctx, _form(tmp_path, rank=3), tab.setup)
     assert job.cfg.network.conv_rank == 8 and job.cfg.network.rank == 3  # the form wins where it speaks

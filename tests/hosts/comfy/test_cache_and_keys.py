@@ -6,7 +6,7 @@ import os
 
 import torch
 
-import lora_engine.cache
+import lora_engine.library.parsed
 from comfy_nodes import loading
 from comfy_nodes.loader import LoraEngineLoader, LoraEngineLoaderModelOnly
 from tests.hosts.comfy.files import diffusers_peft_lora, kohya_lora, lycoris_file
@@ -15,12 +15,12 @@ from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patche
 
 def _count_loads(monkeypatch) -> list:
     calls = []
-    real = lora_engine.cache.load_lora
+    real = lora_engine.library.parsed.load_lora
 
     def counting(path):
         calls.append(path)
         return real(path)
-    monkeypatch.setattr(lora_engine.cache, "load_lora", counting)  # counts the cache's file reads
+    monkeypatch.setattr(lora_engine.library.parsed, "load_lora", counting)  # counts the cache's file reads
     return calls
 
 

@@ -1,0 +1,44 @@
+"""`lora-engine` command line. Each subcommand lives in its own module exposing
+``register(subparsers)``; this file only assembles them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Module names under lora_engine.apps.cli, one per subcommand (order = order in --help).
+COMMANDS = [
+    "inspect_cmd",
+    "parse_cmd",
+    "list_cmd",
+    "demo_cmd",
+    "train_cmd",
+    "merge_cmd",
+    "resize_cmd",
+    "extract_cmd",
+    "convert_cmd",
+    "bake_cmd",
+    "serve_cmd",
+    "generate_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-engine", description="LoRA engine for Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`lora-engine bake CHECKPOINT --lora FILE[:TE[:UNET]]… -o OUT`: base + Σ deltas as a new checkpoint
+(single-file ldm/sgm safetensors or diffusers folder), streamed tensor by tensor, written atomically."""
+from __future__ import annotations
+
+from .tool_common import add_device, Bar, run_tool, split_weights
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bake", help="bake LoRAs into a checkpoint (single-file .safetensors or diffusers folder)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:TE[:UNET]]",
+                   help="LoRA and strengths: one number sets both, two set text encoder then UNet (default 1)")
+    p.add_argument("-o", "--out", required=True, help="output file or folder (must not be the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true")
+    add_device(p)
+    p.set_defaults(func=run)
+
+
+def parse_lora(spec: str):
+    from ...tools.bake import BakeLora
+
+    path, nums = split_weights(spec, 2)
+    te = nums[0] if nums else 1.0
+    unet = nums[1] if len(nums) > 1 else te
+    return BakeLora(path, te, unet)
+
+
+def run(args) -> int:
+    from ...tools.bake import bake
+
+    def go():
+        loras = [parse_lora(s) for s in args.lora]
+        with Bar("bake", args.quiet) as bar:
+            res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, device=args.device, progress=bar)
+        for w in res.warnings:
+            print(f"warning: {w}")
+        print(f"wrote {args.out}: {res.touched} tensors changed, {res.copied} copied unchanged")
+
+    return run_tool("bake", go)

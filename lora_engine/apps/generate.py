@@ -1,0 +1,191 @@
+"""Text-to-image through a local diffusers pipeline, with A1111 ``<lora:…>`` tags in the prompt.
+
+    result = generate(GenerateOptions(model_dir, "a cat <lora:style:0.8>", lora_dirs=["loras"]))
+    result.images   # PIL images
+    result.warnings # unknown names, unmatched keys, tag problems (one line each)
+
+Flow: :func:`lora_engine.syntax.prompt.parse_prompt` removes the tags from both prompts; each name is
+resolved by :class:`lora_engine.library.index.LoraLibrary`, read through :class:`lora_engine.library.parsed.LoraCache`
+and applied by :class:`lora_engine.engine.LoraEngine` (merged mode) over a container whose children
+are the pipeline's ``unet``, ``text_encoder`` (and ``text_encoder_2``), so canonical kohya names map
+through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleaned prompt and the
+weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
+(as A1111 does), so one image of a batch can be reproduced alone.
+
+diffusers is an optional dependency (the ``models`` extra); it is imported only here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import LoraEngineError, ModelFolderError
+
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    model_dir: str
+    prompt: str
+    negative: str = ""
+    lora_dirs: tuple[str, ...] = ()
+    steps: int = 20
+    width: int | None = None  # None: the pipeline's default size
+    height: int | None = None
+    seed: int = 0
+    cfg: float = 7.0
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list
+    prompt: str  # the cleaned prompt the pipeline saw
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def pipeline_class(model_dir: str) -> str:
+    """The pipeline class named by ``model_dir/model_index.json``; one-line error if it is not a
+    Stable Diffusion (XL) diffusers folder."""
+    if not os.path.isdir(model_dir):
+        raise ModelFolderError(model_dir, "no such folder")
+    index = os.path.join(model_dir, "model_index.json")
+    if not os.path.isfile(index):
+        raise ModelFolderError(model_dir, "not a diffusers model folder (no model_index.json)")
+    try:
+        with open(index, encoding="utf-8") as fh:
+            name = json.load(fh).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelFolderError(model_dir, f"model_index.json unreadable ({type(e).__name__}: {e})") from None
+    if name not in PIPELINES:
+        raise ModelFolderError(model_dir, f"pipeline {name!r} not supported (want {' or '.join(PIPELINES)})")
+    return name
+
+
+def load_pipeline(model_dir: str):
+    """``StableDiffusion(XL)Pipeline.from_pretrained`` on a local folder (fp32), never downloading."""
+    try:
+        import diffusers
+    except ImportError as e:
+        raise LoraEngineError(f"generate needs diffusers ({e.name} missing): pip install 'lora-engine[models]'") \
+            from None
+    cls = getattr(diffusers, pipeline_class(model_dir))
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
+    try:
+        pipe = cls.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFolderError(model_dir, f"cannot load the pipeline ({type(e).__name__}: {_first_line(e)})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_root(pipe) -> torch.nn.Module:
+    """Container module with the pipeline's ``unet``, ``text_encoder`` and ``text_encoder_2``
+    as children (the diffusers naming the key map knows). Shares the pipeline's parameters."""
+    root = torch.nn.Module()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, torch.nn.Module):
+            setattr(root, name, mod)
+    return root
+
+
+class PromptLoras:
+    """Tags -> stack entries: resolves names in the library and reads files through the cache.
+    Problems become warnings (the generation still runs without that LoRA)."""
+
+    def __init__(self, lora_dirs, cache=None):
+        from ..library.parsed import LoraCache
+        from ..library.index import LoraLibrary
+
+        self.library = LoraLibrary(list(lora_dirs), use_cache=False, hash_files=False)
+        if lora_dirs:
+            self.library.scan()
+        self.cache = cache or LoraCache()
+
+    def stack(self, tags) -> tuple[list, list[str]]:
+        from ..syntax.blocks import module_multiplier
+        from ..patch import StackEntry
+
+        entries, warnings = [], []
+        for t in tags:
+            try:
+                lora = self.cache.get(self.library.resolve(t.name).path)
+            except LoraEngineError as e:
+                warnings.append(f"{t.raw or t.name}: {_first_line(e)}; LoRA skipped")
+                continue
+            if t.start is not None or t.stop is not None:
+                warnings.append(f"{t.raw}: step scheduling is not supported by generate; applied for all steps")
+            blocks = module_multiplier(t).ratio if (t.lbw is not None or t.elements) else None
+            entries.append(StackEntry(lora, te=t.te, unet=t.unet, block_multiplier=blocks, dyn=t.dyn, key=t.name))
+        return entries, warnings
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _step_callback(progress: Callable[[int, int], None] | None, total: int):
+    if progress is None:
+        return None
+
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        progress(step + 1, total)
+        return callback_kwargs
+    return on_step_end
+
+
+def run_pipeline(pipe, prompt: str, opts: GenerateOptions, progress=None) -> list:
+    """Call the pipeline; image ``i`` draws its noise from ``Generator().manual_seed(seed + i)``."""
+    generators = [torch.Generator("cpu").manual_seed(opts.seed + i) for i in range(opts.count)]
+    with torch.inference_mode():
+        out = pipe(prompt=prompt, negative_prompt=opts.negative or None, num_inference_steps=opts.steps,
+                   guidance_scale=opts.cfg, width=opts.width, height=opts.height, num_images_per_prompt=opts.count,
+                   generator=generators, output_type="pil",
+                   callback_on_step_end=_step_callback(progress, opts.steps))
+    return list(out.images)
+
+
+def _check(opts: GenerateOptions) -> None:
+    for what, v in (("steps", opts.steps), ("count", opts.count)):
+        if v < 1:
+            raise LoraEngineError(f"generate: {what} must be at least 1 (got {v})")
+    for what, v in (("width", opts.width), ("height", opts.height)):
+        if v is not None and (v < 8 or v % 8):
+            raise LoraEngineError(f"generate: {what} must be a positive multiple of 8 (got {v})")
+
+
+def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], None] | None = None,
+             loras: PromptLoras | None = None) -> GenerateResult:
+    """Apply the prompt's LoRAs, run the pipeline on the cleaned prompt, restore the weights.
+
+    ``pipe`` reuses a loaded pipeline (default: load ``opts.model_dir``); ``progress(step, total)``
+    is called after every denoising step."""
+    from ..engine import LoraEngine, shapes_of
+    from ..keymap import build_keymap
+    from ..syntax.prompt import parse_prompt
+
+    _check(opts)
+    pipe = pipe if pipe is not None else load_pipeline(opts.model_dir)
+    parsed, negative = parse_prompt(opts.prompt), parse_prompt(opts.negative)
+    warnings = list(parsed.warnings) + list(negative.warnings)
+    if negative.tags:
+        warnings.append("negative prompt: LoRA tags there are removed and not applied")
+    loras = loras or PromptLoras(opts.lora_dirs)
+    stack, stack_warnings = loras.stack(parsed.tags)
+    warnings += stack_warnings
+    root = pipeline_root(pipe)
+    engine = LoraEngine(root, build_keymap(shapes_of(root)), mode="merged")
+    try:
+        engine.set_stack(stack)
+        warnings += engine.warnings()
+        clean = GenerateOptions(**{**opts.__dict__, "negative": negative.cleaned_text})
+        images = run_pipeline(pipe, parsed.cleaned_text, clean, progress)
+    finally:
+        engine.restore()
+    return GenerateResult(images, parsed.cleaned_text, tuple(warnings))

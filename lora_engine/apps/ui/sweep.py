@@ -1,0 +1,106 @@
+"""The Generate page's weight-sweep grid, without gradio: rows = LoRAs, columns = weights (like
+A1111's X/Y plot with ``<lora:NAME:w>``), every cell from the same seed so only the LoRA differs.
+
+A cell's prompt is the user's prompt plus ``<lora:ROW:w>``; all tags are parsed by
+:func:`lora_engine.syntax.prompt.parse_prompt`, resolved by the UI's :class:`~lora_engine.library.index.LoraLibrary`,
+read through a :class:`~lora_engine.library.parsed.LoraCache` and applied by a :class:`~lora_engine.engine.LoraEngine`
+(merged mode; restored after the grid). The model is anything with ``root`` (the module tree the key
+map reads) and ``render(text, seed, steps, guidance, callback) -> (3, H, W)`` in [0, 1];
+:class:`DemoGenerator` is the built-in demo model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import LoraEngineError
+
+DEFAULT_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    prompt: str
+    loras: tuple[str, ...]
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 3.0
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    try:
+        ws = tuple(float(v) for v in (text or "").replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        raise LoraEngineError(f"weights {text!r} must be numbers separated by commas") from None
+    if not ws:
+        raise LoraEngineError("no weights given (e.g. -1, -0.5, 0, 0.5, 1)")
+    return ws
+
+
+class DemoGenerator:
+    """The demo text-to-image model (:mod:`lora_engine.apps.demo`) as a sweep target."""
+
+    def __init__(self, path: str | None = None, progress: Callable[[int, int, float], None] | None = None):
+        from ..demo.base import get_base
+
+        self.model, self.path = get_base(path, progress=progress)
+        self.root = self.model
+
+    def render(self, text: str, seed: int, steps: int, guidance: float, callback=None):
+        from ..demo.diffusion import sample
+
+        return sample(self.model, [text], seed, steps, guidance, callback=callback)[0]
+
+
+class SweepRunner:
+    """Holds the engine of one generator; ``grid`` renders a sweep and restores the weights."""
+
+    def __init__(self, generator, library):
+        from ...library.parsed import LoraCache
+        from ...engine import LoraEngine, shapes_of
+        from ...keymap import build_keymap
+
+        self.generator, self.library = generator, library
+        self.cache = LoraCache()
+        self.engine = LoraEngine(generator.root, build_keymap(shapes_of(generator.root)), mode="merged")
+
+    def _apply(self, tags) -> list[str]:
+        from ...patch import StackEntry
+
+        stack = [StackEntry(self.cache.get(self.library.resolve(t.name).path), te=t.te, unet=t.unet, dyn=t.dyn,
+                            key=t.name) for t in tags]
+        self.engine.set_stack(stack)
+        return self.engine.warnings()
+
+    def cells(self, spec: SweepSpec, progress: Callable[[int, int, str], None] | None = None):
+        """``(cells[row][col] tensors, warnings)``."""
+        from ...syntax.prompt import parse_prompt
+
+        if not spec.loras:
+            raise LoraEngineError("choose at least one LoRA for the sweep")
+        total, done = len(spec.loras) * len(spec.weights), 0
+        rows, warnings = [], []
+        try:
+            for name in spec.loras:
+                row = []
+                for w in spec.weights:
+                    parsed = parse_prompt(f"{spec.prompt} <lora:{name}:{w:g}>")
+                    warnings += list(parsed.warnings) + self._apply(parsed.tags)
+                    row.append(self.generator.render(parsed.cleaned_text, spec.seed, spec.steps, spec.guidance))
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, f"{name} at {w:g}")
+                rows.append(row)
+        finally:
+            self.engine.restore()
+        return rows, sorted(set(warnings))
+
+    def grid(self, spec: SweepSpec, progress=None):
+        """``(PIL grid image, warnings)``: labelled rows (LoRAs) and columns (weights)."""
+        from ..demo.grid import make_grid
+
+        cells, warnings = self.cells(spec, progress)
+        scale = max(1, 128 // cells[0][0].shape[-1])
+        title = f"{spec.prompt}  (seed {spec.seed}, {spec.steps} steps)"
+        return make_grid(cells, list(spec.loras), [f"w = {w:g}" for w in spec.weights], title, scale=scale), warnings

@@ -1,0 +1,349 @@
+"""Block weights in the syntax of sd-webui-lora-block-weight (LBW): vectors, presets,
+``R``/``U``/``X`` values, elemental (``lbwe``) directives, and the per-module multiplier.
+
+A module's multiplier is ``m = (te if text-encoder module else unet) * ratio`` where
+``ratio`` is the LBW block ratio of the module's block (BASE for every text-encoder
+module), replaced by the ratio of the last matching elemental directive if any.
+
+Block ids, in 26-slot order: BASE, IN00..IN11, M00, OUT00..OUT11. Shorter vectors name
+their slots (17: SD1/2 LoRA, 12: SDXL LoRA, 20: SDXL full); slots a vector does not
+name get 0, as in LBW's ``to26``. UNet modules outside every block (time embedding,
+``conv_out``, ``label_emb``...) keep ratio 1.
+
+Module names are canonical kohya names (``lora_unet_input_blocks_4_1_...``,
+``lora_unet_down_blocks_1_attentions_0_...``, ``lora_te1_...``). diffusers-style UNet
+names are first rewritten to the ldm/compvis layout LBW matches on (layers_per_block=2,
+which holds for SD1, SD2 and SDXL): ``down_blocks.i.{resnets,attentions}.j`` ->
+``input_blocks.{3i+j+1}.{0,1}``, ``up_blocks.i.*.j`` -> ``output_blocks.{3i+j}``,
+``mid_block`` -> ``middle_block``. Facts from hako-mikan/sd-webui-lora-block-weight
+(b403cb7) as summarised in ../shared/reference/a1111.md §7.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from ..keymap.unet_blocks import DIRECT, RESNET_RENAMES
+
+BLOCK_IDS_26 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
+BLOCK_IDS_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(3, 12))
+BLOCK_IDS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(6))
+BLOCK_IDS_20 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(9))
+BLOCK_TABLES: dict[int, tuple[str, ...]] = {12: BLOCK_IDS_12, 17: BLOCK_IDS_17, 20: BLOCK_IDS_20, 26: BLOCK_IDS_26}
+
+DEFAULT_PRESETS_TEXT = """\
+NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+INS:1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
+IND:1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0
+INALL:1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0
+MIDD:1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
+OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
+OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5
+"""
+
+DEFAULT_ELEMENT_PRESETS_TEXT = """\
+ATTNDEEPON:IN05-OUT05:attn:1
+
+ATTNDEEPOFF:IN05-OUT05:attn:0
+
+PROJDEEPOFF:IN05-OUT05:proj:0
+
+XYZ:::1
+"""
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
+_X_RE = re.compile(r"X(?:([+-])(\d+\.?\d*|\.\d+))?\Z")
+
+
+def parse_number(text: str) -> float | None:
+    """A finite decimal number as people write it (``-0.5``, ``.5``, ``1e-1``), else None."""
+    t = text.strip()
+    if not _NUMBER_RE.match(t):
+        return None
+    v = float(t)
+    return v if abs(v) != float("inf") else None
+
+
+@dataclass(frozen=True)
+class BlockValue:
+    """One vector entry: a number, ``R`` (random in [0, 1], 3 decimals), ``U`` (random in
+    [-0.5, 1.5], 3 decimals) or ``X``/``X+d``/``X-d`` (the tag's ``x=`` value, default 1, plus d)."""
+
+    kind: str  # "num" | "R" | "U" | "X"
+    value: float = 0.0  # the number, or X's offset
+
+    def resolve(self, x: float, rng: random.Random) -> float:
+        if self.kind == "R":
+            return round(rng.random(), 3)
+        if self.kind == "U":
+            return round(rng.uniform(-0.5, 1.5), 3)
+        if self.kind == "X":
+            return x + self.value
+        return self.value
+
+    def text(self) -> str:
+        if self.kind == "num":
+            return repr(self.value)
+        if self.kind == "X" and self.value:
+            return f"X{self.value:+}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A block-weight vector expanded to the 26 slots of ``BLOCK_IDS_26``.
+
+    ``length`` is the vector length as written (12, 17, 20 or 26); ``source`` the preset
+    name or the literal vector text."""
+
+    values: tuple[BlockValue, ...]
+    length: int
+    source: str
+
+    def resolve(self, x: float = 1.0, rng: random.Random | None = None) -> tuple[float, ...]:
+        """The 26 ratios, with ``R``/``U`` drawn from ``rng`` and ``X`` replaced by ``x``."""
+        rng = rng or random.Random()
+        return tuple(v.resolve(x, rng) for v in self.values)
+
+    def is_random(self) -> bool:
+        return any(v.kind in ("R", "U") for v in self.values)
+
+
+def _parse_value(token: str) -> BlockValue:
+    t = token.strip()
+    if t in ("R", "U"):
+        return BlockValue(t)
+    m = _X_RE.match(t)
+    if m:
+        off = float(m.group(2)) if m.group(2) else 0.0
+        return BlockValue("X", -off if m.group(1) == "-" else off)
+    v = parse_number(t)
+    if v is None:
+        raise ValueError(f"block weight {t!r} is not a number, R, U, X, X+d or X-d")
+    return BlockValue("num", v)
+
+
+def parse_vector(text: str, source: str | None = None) -> BlockSpec:
+    """Parse ``"1,0,0.5,..."`` (12/17/20/26 entries) into a 26-slot :class:`BlockSpec`.
+
+    Raises ValueError with a one-line reason."""
+    tokens = [t for t in text.split(",")]
+    n = len(tokens)
+    if n == 61:
+        raise ValueError("61-entry (Flux) block vectors are not supported")
+    if n not in BLOCK_TABLES:
+        raise ValueError(f"block vector has {n} values; expected 12, 17, 20 or 26")
+    vals = [_parse_value(t) for t in tokens]
+    slots = {bid: BlockValue("num", 0.0) for bid in BLOCK_IDS_26}
+    for bid, v in zip(BLOCK_TABLES[n], vals):
+        slots[bid] = v
+    return BlockSpec(tuple(slots[b] for b in BLOCK_IDS_26), n, source if source is not None else text)
+
+
+def parse_presets(text: str) -> dict[str, str]:
+    """``ID:v1,...,vn`` lines -> {ID: vector text}. As in LBW, a line with ``#``, without
+    ``:``, or whose value count is not 12/17/20/26 is a comment."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if "#" in line or ":" not in line:
+            continue
+        key, vec = line.split(":", 1)
+        if len(vec.split(",")) in BLOCK_TABLES:
+            out[key.strip()] = vec.strip()
+    return out
+
+
+DEFAULT_PRESETS = parse_presets(DEFAULT_PRESETS_TEXT)
+
+
+def resolve_lbw(value: str, presets: dict[str, str] | None = None) -> BlockSpec:
+    """``lbw=`` argument: a preset name or a literal vector. Raises ValueError."""
+    presets = DEFAULT_PRESETS if presets is None else presets
+    v = value.strip()
+    if v in presets:
+        return parse_vector(presets[v], source=v)
+    if "," not in v:
+        raise ValueError(f"unknown block-weight preset {v!r}")
+    return parse_vector(v)
+
+
+# ---- elemental directives (lbwe=) ----
+
+@dataclass(frozen=True)
+class ElementDirective:
+    """``blocks:elements:ratio``. ``blocks`` are block ids (ranges expanded), ``elements``
+    substrings of the module's ldm-style name; empty means all; ``NOT`` inverts."""
+
+    blocks: tuple[str, ...]
+    blocks_not: bool
+    elements: tuple[str, ...]
+    elements_not: bool
+    ratio: float
+
+    def matches(self, block: str, key: str) -> bool:
+        hit_b = (block not in self.blocks) if self.blocks_not else (not self.blocks or block in self.blocks)
+        if not hit_b:
+            return False
+        any_e = any(e in key for e in self.elements) if self.elements else not self.elements_not
+        return (not any_e) if self.elements_not else any_e
+
+
+def _expand_blocks(field: str) -> tuple[bool, tuple[str, ...]]:
+    toks = [t for t in field.strip().split(" ") if t]
+    neg = bool(toks) and toks[0] == "NOT"
+    out: list[str] = []
+    for t in toks[1:] if neg else toks:
+        if "-" in t:
+            a, _, b = t.partition("-")
+            if a not in BLOCK_IDS_26 or b not in BLOCK_IDS_26:
+                raise ValueError(f"unknown block range {t!r}")
+            i, j = sorted((BLOCK_IDS_26.index(a), BLOCK_IDS_26.index(b)))
+            out.extend(BLOCK_IDS_26[i : j + 1])
+        elif t in BLOCK_IDS_26:
+            out.append(t)
+        else:
+            raise ValueError(f"unknown block id {t!r}")
+    return neg, tuple(out)
+
+
+def parse_directives(text: str) -> tuple[ElementDirective, ...]:
+    """Directives separated by ``,`` or newlines; entries without exactly two ``:`` are skipped (LBW)."""
+    out = []
+    for d in text.replace("\n", ",").split(","):
+        if d.count(":") != 2:
+            continue
+        bf, ef, rf = d.split(":")
+        ratio = parse_number(rf)
+        if ratio is None:
+            raise ValueError(f"elemental ratio {rf!r} is not a number")
+        bneg, blocks = _expand_blocks(bf)
+        etoks = [t for t in ef.strip().split(" ") if t]
+        eneg = bool(etoks) and etoks[0] == "NOT"
+        out.append(ElementDirective(blocks, bneg, tuple(etoks[1:] if eneg else etoks), eneg, ratio))
+    return tuple(out)
+
+
+def parse_element_presets(text: str) -> dict[str, str]:
+    """Entries separated by blank lines: ``ID:blocks:elements:ratio[, more directives]``."""
+    out: dict[str, str] = {}
+    for entry in re.split(r"\n\s*\n", text):
+        if ":" in entry:
+            key, rest = entry.split(":", 1)
+            out[key.strip()] = rest.strip()
+    return out
+
+
+DEFAULT_ELEMENT_PRESETS = parse_element_presets(DEFAULT_ELEMENT_PRESETS_TEXT)
+
+
+# ---- module name -> block ----
+
+# The diffusers -> ldm tables of the key maps, in underscore form (kohya names have no dots).
+_RESNET_PARTS = {k: v.replace(".", "_") for k, v in RESNET_RENAMES.items()}
+_DIFFUSERS_TOP = {k.replace(".", "_"): v.replace(".", "_") for k, v in DIRECT.items()}
+_DOWN_RE = re.compile(r"down_blocks_(\d+)_(resnets|attentions)_(\d+)(_.*|)\Z")
+_DOWNSAMPLE_RE = re.compile(r"down_blocks_(\d+)_downsamplers_0_conv(_.*|)\Z")
+_UP_RE = re.compile(r"up_blocks_(\d+)_(resnets|attentions)_(\d+)(_.*|)\Z")
+_UPSAMPLE_RE = re.compile(r"up_blocks_(\d+)_upsamplers_0_conv(_.*|)\Z")
+_MID_RE = re.compile(r"mid_block_(resnets|attentions)_(\d+)(_.*|)\Z")
+
+
+def _resnet_rest(rest: str) -> str:
+    for part, ldm in _RESNET_PARTS.items():
+        if rest == "_" + part or rest.startswith("_" + part + "_"):
+            return "_" + ldm + rest[len(part) + 1:]
+    return rest
+
+
+def ldm_unet_path(path: str) -> str:
+    """A UNet module path with underscores, diffusers layout -> ldm layout (ldm input unchanged).
+
+    The upsampler's sub-index (``output_blocks_N_1`` or ``_2``) depends on the model; 1 is used
+    for ``up_blocks_0`` and 2 otherwise (true for SD1/SD2). Block ids are exact either way."""
+    for pat, fn in (
+        (_DOWN_RE, lambda m: f"input_blocks_{3 * int(m[1]) + int(m[3]) + 1}_{0 if m[2] == 'resnets' else 1}"),
+        (_UP_RE, lambda m: f"output_blocks_{3 * int(m[1]) + int(m[3])}_{0 if m[2] == 'resnets' else 1}"),
+    ):
+        m = pat.match(path)
+        if m:
+            rest = m[4]
+            return fn(m) + (_resnet_rest(rest) if m[2] == "resnets" else rest)
+    m = _MID_RE.match(path)
+    if m:
+        idx = 1 if m[1] == "attentions" else 2 * int(m[2])
+        return f"middle_block_{idx}" + (_resnet_rest(m[3]) if m[1] == "resnets" else m[3])
+    m = _DOWNSAMPLE_RE.match(path)
+    if m:
+        return f"input_blocks_{3 * int(m[1]) + 3}_0_op" + m[2]
+    m = _UPSAMPLE_RE.match(path)
+    if m:
+        return f"output_blocks_{3 * int(m[1]) + 2}_{1 if m[1] == '0' else 2}_conv" + m[2]
+    for d, ldm in _DIFFUSERS_TOP.items():
+        if path == d or path.startswith(d + "_"):
+            return ldm + path[len(d):]
+    return path
+
+
+_IN_RE = re.compile(r"input_blocks_(\d+)(?:_|\Z)")
+_OUT_RE = re.compile(r"output_blocks_(\d+)(?:_|\Z)")
+
+
+def module_block(name: str) -> tuple[str | None, str]:
+    """``(block id or None, ldm-style key)`` for a canonical module name.
+
+    Text-encoder modules (``lora_te*``) are BASE. ``None`` means the module is in no
+    block (LBW gives it ratio 1)."""
+    n = name.replace(".", "_")
+    if n.startswith("lora_te"):
+        return "BASE", n
+    path = n[len("lora_unet_"):] if n.startswith("lora_unet_") else n
+    key = "diffusion_model_" + ldm_unet_path(path)
+    m = _IN_RE.match(key, len("diffusion_model_"))
+    if m and int(m[1]) < 12:
+        return f"IN{int(m[1]):02d}", key
+    if key.startswith("diffusion_model_middle_block_") or key == "diffusion_model_middle_block":
+        return "M00", key
+    m = _OUT_RE.match(key, len("diffusion_model_"))
+    if m and int(m[1]) < 12:
+        return f"OUT{int(m[1]):02d}", key
+    return None, key
+
+
+@dataclass(frozen=True)
+class ModuleMultiplier:
+    """Callable ``name -> multiplier`` for one tag: ``(te|unet) * block ratio`` (see module doc).
+
+    ``ratios`` are the 26 resolved block ratios (None = all 1); ``directives`` the elemental ones."""
+
+    te: float
+    unet: float
+    ratios: tuple[float, ...] | None = None
+    directives: tuple[ElementDirective, ...] = ()
+
+    def ratio(self, name: str) -> float:
+        block, key = module_block(name)
+        r = 1.0
+        if block is not None and self.ratios is not None:
+            r = self.ratios[BLOCK_IDS_26.index(block)]
+        for d in self.directives:
+            if d.matches(block or "", key):
+                r = d.ratio
+        return r
+
+    def __call__(self, name: str) -> float:
+        base = self.te if name.startswith("lora_te") else self.unet
+        return base * self.ratio(name)
+
+
+def module_multiplier(tag, rng: random.Random | None = None) -> ModuleMultiplier:
+    """Build the per-module multiplier hook of a parsed tag (:class:`lora_engine.syntax.prompt.LoraTag`).
+
+    ``R``/``U`` entries are drawn once here, from ``rng``, so one generation sees one draw."""
+    ratios = None
+    if tag.lbw is not None:
+        ratios = tag.lbw.resolve(1.0 if tag.x is None else tag.x, rng)
+    return ModuleMultiplier(tag.te, tag.unet, ratios, tuple(tag.elements))
