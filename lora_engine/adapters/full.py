@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32, fit
+from .base import AdapterBase, Delta, f32, fit
 
 
 @dataclass(frozen=True)
-class Full:
+class Full(AdapterBase):
     diff: torch.Tensor
     diff_b: torch.Tensor | None = None
     scale: float = 1.0
@@ -21,6 +21,12 @@ class Full:
     def natural_shape(self) -> tuple[int, ...]:
         return tuple(self.diff.shape)
 
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.diff_b is not None
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else f32(self.diff_b)
+
     def delta(self, base: torch.Tensor) -> Delta:
-        b = None if self.diff_b is None else f32(self.diff_b)
-        return Delta(fit(self.scale * f32(self.diff), base.shape, "full"), b)
+        return Delta(fit(self.scale * f32(self.diff), base.shape, "full"), self.bias_delta())

@@ -11,11 +11,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import Delta, LowRankFactors, f32, fit
+from .base import AdapterBase, Delta, LowRankFactors, f32, fit
 
 
 @dataclass(frozen=True)
-class LoRA:
+class LoRA(AdapterBase):
     down: torch.Tensor
     up: torch.Tensor
     scale: float
@@ -56,10 +56,15 @@ class LoRA:
             return torch.einsum("oa,ab...,bi->oi...", up, f32(self.mid), down.reshape(down.shape[0], -1))
         return up @ down.reshape(down.shape[0], -1)
 
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.up_bias is not None
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.up_bias is None else self.scale * f32(self.up_bias)
+
     def delta(self, base: torch.Tensor) -> Delta:
-        w = fit(self.dense(), base.shape, "lora")
-        b = None if self.up_bias is None else self.scale * f32(self.up_bias)
-        return Delta(w, b)
+        return Delta(fit(self.dense(), base.shape, "lora"), self.bias_delta())
 
     def factors(self) -> LowRankFactors:
         return LowRankFactors(f32(self.down), f32(self.up), f32(self.mid), self.scale, f32(self.up_bias))
