@@ -26,11 +26,10 @@ def prompt_names(controller) -> list[dict]:
     alias is taken) with A1111's default multiplier."""
     lib = controller.get_library()
     opts, settings = controller.opts, controller.settings()
-    builtin = getattr(controller, "builtin_cards", False)
     multiplier = getattr(opts, "extra_networks_default_multiplier", None) if opts is not None else None
     out = []
     for e in lib.entries:
-        if builtin:
+        if controller.builtin_cards:
             name, default = _builtin_card_name(lib, e, opts), 1.0 if multiplier is None else float(multiplier)
         else:
             name, default = lib.preferred_name(e), settings.default_weight
