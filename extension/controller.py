@@ -56,6 +56,7 @@ class Controller:
         self.cond_guard = CondGuard()
         self.builtin = None  # the built-in Lora's extra network, when it exists
         self.network = None  # our extra network object, once registered (``callbacks.before_ui``)
+        self.builtin_cards = False  # the built-in Lora's cards are shown instead of ours (tags handed over)
         self.builtin_dirty = True  # the built-in may have merged something we must undo first
         self.last_warnings: list[str] = []
         self._hashes: dict[tuple[str, int], str] = {}
