@@ -124,18 +124,9 @@ class LoraTag:
         parts = [self.name, repr(self.te)]
         if self.unet != self.te:
             parts.append(repr(self.unet))
-        if self.dyn is not None:
-            parts.append(f"dyn={self.dyn}")
-        if self.lbw is not None:
-            parts.append(f"lbw={self.lbw.source}")
-        if self.lbwe is not None:
-            parts.append(f"lbwe={self.lbwe}")
-        if self.x is not None:
-            parts.append(f"x={self.x!r}")
-        if self.start is not None:
-            parts.append(f"start={self.start.text()}")
-        if self.stop is not None:
-            parts.append(f"stop={self.stop.text()}")
+        named = (("dyn", self.dyn, str), ("lbw", self.lbw, lambda v: v.source), ("lbwe", self.lbwe, str),
+                 ("x", self.x, repr), ("start", self.start, StepPoint.text), ("stop", self.stop, StepPoint.text))
+        parts.extend(f"{key}={text(value)}" for key, value, text in named if value is not None)
         parts.extend(f"{k}={v}" for k, v in self.extra)
         return f"<{self.kind}:{':'.join(parts)}>"
 
