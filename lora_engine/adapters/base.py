@@ -74,11 +74,14 @@ class Adapter(Protocol):
 
 
 class AdapterBase:
-    """Defaults of the :class:`Adapter` protocol for the adapter dataclasses: no rank, no bias delta,
-    and a shape fit decided by the delta's natural shape (``natural_shape()``) having the weight's
-    number of elements (a flat (o, i·k·k) delta reshapes onto (o, i, k, k))."""
+    """Defaults of the :class:`Adapter` protocol for the adapter dataclasses: no rank; a bias delta
+    Δb = s·t (or t when ``bias_scaled`` is False) where ``bias_field`` names the field holding t; and
+    a shape fit decided by the delta's natural shape (``natural_shape()``) having the weight's number of
+    elements (a flat (o, i·k·k) delta reshapes onto (o, i, k, k))."""
 
     kind: ClassVar[str] = ""
+    bias_field: ClassVar[str | None] = None
+    bias_scaled: ClassVar[bool] = True
 
     @property
     def label(self) -> str:
@@ -90,10 +93,13 @@ class AdapterBase:
 
     @property
     def has_bias_delta(self) -> bool:
-        return False
+        return self.bias_field is not None and getattr(self, self.bias_field) is not None
 
     def bias_delta(self) -> torch.Tensor | None:
-        return None
+        t = getattr(self, self.bias_field) if self.bias_field is not None else None
+        if t is None:
+            return None
+        return self.scale * f32(t) if self.bias_scaled else f32(t)
 
     def natural_shape(self) -> tuple[int, ...] | None:
         """The shape of ΔW as the tensors give it, or None when only the target decides it."""

@@ -14,19 +14,13 @@ class Full(AdapterBase):
     diff_b: torch.Tensor | None = None
     scale: float = 1.0
     kind = "full"
+    bias_field, bias_scaled = "diff_b", False  # Δb = diff_b, unscaled
 
     def check(self) -> None:
         pass
 
     def natural_shape(self) -> tuple[int, ...]:
         return tuple(self.diff.shape)
-
-    @property
-    def has_bias_delta(self) -> bool:
-        return self.diff_b is not None
-
-    def bias_delta(self) -> torch.Tensor | None:
-        return None if self.diff_b is None else f32(self.diff_b)
 
     def delta(self, base: torch.Tensor) -> Delta:
         return Delta(fit(self.scale * f32(self.diff), base.shape, "full"), self.bias_delta())

@@ -22,6 +22,7 @@ class LoRA(AdapterBase):
     mid: torch.Tensor | None = None
     up_bias: torch.Tensor | None = None
     kind = "lora"
+    bias_field = "up_bias"
 
     @property
     def rank(self) -> int:
@@ -55,13 +56,6 @@ class LoRA(AdapterBase):
         if self.mid is not None:
             return torch.einsum("oa,ab...,bi->oi...", up, f32(self.mid), down.reshape(down.shape[0], -1))
         return up @ down.reshape(down.shape[0], -1)
-
-    @property
-    def has_bias_delta(self) -> bool:
-        return self.up_bias is not None
-
-    def bias_delta(self) -> torch.Tensor | None:
-        return None if self.up_bias is None else self.scale * f32(self.up_bias)
 
     def delta(self, base: torch.Tensor) -> Delta:
         return Delta(fit(self.dense(), base.shape, "lora"), self.bias_delta())

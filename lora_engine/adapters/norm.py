@@ -14,19 +14,13 @@ class Norm(AdapterBase):
     b_norm: torch.Tensor | None = None
     scale: float = 1.0
     kind = "norm"
+    bias_field = "b_norm"
 
     def check(self) -> None:
         pass
 
     def natural_shape(self) -> tuple[int, ...]:
         return tuple(self.w_norm.shape)
-
-    @property
-    def has_bias_delta(self) -> bool:
-        return self.b_norm is not None
-
-    def bias_delta(self) -> torch.Tensor | None:
-        return None if self.b_norm is None else self.scale * f32(self.b_norm)
 
     def delta(self, base: torch.Tensor) -> Delta:
         return Delta(fit(self.scale * f32(self.w_norm), base.shape, "norm"), self.bias_delta())
