@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraFileError
+from ..text import clean_text, has_surrogate
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 # Tensors per file. Real files hold far fewer: an SD1.5 LoRA ~800, an SDXL LoRA ~2,200, an SDXL LoCon/LoHa/LoKr
@@ -102,7 +103,6 @@ _STRING = re.compile(rb'"[^"]*"')  # a JSON string once its escapes are removed
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _INNERMOST = re.compile(rb"[\[{][\]}]")  # on brackets only: the innermost pairs
 _OPENS_OBJECT = re.compile(rb"[ \t\n\r]*\{")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _HeaderProblem(Exception):
@@ -188,11 +188,6 @@ def _short(name) -> str:
     """A name for a one-line message: repr (so control characters and surrogates print), at most ~80 chars."""
     r = repr(name)
     return r if len(r) <= 80 else r[:60] + "…" + r[-16:]
-
-
-def clean_text(s: str) -> str:
-    """``s`` with every lone UTF-16 surrogate (which cannot be encoded as UTF-8) replaced by U+FFFD."""
-    return s if s.isascii() else _SURROGATE.sub("\ufffd", s)
 
 
 def _element_count(shape) -> int | None:
@@ -319,7 +314,7 @@ class SafetensorsFile:
 
     def _check_entry(self, key: str, entry, data_len: int) -> TensorInfo:
         # Checks 8-12. Runs once per tensor: plain loops and type() tests, the message built only on failure.
-        if not key.isascii() and _SURROGATE.search(key):
+        if has_surrogate(key):
             self._fail(f"tensor {_short(key)}: its name holds a lone UTF-16 surrogate (not valid Unicode)")
         if type(entry) is not dict:
             self._fail(f"tensor {_short(key)}: header entry is {_json_type(entry)}, not an object")
