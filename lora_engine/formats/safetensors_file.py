@@ -14,9 +14,9 @@ the problem, never another exception. The checks, in order:
    limit) and ``8 + N`` is within the file;
 3. the header is UTF-8 and, after optional JSON whitespace, starts with ``{``;
 4. its size as JSON, measured on the raw bytes before anything is parsed (a few C-speed
-   passes, no recursion): at most ``MAX_STRINGS`` strings, ``MAX_OBJECTS`` objects and
-   ``MAX_COMMAS`` commas outside strings, and brackets that balance within ``MAX_DEPTH`` levels
-   of nesting. This bounds the time and memory of everything after it: a header of 300,000
+   passes, no recursion): at most ``MAX_STRINGS`` strings, and outside strings at most
+   ``MAX_OBJECTS`` objects, ``MAX_COMMAS`` commas and ``MAX_BRACKETS`` brackets, which balance
+   within ``MAX_DEPTH`` levels of nesting. This bounds the time and memory of everything after it: a header of 300,000
    entries is refused here in milliseconds;
 5. JSON syntax (Python's parser, strict): ``NaN``/``Infinity`` and numbers out of a double's
    range are refused, as is an integer of more than 4,300 digits;
@@ -75,6 +75,7 @@ MAX_TENSORS = 65_536
 MAX_OBJECTS = MAX_TENSORS + 2  # one per tensor entry, the header itself, __metadata__
 MAX_STRINGS = 8 * MAX_TENSORS  # an entry holds 5 (name, three field names, dtype); metadata 2 per key
 MAX_COMMAS = 16 * MAX_TENSORS  # an entry holds 4 to 8 (3 fields, 2 offsets, shape of up to 5 dims)
+MAX_BRACKETS = 8 * MAX_TENSORS  # an entry holds 6 (its object, shape and offsets lists)
 # header object -> tensor entry -> shape/offsets list is 3 levels; the reference reader ignores extra entry fields
 # (it parses them), so a little room is left for those.
 MAX_DEPTH = 8
@@ -120,7 +121,8 @@ def _size_problem(raw: bytes) -> str | None:
     # stops here.
     at_least = (raw.count(b'"') - raw.count(b'\\"')) // 2
     if at_least > MAX_STRINGS:
-        return f"header too large: {at_least:,} JSON strings or more, more than a file of {MAX_TENSORS:,} tensors can need"
+        return (f"header too large: {at_least:,} JSON strings or more, more than a file of {MAX_TENSORS:,} tensors"
+                " can need")
     s = raw.replace(b"\\\\", b"") if b"\\\\" in raw else raw
     if b'\\"' in s:
         s = s.replace(b'\\"', b"")
@@ -135,6 +137,8 @@ def _size_problem(raw: bytes) -> str | None:
     if commas > MAX_COMMAS:
         return f"header too large: {commas:,} JSON values, more than a file of {MAX_TENSORS:,} tensors can need"
     brackets = bare.translate(None, _NOT_BRACKETS)
+    if len(brackets) > MAX_BRACKETS:
+        return f"header too large: {len(brackets):,} brackets, more than a file of {MAX_TENSORS:,} tensors can need"
     for _ in range(MAX_DEPTH):
         if not brackets:
             return None
@@ -296,6 +300,8 @@ class SafetensorsFile:
         return out
 
     def _check_entries(self, header: dict) -> dict[str, TensorInfo]:
+        if len(header) > MAX_TENSORS:  # check 4 counted objects, which leaves room for __metadata__
+            self._fail(f"header too large: {len(header):,} entries, more than the limit of {MAX_TENSORS:,} tensors")
         data_len = self.file_size - self.data_offset
         info: dict[str, TensorInfo] = {}
         for key, entry in header.items():
