@@ -308,7 +308,8 @@ def m_shape(base: Base, rng: random.Random):
     key = _pick_entry(base, rng)
     shape = list(base.header[key]["shape"])
     choices = [[], [0], shape + [1], shape[:-1], shape[::-1], [-1] + shape[1:], [2**62, 2**62], [0, 2**62, 2**10],
-               [2**62, 2**10, 0], [0, 2**64 - 1], [2**64], [2**64 - 1, 1], [float(d) for d in shape], [True] + shape[1:],
+               [2**62, 2**10, 0], [0, 2**64 - 1], [2**64], [2**64 - 1, 1], [float(d) for d in shape],
+               [True] + shape[1:],
                [str(d) for d in shape], None, {}, 4, [shape], Raw("[Infinity]"), Raw("[NaN, 2]"), Raw("[-0]"),
                Raw("[1e2]"), [1] * rng.choice((10, 100, 10_000)) + shape, shape + [0], [d * 2 for d in shape]]
     value = rng.choice(choices)
@@ -448,7 +449,8 @@ def m_keys(base: Base, rng: random.Random):
 def _replacement(t: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, str]:
     choices = [
         ("0-d", lambda: torch.tensor(1.5)), ("empty", lambda: torch.zeros(0)), ("1-d", lambda: torch.randn(8)),
-        ("3 elements", lambda: torch.randn(3)), ("2x3", lambda: torch.randn(2, 3)), ("3-d", lambda: torch.randn(2, 4, 4)),
+        ("3 elements", lambda: torch.randn(3)), ("2x3", lambda: torch.randn(2, 3)),
+        ("3-d", lambda: torch.randn(2, 4, 4)),
         ("5-d", lambda: torch.randn(2, 2, 1, 1, 1)), ("int8", lambda: t.to(torch.int8)), ("bool", lambda: t > 0),
         ("bf16", lambda: t.to(torch.bfloat16)), ("NaN", lambda: torch.full_like(t, float("nan"))),
         ("inf", lambda: torch.full_like(t, float("inf"))), ("zero rows", lambda: torch.zeros(0, *t.shape[1:])),
@@ -653,7 +655,8 @@ class Report:
         for kind in KINDS:
             os_ = [o for o in self.outcomes if o.variant.kind == kind]
             row = Counter(n=len(os_), loaded=sum(o.result == "loaded" for o in os_),
-                          err=sum(o.result == "LoraFileError" for o in os_), other=sum(o.result == "other" for o in os_),
+                          err=sum(o.result == "LoraFileError" for o in os_),
+                          other=sum(o.result == "other" for o in os_),
                           ref=sum(o.reference_opens for o in os_), ours=sum(o.ours_opens for o in os_),
                           ref_only=sum(o.reference_opens and not o.ours_opens for o in os_),
                           ours_only=sum(o.ours_opens and not o.reference_opens for o in os_))
