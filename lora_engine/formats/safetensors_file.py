@@ -261,7 +261,6 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = self._check_metadata(meta)
         self.info: dict[str, TensorInfo] = self._check_entries(header)
         self._mmap: mmap.mmap | None = None
-        self._bytes: torch.Tensor | None = None
 
     def _fail(self, problem: str):
         raise LoraFileError(self.path, problem)
@@ -363,21 +362,16 @@ class SafetensorsFile:
                 self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mmap
 
-    def _file_bytes(self) -> torch.Tensor:
-        """The whole mapped file as one uint8 tensor; every tensor is a slice of it."""
-        if self._bytes is None:
-            self._bytes = torch.frombuffer(self._map(), dtype=torch.uint8)
-        return self._bytes
-
     def get(self, key: str) -> torch.Tensor:
         """A tensor viewing the mapped bytes (no copy; a copy only when the bytes are misaligned)."""
         ti = self.info[key]
         if ti.end == ti.begin:
             return torch.empty(ti.shape, dtype=ti.dtype)
-        raw = self._file_bytes()[ti.begin:ti.end]
-        if ti.begin % ti.dtype.itemsize:
-            raw = raw.clone()
-        return raw.view(ti.dtype).reshape(ti.shape)
+        if ti.begin % ti.dtype.itemsize:  # a writer that did not pad the header: copy to aligned memory
+            raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=ti.end - ti.begin, offset=ti.begin)
+            return raw.clone().view(ti.dtype).reshape(ti.shape)
+        count = (ti.end - ti.begin) // ti.dtype.itemsize
+        return torch.frombuffer(self._map(), dtype=ti.dtype, count=count, offset=ti.begin).reshape(ti.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.info}

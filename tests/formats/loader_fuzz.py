@@ -452,11 +452,11 @@ def _replacement(t: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, str
         ("3 elements", lambda: torch.randn(3)), ("2x3", lambda: torch.randn(2, 3)),
         ("3-d", lambda: torch.randn(2, 4, 4)),
         ("5-d", lambda: torch.randn(2, 2, 1, 1, 1)), ("int8", lambda: t.to(torch.int8)), ("bool", lambda: t > 0),
-        ("bf16", lambda: t.to(torch.bfloat16)), ("NaN", lambda: torch.full_like(t, float("nan"))),
-        ("inf", lambda: torch.full_like(t, float("inf"))), ("zero rows", lambda: torch.zeros(0, *t.shape[1:])),
+        ("bf16", lambda: t.to(torch.bfloat16)), ("NaN", lambda: torch.full_like(t.float(), float("nan"))),
+        ("inf", lambda: torch.full_like(t.float(), float("inf"))), ("zero rows", lambda: torch.zeros(0, *t.shape[1:])),
         ("zero cols", lambda: torch.zeros(t.shape[0] if t.ndim else 1, 0)), ("transposed", lambda: t.T.contiguous()
                                                                               if t.ndim == 2 else t.reshape(-1)),
-        ("huge value", lambda: torch.full_like(t, 3e38)), ("long alpha", lambda: torch.tensor([4.0, 4.0])),
+        ("huge value", lambda: torch.full_like(t.float(), 3e38)), ("long alpha", lambda: torch.tensor([4.0, 4.0])),
         ("uint8", lambda: t.to(torch.uint8)), ("square", lambda: torch.randn(4, 4)),
     ]
     if hasattr(torch, "float8_e4m3fn"):
@@ -554,6 +554,7 @@ class Outcome:
     result: str  # "loaded" | "LoraFileError" | "other"
     detail: str
     ours_opens: bool  # our container reader accepts the safetensors bytes
+    ours_error: str  # its refusal, "" when it opens them
     reference_opens: bool  # safetensors.safe_open accepts them
     reference_error: str
     seconds: float
@@ -609,13 +610,14 @@ def check_variant(v: Variant, folder: str) -> Outcome:
     if summary is not None and not _printable(format_summary(summary), summary_json(summary),
                                               json.dumps(summary.to_json(), ensure_ascii=False)):
         result, detail = "other", "summary cannot be printed as UTF-8"
+    ours_error = ""
     try:
         SafetensorsFile(weights)
         ours = True
-    except LoraFileError:
-        ours = False
+    except LoraFileError as e:
+        ours, ours_error = False, e.problem
     except Exception as e:  # noqa: BLE001 - the container reader alone let something else out
-        ours = False
+        ours, ours_error = False, f"{type(e).__name__}: {e}"
         result, detail = "other", f"SafetensorsFile: {type(e).__name__}: {str(e)[:200]}"
     try:
         with safe_open(weights, framework="pt"):
@@ -623,7 +625,7 @@ def check_variant(v: Variant, folder: str) -> Outcome:
         ref, ref_err = True, ""
     except Exception as e:  # noqa: BLE001 - the reference reader's refusals (SafetensorError, OSError, ...)
         ref, ref_err = False, str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    return Outcome(v, result, detail, ours, ref, ref_err, seconds)
+    return Outcome(v, result, detail, ours, ours_error, ref, ref_err, seconds)
 
 
 def intentional_extra_acceptance(o: Outcome) -> bool:
