@@ -251,7 +251,7 @@ class SafetensorsFile:
                     )
                 raw = fh.read(n)
         except OSError as e:
-            raise LoraFileError(self.path, f"cannot read: {e.strerror or e}") from None
+            raise LoraFileError(self.path, f"cannot open: {e.strerror or e}") from None
         if len(raw) != n:
             raise LoraFileError(self.path, f"short read: {len(raw)} of {n} header bytes")
         self.data_offset = 8 + n

@@ -679,6 +679,7 @@ def run(n: int, seed: int, folder: str, progress=None) -> Report:
     outcomes = []
     for i in range(n):
         outcomes.append(check_variant(make_variant(bases, seed, i), folder))
+        outcomes[-1].variant.weights = outcomes[-1].variant.config = None  # a long run keeps the outcomes only
         if progress is not None:
             progress(i + 1, outcomes[-1])
     return Report(outcomes, time.perf_counter() - t0)
