@@ -50,6 +50,8 @@ class OFT(AdapterBase):
     kind = "oft"
 
     def check(self) -> None:
+        if self.blocks.ndim not in (3, 4):
+            raise ValueError(f"oft blocks {list(self.blocks.shape)}: expected (n, b, b) or (m, n, b, b)")
         if self.blocks.shape[-1] != self.blocks.shape[-2]:
             raise ValueError(f"oft blocks {list(self.blocks.shape)} are not square")
 

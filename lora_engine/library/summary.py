@@ -116,14 +116,23 @@ def _blocks(lf: LoraFile) -> dict[str, dict]:
 
 def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -> Summary:
     """Diagnose a file. Never raises for a bad file: the error is in ``Summary.error``.
-    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders."""
-    if isinstance(source, LoraFile):
-        lf = source
-    else:
-        try:
-            lf = load_lora(source, check_finite=check_finite)
-        except LoraEngineError as e:
-            return Summary(os.fspath(source), "unreadable", "unknown", "", 0, {}, {}, {}, error=str(e))
+    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders.
+
+    Every malformed file is a :class:`LoraEngineError` from the loader; anything else escaping it would be a
+    bug, and is still reported here (with its type) rather than raised, so a folder scan always finishes."""
+    try:
+        return _summarize(source, check_finite)
+    except LoraEngineError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 - the contract above: one bad file never stops a caller
+        where = source.path if isinstance(source, LoraFile) else os.fspath(source)
+        error = f"{where}: internal error reading it ({type(e).__name__}: {str(e)[:160]})"
+    path = source.path if isinstance(source, LoraFile) else os.fspath(source)
+    return Summary(path, "unreadable", "unknown", "", 0, {}, {}, {}, error=error.replace("\n", " "))
+
+
+def _summarize(source: str | os.PathLike | LoraFile, check_finite: bool) -> Summary:
+    lf = source if isinstance(source, LoraFile) else load_lora(source, check_finite=check_finite)
     arch = _arch_from_metadata(lf.metadata)
     arch_src = "metadata"
     if arch is None:

@@ -34,7 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _escape_unprintable() -> None:
+    """Print what the console cannot encode as backslash escapes instead of raising ``UnicodeEncodeError``: a
+    file name that is not valid UTF-8 (decoded with ``surrogateescape``), or non-ASCII metadata on a console
+    with a narrow code page. Only strict streams change: where Python already writes such a name back as its
+    original bytes (``surrogateescape``, the C locale's default), that stays."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change mode: leave it
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _escape_unprintable()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
