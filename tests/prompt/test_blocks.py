@@ -34,7 +34,7 @@ def test_vectors_fill_named_slots_and_zero_the_rest(n, named):
 
 
 def test_default_presets_match_lbw_table():
-    on = {  # blocks at 1, from the LBW README table (a1111.md §7.3)
+    on = {  # blocks at 1, from the preset table of LBW's README (its default lbwpresets.txt)
         "INS": {"BASE", "IN01", "IN02", "IN04"}, "IND": {"BASE", "IN05", "IN07", "IN08"},
         "INALL": {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"},
         "MIDD": {"BASE", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06"},
