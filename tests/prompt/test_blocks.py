@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, BlockRatios, block_ratios, module_block,
                                 parse_directives, parse_presets, parse_vector)
 from lora_engine.syntax.prompt import parse_prompt
 from tests.models.ldm_view import ldm_unet_view
+from tests.optional import needs
 
 
 def tag(text):
@@ -129,7 +129,10 @@ SDXL = dict(block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "Cr
     (SD1, {"IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"} | {f"OUT{i:02d}" for i in range(3, 12)}),
     (SDXL, {"IN04", "IN05", "IN07", "IN08", "M00"} | {f"OUT{i:02d}" for i in range(6)}),
 ])
+@needs("diffusers")
 def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
                                 cross_attention_dim=8, attention_head_dim=2, **cfg)
@@ -147,9 +150,12 @@ def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
 
 
 @pytest.mark.parametrize("cfg", [SD1, SDXL], ids=["sd1", "sdxl"])
+@needs("diffusers")
 def test_ldm_names_match_the_ldm_view_of_the_same_model(cfg):
     """Element directives match ldm names; the ldm view (checked against diffusers' converter in
     tests/models) shares its leaf modules with the diffusers model, so each module has both names."""
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
                                 cross_attention_dim=8, attention_head_dim=2, **cfg)

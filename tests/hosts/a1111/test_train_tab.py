@@ -28,6 +28,7 @@ from tests.hosts.a1111.conftest import MODULES_A, module_of, write_lora
 from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, State, tiny_vae_x8
 from tests.models.hosts import a1111_root, diffusers_root
 from tests.models.tiny_sd import TinySD
+from tests.optional import needs
 from tests.train.models import make_dataset
 
 
@@ -273,6 +274,7 @@ def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path
     assert len(engine.stack) == 1 and all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
 
 
+@needs("gradio")
 def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     """``on_ui_tabs`` with stand-ins of the A1111 modules it reads (``shared``, ``paths``, ``call_queue``)."""
     import types
