@@ -11,7 +11,6 @@ from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, BlockRatio
                                 parse_directives, parse_presets, parse_vector)
 from lora_engine.syntax.prompt import parse_prompt
 from tests.models.ldm_view import ldm_unet_view
-from tests.optional import needs
 
 
 def tag(text):
@@ -129,7 +128,6 @@ SDXL = dict(block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "Cr
     (SD1, {"IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"} | {f"OUT{i:02d}" for i in range(3, 12)}),
     (SDXL, {"IN04", "IN05", "IN07", "IN08", "M00"} | {f"OUT{i:02d}" for i in range(6)}),
 ])
-@needs("diffusers")
 def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
     from diffusers import UNet2DConditionModel
 
@@ -150,7 +148,6 @@ def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
 
 
 @pytest.mark.parametrize("cfg", [SD1, SDXL], ids=["sd1", "sdxl"])
-@needs("diffusers")
 def test_ldm_names_match_the_ldm_view_of_the_same_model(cfg):
     """Element directives match ldm names; the ldm view (checked against diffusers' converter in
     tests/models) shares its leaf modules with the diffusers model, so each module has both names."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+from tests.optional import require
+
+require("hypothesis")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.optional import needs, require
+
+require("PIL")  # the trainer (lora_engine.train, tests.train.models) reads images with pillow
 from extension.train_host import a1111_train_host, prediction_type
 from extension.train_tab import FORM_FIELDS, TrainTab, default_preset, preset_form_values
 from lora_engine.engine import LoraEngine, shapes_of
@@ -28,7 +31,6 @@ from tests.hosts.a1111.conftest import MODULES_A, module_of, write_lora
 from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, State, tiny_vae_x8
 from tests.models.hosts import a1111_root, diffusers_root
 from tests.models.tiny_sd import TinySD
-from tests.optional import needs
 from tests.train.models import make_dataset
 
 
