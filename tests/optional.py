@@ -19,13 +19,15 @@ import types
 
 import pytest
 
+from lora_engine.extras import IMPORT_NAMES
+
 OPTIONAL = ("diffusers", "transformers", "peft", "lycoris", "gradio", "playwright", "bitsandbytes", "PIL", "tqdm",
             "prodigyopt", "lion_pytorch", "hypothesis")
 # What else a package needs to work here: diffusers' model classes import transformers (through
 # ``diffusers.loaders.peft``) when peft is installed, as in the test extra.
 ALSO_NEEDS = {"diffusers": ("transformers",)}
-# import name -> pip requirement
-PIP_NAMES = {"PIL": "pillow", "lion_pytorch": "lion-pytorch", "lycoris": "lycoris-lora"}
+# import name -> pip requirement, where they differ (the runtime extras' table, plus lycoris-lora for the tests)
+PIP_NAMES = {**{imp: dist for dist, imp in IMPORT_NAMES.items()}, "lycoris": "lycoris-lora"}
 
 
 def reason(name: str) -> str:
