@@ -69,10 +69,13 @@ def _ours(obj) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _code_parts(code: types.CodeType) -> tuple[frozenset, tuple, tuple]:
-    """(top-level packages it imports, names it uses, nested code objects)."""
-    imported = frozenset(i.argval.split(".")[0] for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME")
+    """(top-level packages it imports, or asks ``pytest.importorskip`` for by a literal name; names it uses;
+    nested code objects)."""
+    imported = {i.argval.split(".")[0] for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME"}
+    if "importorskip" in code.co_names:
+        imported |= {c.split(".")[0] for c in code.co_consts if isinstance(c, str) and c.split(".")[0] in OPTIONAL}
     nested = tuple(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return imported, tuple(code.co_names), nested
+    return frozenset(imported), tuple(code.co_names), nested
 
 
 def _functions_of(obj) -> list[types.FunctionType]:
