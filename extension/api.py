@@ -1,7 +1,8 @@
 """REST routes, registered from ``on_app_started(demo, app)``.
 
 - ``GET /sdapi/v1/loras`` -> ``[{name, alias, path, metadata}]`` and ``POST /sdapi/v1/refresh-loras``,
-  answered as A1111's built-in does (a1111.md §4.4) so existing clients keep working;
+  answered as A1111's built-in does (``extensions-builtin/Lora/lora_script.py`` ``api_networks``) so existing
+  clients keep working;
 - ``GET /lora-engine/v1/state``: mode, what is applied, cache, last warnings;
 - ``GET /lora-engine/v1/metadata?name=``: one file's entry (hashes, metadata, sidecars, sd version);
 - ``GET /lora-engine/v1/names``: what prompt autocomplete offers (``javascript/lora_engine.js``).

@@ -1,6 +1,6 @@
 """The "Lora" extra-networks page (cards) for our library, replacing the built-in's page.
 
-Item fields follow ``modules.ui_extra_networks.ExtraNetworksPage`` (a1111.md §4.1, §5.4): ``prompt``
+Item fields follow ``modules.ui_extra_networks.ExtraNetworksPage`` (docs/hosts.md): ``prompt``
 is a JavaScript expression; a click inserts ``<lora:NAME:W>`` with the user metadata's
 "preferred weight" (else our default-weight setting) plus its "activation text". A card whose
 architecture does not match the loaded checkpoint gets a badge line in its description.

@@ -1,4 +1,4 @@
-"""The top-level "LoRA Training" tab (a1111.md §5.5): the web UI's Train page
+"""The top-level "LoRA Training" tab (``on_ui_tabs``; docs/hosts.md): the web UI's Train page
 (:func:`lora_engine.apps.ui.train_page.build_train_page`) with a host factory that trains the checkpoint A1111
 has loaded, plus a preset chooser and a samples gallery.
 
@@ -89,7 +89,7 @@ def _engine_of(sd_model):
 
 
 def _restore_builtin_lora() -> None:
-    """The built-in Lora restores its merged deltas lazily; unload its networks first (a1111.md §5.5)."""
+    """The built-in Lora restores its merged deltas lazily (at a layer's next forward); unload its networks first."""
     try:
         import networks  # extensions-builtin/Lora, on sys.path in A1111
         networks.load_networks([])

@@ -30,3 +30,11 @@ def _one_thread():
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that import a missing optional package, themselves or through a tests/ helper or fixture,
+    are skipped here with the reason (``tests/optional.py``)."""
+    from tests.optional import skip_missing
+
+    skip_missing(items)

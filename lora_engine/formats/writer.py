@@ -7,7 +7,7 @@ kohya suffix (LyCORIS tensors passed through unchanged by ``convert``).
 kohya keys: ``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (0-d, in the
 down tensor's dtype), ``<name>.lora_mid.weight``, ``<name>.dora_scale``, ``<name>.<suffix>``.
 
-Hashes as sd-scripts' ``precalculate_safetensors_hashes`` computes them (formats_training.md §1.8):
+Hashes as sd-scripts' ``library/train_util.py`` ``precalculate_safetensors_hashes`` computes them:
 the tensors are serialised with only the ``ss_*`` metadata; ``sshs_model_hash`` = sha256 of that
 serialisation's data region (= the addnet hash of the file we then write, whose data region is
 identical), ``sshs_legacy_hash`` = first 8 hex of sha256 of its bytes [0x100000, 0x110000).

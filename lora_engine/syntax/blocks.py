@@ -16,7 +16,7 @@ names are first rewritten to the ldm/compvis layout LBW matches on (layers_per_b
 which holds for SD1, SD2 and SDXL): ``down_blocks.i.{resnets,attentions}.j`` ->
 ``input_blocks.{3i+j+1}.{0,1}``, ``up_blocks.i.*.j`` -> ``output_blocks.{3i+j}``,
 ``mid_block`` -> ``middle_block``. Facts from hako-mikan/sd-webui-lora-block-weight
-(b403cb7) as summarised in ../shared/reference/a1111.md §7.
+(b403cb7, ``scripts/lora_block_weight.py``); tables, presets and directives in docs/tag-grammar.md.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Parse ``<lora:…>`` / ``<lyco:…>`` tags out of a prompt. Never raises.
 
-Grammar (A1111 1.10 ``modules/extra_networks.py`` + ``extra_networks_lora.py``, facts in
-../shared/reference/a1111.md §1.1-1.2, §7.1):
+Grammar (A1111 1.10 ``modules/extra_networks.py`` + ``extra_networks_lora.py``, and the arguments of
+sd-webui-lora-block-weight; every rule and corner case in docs/tag-grammar.md):
 
 - a tag is ``<TYPE:ARGS>``; ARGS are split on every ``:``; an item that splits on ``=``
   into exactly two parts is named, the others are positional;

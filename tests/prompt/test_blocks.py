@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, BlockRatios, block_ratios, module_block,
                                 parse_directives, parse_presets, parse_vector)
@@ -34,7 +33,7 @@ def test_vectors_fill_named_slots_and_zero_the_rest(n, named):
 
 
 def test_default_presets_match_lbw_table():
-    on = {  # blocks at 1, from the LBW README table (a1111.md §7.3)
+    on = {  # blocks at 1, from the preset table of LBW's README (its default lbwpresets.txt)
         "INS": {"BASE", "IN01", "IN02", "IN04"}, "IND": {"BASE", "IN05", "IN07", "IN08"},
         "INALL": {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"},
         "MIDD": {"BASE", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06"},
@@ -130,6 +129,8 @@ SDXL = dict(block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "Cr
     (SDXL, {"IN04", "IN05", "IN07", "IN08", "M00"} | {f"OUT{i:02d}" for i in range(6)}),
 ])
 def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
                                 cross_attention_dim=8, attention_head_dim=2, **cfg)
@@ -150,6 +151,8 @@ def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
 def test_ldm_names_match_the_ldm_view_of_the_same_model(cfg):
     """Element directives match ldm names; the ldm view (checked against diffusers' converter in
     tests/models) shares its leaf modules with the diffusers model, so each module has both names."""
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
                                 cross_attention_dim=8, attention_head_dim=2, **cfg)

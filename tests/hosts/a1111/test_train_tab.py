@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.optional import needs, require
+
+require("PIL")  # the trainer (lora_engine.train, tests.train.models) reads images with pillow
 from extension.train_host import a1111_train_host, prediction_type
 from extension.train_tab import FORM_FIELDS, TrainTab, default_preset, preset_form_values
 from lora_engine.engine import LoraEngine, shapes_of
@@ -273,6 +276,7 @@ def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path
     assert len(engine.stack) == 1 and all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
 
 
+@needs("gradio")
 def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     """``on_ui_tabs`` with stand-ins of the A1111 modules it reads (``shared``, ``paths``, ``call_queue``)."""
     import types
