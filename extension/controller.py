@@ -117,12 +117,14 @@ class Controller:
     def runtime_for(self, sd_model) -> ModelRuntime:
         """The engine for this model; rebuilt (after restoring the weights) for another model or when
         the backups setting moved them elsewhere."""
-        backup_device = self.settings().backup_device
+        s = self.settings()
         rt = self.runtime
-        if rt is None or rt.sd_model is not sd_model or rt.engine.backup_device != backup_device:
+        if rt is None or rt.sd_model is not sd_model or rt.engine.backup_device != s.backup_device:
             if rt is not None:
                 rt.clear()
-            self.runtime = ModelRuntime(sd_model, backup_device)
+            self.runtime = ModelRuntime(sd_model, s.backup_device)
+        self.runtime.engine.force_foreign = s.force_foreign  # read at every apply
+        self.runtime.engine.max_strength = s.max_strength
         return self.runtime
 
     def state(self) -> dict:

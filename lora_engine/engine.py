@@ -15,6 +15,7 @@ import enum
 import torch
 
 from .patch import MergedPatcher, OnTheFlyPatcher, PatchPlan, StackEntry, build_plan
+from .patch.plan import MAX_STRENGTH
 
 
 class Mode(str, enum.Enum):
@@ -36,15 +37,19 @@ def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 class LoraEngine:
     def __init__(self, root: torch.nn.Module, keymap, mode: Mode | str = Mode.MERGED, backup_device: str = "cpu",
-                 device_factors: bool = True):
+                 device_factors: bool = True, force_foreign: bool = False, max_strength: float = MAX_STRENGTH):
         """``backup_device``: "cpu" or "same" (the weight's device) for merged mode's originals.
         ``device_factors``: keep the stack's LoRA tensors on a GPU model's device while they are in the
-        stack (about each LoRA's file size of GPU memory) instead of copying them over at every change."""
+        stack (about each LoRA's file size of GPU memory) instead of copying them over at every change.
+        ``force_foreign``: apply the fitting part of LoRAs made for another model family (default: none
+        of them, with the diagnosis in ``warnings()``). ``max_strength``: |strength| warned about."""
         self.root = root
         self.keymap = keymap
         self.mode = Mode(mode)
         self.backup_device = backup_device
         self.device_factors = device_factors
+        self.force_foreign = force_foreign
+        self.max_strength = max_strength
         self.stack: list[StackEntry] = []
         self.plan = PatchPlan()
         self._resolved: dict = {}  # build_plan's per-file lookups, for the files in the stack
@@ -75,8 +80,9 @@ class LoraEngine:
         self.set_stack(stack)
 
     def set_stack(self, stack: list[StackEntry]):
-        """Apply the wanted stack; returns the plan (with per-LoRA reports)."""
-        plan = build_plan(stack, self.keymap, self._resolved)
+        """Apply the wanted stack; returns the plan (with per-LoRA reports). All or nothing: on a
+        ``PatchError`` the model and the engine are as they were before the call."""
+        plan = build_plan(stack, self.keymap, self._resolved, self.force_foreign, self.max_strength)
         self._patcher.apply(plan)
         self.stack, self.plan = list(stack), plan
         return plan

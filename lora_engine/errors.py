@@ -26,6 +26,11 @@ class AdapterShapeError(LoraFileError):
     """Tensors of one module do not chain (e.g. up/down ranks differ) or do not fit the target."""
 
 
+class PatchError(LoraEngineError):
+    """A stack could not be put on the model (an adapter's math failed on its weight); the model was
+    left exactly as it was before the attempt."""
+
+
 class NameResolutionError(LoraEngineError):
     """A LoRA name could not be resolved to exactly one file in the library."""
 

@@ -9,7 +9,6 @@ are listed in ``LoraFile.problems`` with a one-line reason.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 from ..adapters import AlphaSpec, build_adapter
 from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
+from ..finite import nonfinite as _nonfinite
 from .keys import ModuleKey, parse_key, te_prefix_for
 from .legacy import read_pickled
 from .peft_folder import PeftAlpha, diffusers_metadata_configs, folder_config, folder_weights, is_peft_folder
@@ -107,16 +107,6 @@ def _detect_format(keys: list[str], roles: set[str], peft_config: dict) -> str:
     if any(k.startswith("base_model.model.") for k in keys):
         return "peft"
     return "unknown"
-
-
-def _nonfinite(t: torch.Tensor) -> bool:
-    """Any NaN/Inf? A finite fp32 sum proves every element finite (one fast pass; CPU ``isfinite`` on
-    fp16 is ~20× slower); a non-finite sum (NaN/Inf, or a huge-value overflow) is confirmed exactly."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return False
-    if math.isfinite(float(t.float().sum())):
-        return False
-    return not bool(torch.isfinite(t).all())
 
 
 def lora_from_tensors(

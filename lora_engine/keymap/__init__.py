@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from .architecture import detect_architecture
 from .clip import clip_entries
-from .diagnose import diagnose_unmatched
+from .diagnose import diagnose_unmatched, foreign_family
 from .openclip import openclip_entries
 from .roots import Root, find_roots
 from .target import Target
@@ -75,6 +75,10 @@ class KeyMap:
     def diagnose(self, unmatched_names: list[str]) -> str:
         """One line saying why these names matched nothing (wrong family, wrong encoder, ...)."""
         return diagnose_unmatched(self, unmatched_names)
+
+    def foreign_family(self, unmatched_names: list[str]) -> str | None:
+        """The other model family these names were made for (``"SDXL"`` on an SD1.x model), or None."""
+        return foreign_family(self, unmatched_names)
 
     def __len__(self) -> int:
         return len(self._names)

@@ -47,6 +47,16 @@ def _matches_model(family: str, arch: str) -> bool:
     return LABELS.get(arch, "") in family.split("/")
 
 
+def foreign_family(keymap, names: list[str]) -> str | None:
+    """The family a LoRA was made for when its unmatched names point to one other than the model's
+    (e.g. ``"SDXL"`` on an SD1.x model), else None. A model of unrecognised architecture is never
+    called foreign to anything."""
+    if keymap.architecture not in LABELS or keymap.architecture == "unknown":
+        return None
+    family = lora_family(list(names))
+    return family if family is not None and not _matches_model(family, keymap.architecture) else None
+
+
 def diagnose_unmatched(keymap, names: list[str]) -> str:
     """E.g. ``"SDXL LoRA on an SD1.x model: 412 keys matched no module (e.g. lora_te2_...)"``."""
     names = list(names)

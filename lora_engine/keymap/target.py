@@ -32,11 +32,15 @@ class Target:
 class TargetMap(Protocol):
     """What a plan needs from a model's key map (``keymap.KeyMap`` and every family's map provide it):
     ``lookup`` gives the target of a LoRA module name (its dotted path when the file has one) or None,
-    ``diagnose`` one line on why names matched nothing (e.g. "SDXL LoRA on an SD1.x model")."""
+    ``diagnose`` one line on why names matched nothing (e.g. "SDXL LoRA on an SD1.x model"),
+    ``foreign_family`` the other family when the names say the LoRA was made for one."""
 
     def lookup(self, name: str, dotted: str | None = None) -> Target | None: ...
 
     def diagnose(self, unmatched_names: list[str]) -> str: ...
+
+    def foreign_family(self, unmatched_names: list[str]) -> str | None:
+        """The model family these names were made for when it is not this model's (e.g. "SDXL"), else None."""
 
 
 def module_target(root, module: str, component: str) -> Target:

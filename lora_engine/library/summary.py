@@ -89,6 +89,15 @@ def _arch_from_keys(lf: LoraFile) -> tuple[str, str]:
     return "unknown", "no metadata, no decisive key or shape"
 
 
+def lora_architecture(lf: LoraFile) -> tuple[str, str]:
+    """(``"sd1"`` | ``"sd2"`` | ``"sdxl"`` | ``"other"`` | ``"unknown"``, what says so) for a LoRA file:
+    its training metadata, else its key names and layer widths."""
+    arch = _arch_from_metadata(lf.metadata)
+    if arch is not None:
+        return arch, "metadata"
+    return _arch_from_keys(lf)
+
+
 def block_of(name: str) -> str:
     """Group a canonical module name into a block label ("unet down_blocks_1", "te layers 0-11", ...)."""
     m = re.match(r"lora_unet_((?:down|up)_blocks_\d+|mid_block|(?:input|output)_blocks_\d+|middle_block)", name)
@@ -133,10 +142,7 @@ def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -
 
 def _summarize(source: str | os.PathLike | LoraFile, check_finite: bool) -> Summary:
     lf = source if isinstance(source, LoraFile) else load_lora(source, check_finite=check_finite)
-    arch = _arch_from_metadata(lf.metadata)
-    arch_src = "metadata"
-    if arch is None:
-        arch, arch_src = _arch_from_keys(lf)
+    arch, arch_src = lora_architecture(lf)
     kinds = Counter()
     for m in lf.modules.values():
         kinds[m.adapter.label] += 1

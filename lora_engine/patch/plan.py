@@ -6,6 +6,7 @@ stacks touches only what changed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,25 +49,34 @@ class Contribution:
 @dataclass
 class LoraReport:
     name: str
-    touched: int = 0
+    touched: int = 0  # modules that fit this model
     unmatched: list[str] = field(default_factory=list)  # no such module, or a module of another shape
     wrong_shape: list[str] = field(default_factory=list)
     diagnosis: str = ""
     problems: list[str] = field(default_factory=list)
+    path: str = ""  # the LoRA file
+    foreign: str | None = None  # the model family it was made for, when not this model's
+    skipped: bool = False  # foreign and not forced: nothing of it was applied
+    refused: list[str] = field(default_factory=list)  # "module: why" left unchanged (non-finite result)
+    notes: list[str] = field(default_factory=list)  # e.g. a strength outside the sane range
 
     def line(self) -> str | None:
-        """One warning line, or None when everything matched."""
-        if not self.unmatched and not self.problems:
-            return None
+        """One warning line, or None when everything matched and applied."""
         parts = []
         if self.unmatched:
             part = f"{len(self.unmatched)} module(s) matched nothing in this model: {self.diagnosis}"
             if self.wrong_shape:
                 part += f" ({len(self.wrong_shape)} have the name but another shape, e.g. {self.wrong_shape[0]})"
             parts.append(part)
+        if self.skipped:
+            parts.append(f"nothing of it was applied (made for {self.foreign}; forcing it applies the "
+                         f"{self.touched} module(s) that fit)")
         if self.problems:
             parts.append(f"{len(self.problems)} module(s) unusable ({self.problems[0]})")
-        return f"{self.name}: " + "; ".join(parts)
+        if self.refused:
+            parts.append(f"{len(self.refused)} module(s) left as they were ({self.refused[0]})")
+        parts.extend(self.notes)
+        return f"{self.name}: " + "; ".join(parts) if parts else None
 
 
 @dataclass
@@ -111,15 +121,32 @@ def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     return hit[2]
 
 
-def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None = None) -> PatchPlan:
+MAX_STRENGTH = 100.0  # |strength| above this is almost surely a typo (``<lora:x:1e308>``): warned about
+
+
+def _strength_note(entry: StackEntry, max_strength: float) -> str | None:
+    odd = [f"{part} {w:g}" for part, w in (("te", entry.te), ("unet", entry.unet))
+           if not math.isfinite(w) or abs(w) > max_strength]
+    if not odd:
+        return None
+    return f"strength {', '.join(odd)} is outside ±{max_strength:g} (weights may overflow)"
+
+
+def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None = None, force_foreign: bool = False,
+               max_strength: float = MAX_STRENGTH) -> PatchPlan:
     """The plan for a wanted stack. ``resolved``: a dict the caller keeps between calls, holding
-    ``resolve`` of each LoRA file (pruned to the stack's files here)."""
+    ``resolve`` of each LoRA file (pruned to the stack's files here). A LoRA whose unmatched names say
+    it was made for another model family (an SDXL LoRA on SD1) contributes nothing unless
+    ``force_foreign``: the modules whose names and shapes happen to fit would change the model into
+    neither. A strength beyond ``±max_strength`` is applied, with a note in the report."""
     plan = PatchPlan()
     contributions: dict[str, list[Contribution]] = {}
     for entry in stack:
         lf = entry.lora
-        report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems)))
-        unmatched = []
+        report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems), path=lf.path))
+        if (note := _strength_note(entry, max_strength)) is not None:
+            report.notes.append(note)
+        unmatched, mine = [], []
         for name, ma, target, why in _resolved(lf, keymap, resolved):
             if target is None:
                 unmatched.append(name)
@@ -136,13 +163,18 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
                 report.problems.append(f"{name}: has a bias delta but the layer has no bias (bias part skipped)")
             if strength == 0.0:
                 continue
-            slot = slot_of(target)
-            plan.targets[slot] = target
-            contributions.setdefault(slot, []).append(
-                Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn)))
+            mine.append((target, Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn))))
         report.unmatched = unmatched
         if unmatched:
             report.diagnosis = keymap.diagnose(unmatched)
+            report.foreign = keymap.foreign_family(unmatched)
+            report.skipped = report.foreign is not None and not force_foreign
+        if report.skipped:
+            continue
+        for target, c in mine:
+            slot = slot_of(target)
+            plan.targets[slot] = target
+            contributions.setdefault(slot, []).append(c)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
     if resolved is not None:
         keep = {id(e.lora) for e in stack}
@@ -155,3 +187,39 @@ def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:
     """Slots whose effective delta differs between two plans (added, removed or re-weighted)."""
     slots = set(old.contributions) | set(new.contributions)
     return {s for s in slots if old.signature(s) != new.signature(s)}
+
+
+def keeping(old: PatchPlan, new: PatchPlan, kept) -> PatchPlan:
+    """What is on the model after applying ``new`` with the slots in ``kept`` left as ``old`` had them
+    (a patcher's own record, so the next change is diffed against the truth)."""
+    kept = set(kept)
+    if not kept:
+        return new
+    contributions = {s: c for s, c in new.contributions.items() if s not in kept}
+    targets = dict(new.targets)
+    for s in kept:
+        if s in old.contributions:
+            contributions[s] = old.contributions[s]
+            targets[s] = old.targets[s]
+    return PatchPlan(targets, contributions, new.reports)
+
+
+def refuse(plan: PatchPlan, slot: str, why: str, culprits=None) -> None:
+    """Record in the reports of the LoRAs ``culprits`` (default: every contribution on ``slot``) that
+    the slot was left as it was, and why."""
+    for c in plan.contributions.get(slot, ()) if culprits is None else culprits:
+        report = plan.reports.get(c.lora_id)
+        if report is not None:
+            report.refused.append(f"{c.module_name}: {why}")
+
+
+def failure_line(plan: PatchPlan, slot: str, contributions, error: Exception, what: str) -> str:
+    """One line for a slot that could not be patched: ``<LoRA file>: module <name>: <what> (<cause>)``."""
+    who = ", ".join(f"{_file_of(plan, c)}: module {c.module_name}" for c in contributions) or slot
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{who}: {what} ({cause}); the model was left as it was"
+
+
+def _file_of(plan: PatchPlan, c: Contribution) -> str:
+    report = plan.reports.get(c.lora_id)
+    return report.path if report is not None and report.path else c.lora_id

@@ -13,6 +13,9 @@ def register(sub) -> None:
                    help="LoRA and strengths: one number sets both, two set text encoder then UNet (default 1)")
     p.add_argument("-o", "--out", required=True, help="output file or folder (must not be the input)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="bake a LoRA made for another model family anyway (only its modules whose names and "
+                        "shapes fit); without it such a LoRA is left out with the diagnosis")
     p.add_argument("--quiet", action="store_true")
     add_device(p)
     p.set_defaults(func=run)
@@ -33,7 +36,8 @@ def run(args) -> int:
     def go():
         loras = [parse_lora(s) for s in args.lora]
         with Bar("bake", args.quiet) as bar:
-            res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, device=args.device, progress=bar)
+            res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, device=args.device, progress=bar,
+                       force=args.force)
         for w in res.warnings:
             print(f"warning: {w}")
         print(f"wrote {args.out}: {res.touched} tensors changed, {res.copied} copied unchanged")

@@ -13,6 +13,8 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, help="SVD-compress to this rank (a cap for dynamic methods); default: exact")
     p.add_argument("--method", default="fixed", choices=["fixed", "sv_ratio", "sv_fro", "sv_cumulative"])
     p.add_argument("--param", type=float, help="parameter of the dynamic method")
+    p.add_argument("--force", action="store_true",
+                   help="merge LoRAs made for different model families anyway (refused by default)")
     add_precision(p, "default: the inputs' dtype")
     p.add_argument("--quiet", action="store_true")
     add_device(p)
@@ -29,7 +31,8 @@ def run(args) -> int:
             specs.append((path, w[0] if w else 1.0))
         with Bar("merge", args.quiet) as bar:
             res = merge_files(specs, args.out, rank=args.rank, method=args.method, param=args.param,
-                              dtype=dtype_arg(args.precision), device=args.device, progress=bar)
+                              dtype=dtype_arg(args.precision), device=args.device, progress=bar,
+                              force=args.force)
         for w in res.warnings:
             print(f"warning: {w}")
         kind = "exact (concatenated ranks)" if args.rank is None else f"SVD {args.method}"
