@@ -83,7 +83,7 @@ class SafetensorsFile:
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise LoraFileError(
                     self.path,
-                    f"not a valid safetensors file: header claims {n} bytes but the file has {size}"
+                    f"not a valid safetensors file: header claims more bytes than the file's {size}"
                     " (truncated, or not safetensors)",
                 )
             raw = fh.read(n)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 
 import pytest
@@ -68,8 +69,8 @@ def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_b
 
 
 def test_sweep_refuses_unknown_lora_and_bad_weights(ctx, demo_base):
-    from lora_engine.apps.ui.generate_page import GenerateSession
     from lora_engine.apps.ui.context import UiConfig, UiContext
+    from lora_engine.apps.ui.sweep import GenerateSession
 
     c = UiContext(UiConfig(ctx.config.lora_dirs, model=demo_base))
     c.scan()
@@ -95,10 +96,10 @@ def test_train_session_runs_a_job_to_a_loadable_lora(ctx, lora_root, demo_base, 
     from lora_engine.formats import load_lora
     from lora_engine.apps.ui.train_session import TrainForm, TrainSession
 
-    data = tmp_path / "images"
-    write_concept_images(str(data), 4, seed=0)
+    write_concept_images(str(tmp_path / "datasets" / "images"), 4, seed=0)
+    shutil.copy(demo_base, tmp_path / "models" / "base.safetensors")
     session = TrainSession(ctx)
-    assert session.start(TrainForm(demo_base, str(data), "trained", steps=3, batch_size=2)) == "started"
+    assert session.start(TrainForm("base.safetensors", "images", "trained", steps=3, batch_size=2)) == "started"
     text, losses = _wait(session)
     assert "state: done" in text and "step 3/3" in text, text
     assert len(losses) == 3 and all(l == l for l in losses)
@@ -111,13 +112,13 @@ def test_train_session_bad_folder_and_cancel(ctx, demo_base, tmp_path):
     from lora_engine.apps.ui.train_session import TrainForm, TrainSession
 
     session = TrainSession(ctx)
-    msg = session.start(TrainForm(demo_base, str(tmp_path / "missing"), "x"))
-    assert msg.startswith("error: ") and "does not exist" in msg
+    shutil.copy(demo_base, tmp_path / "models" / "base.safetensors")
+    msg = session.start(TrainForm("base.safetensors", "missing", "x"))
+    assert msg.startswith("error: ") and "'missing' not found in" in msg
     assert session.status()[0] == msg
-    data = tmp_path / "images"
-    write_concept_images(str(data), 4, seed=0)
-    assert session.start(TrainForm(demo_base, str(data), "long", steps=10000, batch_size=2)) == "started"
-    assert "already in progress" in session.start(TrainForm(demo_base, str(data), "y", steps=3))
+    write_concept_images(str(tmp_path / "datasets" / "images"), 4, seed=0)
+    assert session.start(TrainForm("base.safetensors", "images", "long", steps=10000, batch_size=2)) == "started"
+    assert "already in progress" in session.start(TrainForm("base.safetensors", "images", "y", steps=3))
     while session.job.status().step < 1 and session.job.status().state not in ("failed", "done"):
         time.sleep(0.1)
     session.cancel()

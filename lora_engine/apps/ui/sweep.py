@@ -7,10 +7,14 @@ read through a :class:`~lora_engine.library.parsed.LoraCache` and applied by a :
 (merged mode; restored after the grid). The model is anything with ``root`` (the module tree the key
 map reads) and ``render(text, seed, steps, guidance, callback) -> (3, H, W)`` in [0, 1];
 :class:`DemoGenerator` is the built-in demo model.
+
+:class:`GenerateSession` is what the pages hold: it reads every row's file before the model is
+loaded, skips an unreadable one with one line, and loads the model on first use.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ...errors import LoraEngineError
@@ -56,13 +60,13 @@ class DemoGenerator:
 class SweepRunner:
     """Holds the engine of one generator; ``grid`` renders a sweep and restores the weights."""
 
-    def __init__(self, generator, library):
+    def __init__(self, generator, library, cache=None):
         from ...library.parsed import LoraCache
         from ...engine import LoraEngine, shapes_of
         from ...keymap import build_keymap
 
         self.generator, self.library = generator, library
-        self.cache = LoraCache()
+        self.cache = cache if cache is not None else LoraCache()
         self.engine = LoraEngine(generator.root, build_keymap(shapes_of(generator.root)), mode="merged")
 
     def _apply(self, tags) -> list[str]:
@@ -104,3 +108,58 @@ class SweepRunner:
         scale = max(1, 128 // cells[0][0].shape[-1])
         title = f"{spec.prompt}  (seed {spec.seed}, {spec.steps} steps)"
         return make_grid(cells, list(spec.loras), [f"w = {w:g}" for w in spec.weights], title, scale=scale), warnings
+
+
+def readable_rows(library, cache, names) -> tuple[tuple[str, ...], list[str]]:
+    """The rows whose file resolves and parses, and one ``skipped NAME: reason`` line per other row."""
+    ok, skipped = [], []
+    for name in names:
+        try:
+            cache.get(library.resolve(name).path)
+            ok.append(name)
+        except LoraEngineError as e:
+            skipped.append(f"skipped {name}: {e}")
+    return tuple(ok), skipped
+
+
+class GenerateSession:
+    """The configured model (loaded on first use, with progress) and one :class:`SweepRunner`."""
+
+    def __init__(self, ctx):
+        from ...library.parsed import LoraCache
+
+        self.ctx, self.runner, self._lock = ctx, None, threading.Lock()
+        self.cache = LoraCache()
+
+    def runner_for(self, progress=None) -> SweepRunner:
+        with self._lock:
+            if self.runner is None:
+                spec = self.ctx.config.model
+                if not spec:
+                    raise LoraEngineError("no model configured (start the server with --model demo)")
+                gen = DemoGenerator(None if spec == "demo" else spec, progress=progress)
+                self.runner = SweepRunner(gen, self.ctx.library, self.cache)
+            return self.runner
+
+    def cells(self, spec: SweepSpec, progress=None, image: bool = True):
+        """``(grid image or the cells, lines)``: unreadable rows are dropped (one line each) before the
+        model loads; none left is an error."""
+        rows, skipped = readable_rows(self.ctx.library, self.cache, spec.loras)
+        if not rows:
+            raise LoraEngineError("; ".join(skipped) or "choose at least one LoRA for the sweep")
+        spec = replace(spec, loras=rows)
+        runner = self.runner_for(None if progress is None else (lambda d, t, loss: progress(d, t, "base model")))
+        with self.ctx.lock:
+            out, warnings = (runner.grid if image else runner.cells)(spec, progress)
+        return out, skipped + [f"warning: {w}" for w in warnings]
+
+    def run(self, prompt, loras, weights, seed, steps, guidance, progress=None):
+        """(grid image or None, message)."""
+        try:
+            spec = SweepSpec(prompt or "", tuple(loras or ()), parse_weights(weights), int(seed), int(steps),
+                             float(guidance))
+            img, lines = self.cells(spec, progress)
+        except LoraEngineError as e:
+            return None, f"error: {e}"
+        rows = len(spec.loras) - sum(line.startswith("skipped ") for line in lines)
+        return img, "\n".join([f"{rows} × {len(spec.weights)} grid"] + lines)
