@@ -4,55 +4,13 @@ gets the app; gradio's upload route is size-capped; and the server starts althou
 request to localhost would go through a dead proxy (gradio's start-up self-checks)."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 
 from tests.ui.files import lora_folder
+from tests.ui.serving import free_port, start_serve, stop
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("gradio", reason="the web UI needs gradio: pip install 'lora-engine[ui]'")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_serve(args: list[str], cwd, env_extra: dict | None = None, timeout: float = 180):
-    """Start ``python -m lora_engine serve ARGS`` and wait for its URL line; returns (proc, url, log path)."""
-    port = free_port()
-    log_path = os.path.join(cwd, f"serve-{port}.log")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", **(env_extra or {}))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lora_engine", "serve", "--port", str(port), *args], cwd=cwd,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        text = open(log_path).read()
-        if proc.poll() is not None:
-            raise AssertionError("lora-engine serve exited: " + text[-3000:])
-        if f"lora-engine serve: {url}" in text:
-            return proc, url, log_path
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("lora-engine serve did not start: " + open(log_path).read()[-3000:])
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def test_auth_keeps_everything_behind_the_login_and_uploads_are_capped(tmp_path):
@@ -98,3 +56,14 @@ def test_exposure_warning_and_auth_parsing():
     for bad in ("bob", ":x", "bob:"):
         with pytest.raises(LoraEngineError):
             parse_auth(bad)
+
+
+def test_serve_without_arguments_is_the_demo(tmp_path, monkeypatch):
+    from lora_engine.apps.cli import build_parser
+    from lora_engine.apps.cli.serve_cmd import config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    config = config_from_args(build_parser().parse_args(["serve"]))
+    assert config.lora_dirs == (str(tmp_path / "demo_out"),) and (tmp_path / "demo_out").is_dir()
+    assert config.model == "demo" and config.out_dir == str(tmp_path / "demo_out")
+    assert config.dataset_dirs == (str(tmp_path / "datasets"),) and config.confine and not config.allow_overwrite

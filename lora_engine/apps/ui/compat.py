@@ -85,6 +85,8 @@ def launch(blocks, host: str, port: int, block: bool = True, share: bool = False
         kwargs["show_api"] = False
     if _accepts(blocks.launch, "max_file_size"):
         kwargs["max_file_size"] = MAX_UPLOAD
+    if _accepts(blocks.launch, "footer_links"):
+        kwargs["footer_links"] = ["gradio", "settings"]  # no "Use via API" link: the API is hidden
     if _accepts(blocks.launch, "_frontend"):
         kwargs["_frontend"] = False  # only switches off that probe
     try:

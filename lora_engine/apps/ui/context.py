@@ -101,6 +101,15 @@ class UiContext:
 
     # ---- paths from the browser ----
 
+    def folders_note(self, kind: str) -> str:
+        """`` (in FOLDER, …)``: a label tail naming where a ``model`` / ``dataset`` / ``output`` field
+        reads or writes; empty for a host whose pages take paths as they are."""
+        c = self.config
+        if not c.confine:
+            return ""
+        folders = {"model": (*c.model_dirs, c.out_dir), "dataset": c.dataset_dirs, "output": (c.out_dir,)}[kind]
+        return f" (in {', '.join(folders) or 'no configured folder'})"
+
     def lora_path(self, key_or_path: str) -> str:
         """A library name (key, stem, alias, hash), or a ``.safetensors`` file / PEFT folder under a
         LoRA folder or the output folder."""

@@ -92,7 +92,8 @@ def _convert(gr, ctx):
 
 def _extract(gr, ctx):
     with gr.Row():
-        base = gr.Textbox(label="Base checkpoint (.safetensors or diffusers folder)", elem_id="le-extract-base")
+        base = gr.Textbox(label="Base checkpoint (.safetensors or diffusers folder)" + ctx.folders_note("model"),
+                          elem_id="le-extract-base")
         tuned = gr.Textbox(label="Fine-tuned checkpoint (same architecture)", elem_id="le-extract-tuned")
     with gr.Row():
         rank = gr.Number(value=8, precision=0, label="Rank", elem_id="le-extract-rank")
@@ -108,7 +109,8 @@ def _extract(gr, ctx):
 
 
 def _bake(gr, ctx):
-    ckpt = gr.Textbox(label="Checkpoint (.safetensors or diffusers folder)", elem_id="le-bake-ckpt")
+    ckpt = gr.Textbox(label="Checkpoint (.safetensors or diffusers folder)" + ctx.folders_note("model"),
+                      elem_id="le-bake-ckpt")
     gr.Markdown("One LoRA per line: `NAME[:TE[:UNET]]` (one number sets both strengths).")
     specs = gr.Textbox(label="LoRAs", lines=3, elem_id="le-bake-specs")
     with gr.Row():
