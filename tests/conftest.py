@@ -12,8 +12,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# One thread: tiny models are launch-bound, and CI has 2 cores (several test processes may share them).
+# One thread: tiny models are launch-bound, and CI has 2 cores (several test processes may share them);
+# LAPACK's SVD/QR on tiny matrices ran up to 25x slower with two threads on a loaded 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts with one intra-op thread, whatever an earlier test (a demo run, a thread-policy
+    test) set; the results do not depend on it."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

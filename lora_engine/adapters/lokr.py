@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, cp_rebuild, f32, fit
+from .base import AdapterBase, Delta, cp_rebuild, f32, fit
 
 
 @dataclass(frozen=True)
-class LoKr:
+class LoKr(AdapterBase):
     w1: torch.Tensor | None
     w1a: torch.Tensor | None
     w1b: torch.Tensor | None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import AlphaSpec, build_adapter
+from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
 from .keys import ModuleKey, parse_key, te_prefix_for
 from .legacy import read_pickled
@@ -33,7 +34,7 @@ class ModuleAdapter:
 
     name: str
     dotted: str | None
-    adapter: object
+    adapter: Adapter
 
     @property
     def kind(self) -> str:

@@ -47,6 +47,17 @@ class LoraTensors:
         return int(self.down.shape[0])
 
 
+@dataclass
+class BuiltLora:
+    """A LoRA a tool made (merge, extract): its modules, one report per module (the tool's report type),
+    warnings, and the metadata to write with it."""
+
+    modules: dict[str, LoraTensors]
+    reports: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
 def alpha_tensor(alpha, like: torch.Tensor) -> torch.Tensor:
     if isinstance(alpha, torch.Tensor):
         return alpha.reshape(())

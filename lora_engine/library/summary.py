@@ -59,13 +59,11 @@ def _arch_from_metadata(meta: dict[str, str]) -> str | None:
 
 
 def _in_width(adapter) -> int | None:
-    inner = getattr(adapter, "inner", adapter)
-    shape = getattr(inner, "natural_shape", None)
-    if shape is None:
-        return None
     try:
-        s = shape()
-    except (RuntimeError, ValueError):
+        s = adapter.natural_shape()
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    if s is None:
         return None
     return int(s[1]) if len(s) > 1 else None
 
@@ -109,11 +107,10 @@ def _blocks(lf: LoraFile) -> dict[str, dict]:
     for name, m in sorted(lf.modules.items()):
         b = out.setdefault(block_of(name), {"modules": 0, "ranks": set(), "alphas": set()})
         b["modules"] += 1
-        inner = getattr(m.adapter, "inner", m.adapter)
-        rank = getattr(inner, "rank", None)
+        rank = m.adapter.rank
         if rank:
             b["ranks"].add(int(rank))
-            b["alphas"].add(round(float(inner.scale) * rank, 4))
+            b["alphas"].add(round(float(m.adapter.scale) * rank, 4))
     return {k: {"modules": v["modules"], "ranks": sorted(v["ranks"]), "alphas": sorted(v["alphas"])} for k, v in out.items()}
 
 
@@ -133,7 +130,7 @@ def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -
         arch, arch_src = _arch_from_keys(lf)
     kinds = Counter()
     for m in lf.modules.values():
-        kinds[m.kind if m.kind != "dora" else f"dora({m.adapter.inner.kind})"] += 1
+        kinds[m.adapter.label] += 1
     return Summary(lf.path, lf.format, arch, arch_src, len(lf.modules), dict(kinds), _blocks(lf), dict(lf.metadata),
                    list(lf.unknown_keys), list(lf.problems), list(lf.warnings))
 

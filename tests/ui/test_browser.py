@@ -8,7 +8,7 @@ The Library shows the cards (one error line for the bad file, the link left out)
 and draws a preview with the demo model; Tools lists a file added after the page loaded without a
 refresh, never defaults to the unreadable file, resizes with visible progress and refuses paths
 outside its folders; Train starts, shows progress and cancels; Generate makes a grid with
-``demo_purple`` and skips the unreadable row with one line.
+``demo_purple`` and leaves the unreadable row out with one line.
 
 Skipped (with the reason) when gradio, playwright or /usr/bin/chromium are missing. Set
 ``LORA_ENGINE_UI_SHOTS=DIR`` to keep one screenshot per page.
@@ -212,6 +212,6 @@ def test_generate_grid_with_the_demo_lora_skips_the_unreadable_row(page):
     page.locator("#le-gen-run").click()
     text = _wait_text(page, "#le-gen-result textarea", "grid", timeout=240_000)
     lines = text.splitlines()
-    assert lines[0] == "1 × 2 grid" and sum(line.startswith("skipped a_broken") for line in lines) == 1, text
+    assert lines[0] == "1 × 2 grid" and sum(line.startswith("warning: a_broken: ") for line in lines) == 1, text
     page.locator("#le-gen-grid img").wait_for()
     _shot(page, "generate")

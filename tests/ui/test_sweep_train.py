@@ -39,7 +39,7 @@ def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_b
     gen = DemoGenerator(demo_base)
     before = {k: v.clone() for k, v in gen.model.state_dict().items()}
     spec = SweepSpec("a purple circle", ("purple_style",), (-1.0, 0.0, 1.0), seed=3, steps=2)
-    runner = SweepRunner(gen, ctx.library)
+    runner = SweepRunner(gen, ctx.loras)
     calls = []
     cells, warnings = runner.cells(spec, lambda d, t, w: calls.append((d, t, w)))
     assert calls[-1] == (3, 3, "purple_style at 1")
@@ -143,11 +143,12 @@ def test_unreadable_rows_are_skipped_with_one_line_before_the_model_loads(model_
     model_ctx.scan()
     session = model_ctx.generate_session()
     img, msg = session.run("a circle", ["broken"], "0, 1", 0, 1, 3.0)
-    assert img is None and msg.startswith("error: skipped broken: ") and "\n" not in msg
+    assert img is None and msg.startswith("error: no usable LoRA for the sweep: broken: ") and "\n" not in msg
     assert session.runner is None  # nothing left to draw: the model was never loaded
     img, msg = session.run("a circle", ["broken", "purple_style"], "0, 1", 0, 1, 3.0)
     lines = msg.splitlines()
     assert img is not None and lines[0] == "1 × 2 grid" and sum("broken" in line for line in lines) == 1
+    assert lines[1].startswith("warning: broken: ") and lines[1].endswith("; row left out")
 
 
 def test_preview_is_drawn_with_the_model_and_saved_beside_the_file(model_ctx, lora_root):
@@ -175,3 +176,20 @@ def test_preview_is_drawn_with_the_model_and_saved_beside_the_file(model_ctx, lo
     before = os.path.getmtime(path)
     assert make_preview(model_ctx, "tagged", "a green circle", steps=1).endswith("('a green circle')")
     assert os.path.getmtime(path) >= before
+
+
+def test_an_unreadable_row_is_left_out_with_one_line(ctx, lora_root, demo_base, tmp_path):
+    from lora_engine.apps.ui.sweep import DemoGenerator, SweepRunner, SweepSpec
+
+    bad = os.path.join(lora_root, "zz_broken.safetensors")
+    with open(bad, "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    try:
+        ctx.scan()
+        runner = SweepRunner(DemoGenerator(demo_base), ctx.loras)
+        cells, warnings = runner.cells(SweepSpec("a circle", ("zz_broken", "purple_style"), (0.0, 1.0), steps=1))
+        assert len(cells) == 1 and len(cells[0]) == 2
+        assert [w for w in warnings if "zz_broken" in w and "row left out" in w]
+    finally:
+        os.remove(bad)
+        ctx.scan()

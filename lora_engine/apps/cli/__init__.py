@@ -1,10 +1,13 @@
 """`lora-engine` command line. Each subcommand lives in its own module exposing
-``register(subparsers)``; this file only assembles them."""
+``register(subparsers)``; this file only assembles them, and turns a missing optional package into one
+line naming the extra to install (:mod:`lora_engine.extras`)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from ... import extras
 
 # Module names under lora_engine.apps.cli, one per subcommand (order = order in --help).
 COMMANDS = [
@@ -37,7 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    line = extras.check(args.command)
+    if line is None:
+        try:
+            return int(args.func(args) or 0)
+        except ModuleNotFoundError as e:
+            line = extras.missing_line(args.command, e.name)
+            if line is None:
+                raise
+    print(line, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -68,14 +68,9 @@ def _options(args):
 
 
 def run(args) -> int:
-    try:
-        import torch
+    import torch
 
-        from ..demo.run import run_demo
-    except ImportError as e:
-        print(f"lora-engine demo: needs the models extra ({e.name} missing): pip install 'lora-engine[models]'",
-              file=sys.stderr)
-        return 1
+    from ..demo.run import run_demo
     opts = _options(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))

@@ -2,7 +2,8 @@
 ranks) or SVD-compressed to rank R (fixed or dynamic)."""
 from __future__ import annotations
 
-from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool, split_weights
+from ...syntax.file_weights import split_weights
+from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool
 
 
 def register(sub) -> None:

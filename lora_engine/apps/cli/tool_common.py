@@ -69,17 +69,3 @@ def run_tool(command: str, fn) -> int:
         print(f"lora-engine {command}: cancelled, nothing written", file=sys.stderr)
         return 130
     return 0
-
-
-def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
-    """``"path:0.8:-1"`` -> ``("path", [0.8, -1.0])``: up to ``most`` trailing numbers (a Windows drive
-    letter or a path with ':' is left alone because it does not parse as a number)."""
-    path, numbers = spec, []
-    while len(numbers) < most and ":" in path:
-        head, tail = path.rsplit(":", 1)
-        try:
-            numbers.insert(0, float(tail))
-        except ValueError:
-            break
-        path = head
-    return path, numbers

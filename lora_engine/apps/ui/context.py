@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ...errors import NameResolutionError, PathRefusedError, ToolError
 from ...library import confine
 from ...library.index import LoraEntry, LoraLibrary
+from ...loras import Loras
 
 DEMO = "demo"
 
@@ -52,17 +53,20 @@ def _file_or_folder(path: str, text: str, what: str) -> str:
 
 @dataclass
 class UiContext:
-    """``library``: a host's own :class:`LoraLibrary` (A1111 keeps one), else one over ``config.lora_dirs``."""
+    """``library``: a host's own :class:`LoraLibrary` (A1111 keeps one), else one over ``config.lora_dirs``;
+    ``loras``: names → parsed files → stack entries over that library (what Generate applies)."""
 
     config: UiConfig
     library: LoraLibrary | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    loras: Loras = field(init=False)
     _generate: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.library is None:
             self.library = LoraLibrary(self.config.lora_dirs, hash_files=self.config.hash_files,
                                        within_folders=self.config.confine)
+        self.loras = Loras(library=self.library)
 
     def scan(self, progress=None):
         with self.lock:

@@ -43,7 +43,7 @@ def _optional(value) -> float | None:
 
 
 def parse_weighted(ctx: UiContext, text: str, most: int = 1) -> list[tuple[str, list[float]]]:
-    from ..cli.tool_common import split_weights
+    from ...syntax.file_weights import split_weights
 
     out = []
     for line in (text or "").splitlines():

@@ -75,7 +75,8 @@ def resolved_form(ctx: UiContext, form: TrainForm) -> TrainForm:
     import dataclasses
 
     tokenizer = (form.tokenizer or "").strip()
-    return dataclasses.replace(form, base=ctx.model_path(form.base), data_dir=ctx.dataset_path(form.data_dir),
+    base = ctx.model_path(form.base) if form.base.strip() else ""  # empty where a host brings the model
+    return dataclasses.replace(form, base=base, data_dir=ctx.dataset_path(form.data_dir),
                                tokenizer=ctx.model_path(tokenizer) if tokenizer else "")
 
 

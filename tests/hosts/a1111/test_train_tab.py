@@ -295,6 +295,8 @@ def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     monkeypatch.setattr(callbacks, "_CONTROLLER", None)
     [(blocks, title, elem_id)] = train_tab.on_ui_tabs()
     assert (title, elem_id) == ("LoRA Training", "lora_training")
+    base = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "le-train-base")
+    assert base.visible is False and base.value == ""  # it trains the loaded checkpoint: no 'demo' to mislead
     fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
     by_name = {getattr(f.fn, "__name__", ""): f.fn for f in fns}
     updates = by_name["choose"]("sd15_style")
