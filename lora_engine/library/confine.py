@@ -37,7 +37,9 @@ def inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _relative(name, what: str) -> str:
+def relative(name, what: str) -> str:
+    """The normalised name, or :class:`PathRefusedError` (naming ``what``) when it is empty or could
+    leave a folder."""
     text = name if isinstance(name, str) else ""
     n = normalise(text) if text.strip() else ""
     if n is None:
@@ -54,7 +56,7 @@ def _real_folders(folders) -> list[str]:
 
 def find_path(name: str, folders, what: str) -> str | None:
     """The existing path ``name`` means below one of ``folders`` (searched in order), or None."""
-    n = _relative(name, what)
+    n = relative(name, what)
     folders = [os.path.abspath(f) for f in folders if f]
     for folder in folders:
         path = os.path.join(folder, *n.split("/"))
@@ -76,10 +78,12 @@ def read_path(name: str, folders, what: str) -> str:
 
 def write_path(name: str, folder: str, what: str) -> str:
     """Where ``name`` is written below ``folder`` (see the module's rule; nothing is created)."""
-    n = _relative(name, what)
+    n = relative(name, what)
     folder = os.path.abspath(folder)
     path = os.path.join(folder, *n.split("/"))
     parent = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise PathRefusedError(f"the output folder {folder} does not exist")
     if not os.path.isdir(parent):
         raise PathRefusedError(f"{what} {name!r} refused: folder {os.path.dirname(n)!r} does not exist in {folder}")
     if not inside(os.path.realpath(parent), os.path.realpath(folder)):

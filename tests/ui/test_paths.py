@@ -94,8 +94,9 @@ def test_every_output_field_refuses_escapes_and_existing_files(ctx, world, lora_
     from lora_engine.apps.ui.train_session import TrainForm, TrainSession
 
     before = _snapshot(world)
-    for bad in _writes(world) + ["purple_style", "purple_style.safetensors"]:  # the last two exist
-        why = ("output name", "exists")
+    for bad in _writes(world) + [".lora-engine-cache.json", "green_things.json", "x.png",  # library sidecars
+                                 "purple_style", "purple_style.safetensors"]:  # the last two exist
+        why = ("output name", "exists")  # refused by the output rule, not by a tool that went on
         _refused(tool_ops.resize_op(ctx, "green_things", bad, 2, overwrite=True), why)
         _refused(tool_ops.merge_op(ctx, "green_things:1", bad, overwrite=True), why)
         _refused(tool_ops.convert_op(ctx, "green_things", bad, "kohya", overwrite=True), why)

@@ -39,6 +39,9 @@ def test_auth_keeps_everything_behind_the_login_and_uploads_are_capped(tmp_path)
             assert small.status_code == 200, small.text[:200]
             big = user.post("/gradio_api/upload", files={"files": ("b.bin", b"x" * (2 << 20))})
             assert big.status_code == 413, (big.status_code, big.text[:200])
+            for path in ("/etc/passwd", f"{root}/purple_style.safetensors"):  # gradio serves no file of ours
+                r = user.get(f"/gradio_api/file={path}")
+                assert r.status_code in (403, 404) and "root:" not in r.text, (path, r.status_code)
         assert "warning" not in open(log).read()
     finally:
         stop(proc)

@@ -126,7 +126,7 @@ class UiContext:
         if not self.config.confine:
             return text if os.path.exists(text) else self.library.resolve(text).path
         folders = (*self.config.lora_dirs, self.config.out_dir)
-        confine.find_path(text, (), "LoRA")  # refuses absolute / '..' / drive / NUL before any lookup
+        confine.relative(text, "LoRA")  # refuses absolute / '..' / drive / NUL before any lookup
         try:
             return self.library.resolve(text).path
         except NameResolutionError as e:
@@ -157,14 +157,19 @@ class UiContext:
         return path
 
     def output_path(self, name: str, ext: str = ".safetensors", overwrite: bool = False) -> str:
-        """``name`` in the output folder (a bare name gets ``ext``). An existing path is refused unless
-        ``overwrite`` was asked for and the server allows replacing files."""
+        """``name`` in the output folder (a bare name gets ``ext``; no other extension than
+        ``.safetensors``). An existing path is refused unless ``overwrite`` was asked for and the server
+        allows replacing files."""
         name = (name or "").strip()
         if not name:
             raise ToolError("no output name given")
         if ext and not os.path.splitext(name)[1]:
             name += ext
         if self.config.confine:
+            given = os.path.splitext(name)[1].lower()
+            if given and given != ".safetensors":  # never a sidecar, preview or cache file of the library
+                raise PathRefusedError(f"output name {name!r} refused: write .safetensors files (or a folder name "
+                                       "without an extension)")
             path = confine.write_path(name, self.config.out_dir, "output name")
         else:
             path = name if os.path.isabs(name) else os.path.join(self.config.out_dir, name)
