@@ -133,7 +133,7 @@ def _ui_context():
 
     c = controller()
     folders = tuple(c.folders())
-    config = UiConfig(lora_dirs=folders, output_dir=folders[0] if folders else None, hash_files=False)
+    config = UiConfig(lora_dirs=folders, output_dir=folders[0] if folders else None, hash_files=False, confine=False)
     return UiContext(config, library=c.get_library())  # output lands in the Lora folder our cards list
 
 

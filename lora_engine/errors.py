@@ -35,6 +35,10 @@ class NameResolutionError(LoraEngineError):
     """A LoRA name could not be resolved to exactly one file in the library."""
 
 
+class PathRefusedError(LoraEngineError):
+    """A typed path that would leave the folders a front-end may read or write (absolute, ``..``, a link out)."""
+
+
 class ToolError(LoraEngineError):
     """A LoRA tool (merge, resize, extract, convert, bake) cannot do what was asked; the message says why."""
 

@@ -245,7 +245,9 @@ class SafetensorsFile:
                 if n > MAX_HEADER_BYTES or 8 + n > size:
                     raise LoraFileError(
                         self.path,
-                        f"not a valid safetensors file: header claims {n} bytes but the file has {size}"
+                        # the claimed length is the file's first 8 bytes: never echoed (a path given by a
+                        # web client could name a secret file)
+                        f"not a valid safetensors file: header claims more bytes than the file's {size}"
                         + (f" (the limit is {MAX_HEADER_BYTES:,})" if n > MAX_HEADER_BYTES else
                            " (truncated, or not safetensors)"),
                     )

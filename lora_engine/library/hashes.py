@@ -63,7 +63,7 @@ def _data_offset(path: str, fh, size: int) -> int | None:
         raise LoraFileError(path, f"truncated: {size} bytes, too short for a safetensors header")
     (n,) = struct.unpack("<Q", head)
     if 8 + n > size:
-        raise LoraFileError(path, f"not a valid safetensors file: header claims {n} bytes but the file has {size}")
+        raise LoraFileError(path, f"not a valid safetensors file: header claims more bytes than the file's {size}")
     return 8 + n
 
 

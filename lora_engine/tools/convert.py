@@ -26,6 +26,7 @@ from ..formats import LoraFile, load_lora, read_tensors
 from ..formats.keys import SUFFIX_ROLES, parse_key, te_prefix_for
 from ..formats.peft_folder import PeftAlpha, diffusers_metadata_configs
 from ..formats.writer import LoraTensors, write_diffusers, write_kohya, write_peft_folder
+from .naming import titled
 from .progress import Ticker
 
 COMPONENT_OF = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
@@ -234,7 +235,7 @@ def _to_kohya(got: _Collected, out: str) -> ConvertResult:
         raise ToolError(f"{lf.path}: PEFT {kind} modules (e.g. {name}) are not converted, only LoRA")
     tensors = kohya_state_dict(got.modules) | got.passthrough
     meta = (network_metadata(got.modules) if got.modules else {}) | got.metadata
-    write_kohya(out, tensors, meta)
+    write_kohya(out, tensors, titled(meta, out))
     return ConvertResult(out, len(got.modules) + len(got.others), kept_as_is=len(got.others))
 
 

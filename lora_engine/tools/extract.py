@@ -24,6 +24,7 @@ from ..formats.writer import BuiltLora, LoraTensors, write_kohya
 from ..keymap import build_keymap
 from ..formats.checkpoint import open_checkpoint
 from .lowrank import factor
+from .naming import titled
 from .progress import Ticker
 
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed_", "label_emb", "out_")
@@ -125,5 +126,5 @@ def _version(arch: str) -> str:
 
 def extract_file(base_path: str, tuned_path: str, out: str | os.PathLike, rank: int, **kwargs) -> BuiltLora:
     result = extract_lora(base_path, tuned_path, rank, **kwargs)
-    result.metadata = write_kohya(out, result.modules, result.metadata)
+    result.metadata = write_kohya(out, result.modules, titled(result.metadata, out))
     return result

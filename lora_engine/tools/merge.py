@@ -30,7 +30,7 @@ from ..keymap.diagnose import LABELS
 from ..library.summary import lora_architecture
 from ..patch.plan import MAX_STRENGTH
 from .lowrank import adapter_bias, dense_delta, factor, factor_product, locon_factors
-from .naming import unify_te_names
+from .naming import titled, unify_te_names
 from .progress import Ticker
 
 FAMILY_LABELS = {**LABELS, "other": "a DiT family (SD3/Flux/...)"}
@@ -179,5 +179,5 @@ def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs
     """Load ``(path, weight)`` pairs, merge (see :func:`merge_loras`), write ``out`` atomically."""
     inputs = [MergeInput(load_lora(p), w) for p, w in specs]
     result = merge_loras(inputs, **kwargs)
-    result.metadata = write_kohya(out, result.modules, result.metadata)
+    result.metadata = write_kohya(out, result.modules, titled(result.metadata, out))
     return result

@@ -16,12 +16,14 @@ POLL_S = 1.0
 def _form_inputs(gr, ctx: UiContext, host_model: bool = False):
     """``host_model``: a host factory (the A1111 tab) trains the host's loaded model with its own
     tokenizers, so the base model and tokenizer fields are hidden and empty there."""
+    where = {kind: ctx.folders_note(kind) for kind in ("model", "dataset", "output")}
     with gr.Row():
         base = gr.Textbox(label="Base model: 'demo', a demo base file, an SD1/SD2/SDXL .safetensors checkpoint, "
-                          "or a diffusers folder", value="" if host_model else ctx.config.model or "demo",
+                          f"or a diffusers folder{where['model']}", value="" if host_model else ctx.config.model or "demo",
                           visible=not host_model, elem_id="le-train-base")
-        data = gr.Textbox(label="Image folder (captions in .txt next to the images)", elem_id="le-train-data")
-        out = gr.Textbox(label="Output name", value="my_lora", elem_id="le-train-out")
+        data = gr.Textbox(label=f"Image folder{where['dataset']} (captions in .txt next to the images)",
+                          elem_id="le-train-data")
+        out = gr.Textbox(label=f"Output name{where['output']}", value="my_lora", elem_id="le-train-out")
     with gr.Row():
         steps = gr.Number(value=200, precision=0, label="Steps", elem_id="le-train-steps")
         rank = gr.Number(value=4, precision=0, label="Rank")

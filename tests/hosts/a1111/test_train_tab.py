@@ -92,7 +92,8 @@ def test_trains_the_loaded_model_under_the_queue_lock(tmp_path, model, tiny):
     model.model.diffusion_model.register_forward_pre_hook(lambda m, a: seen.append(lock.locked()))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tab = TrainTab(get_model=lambda: model, lock=lock, preset="sd15_character")
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     generation = {}
 
     def generate():  # a generation queued behind the run: A1111 takes the same lock
@@ -152,7 +153,8 @@ def test_interrupt_button_stops_the_run_after_the_step_with_the_lora_saved(tmp_p
     lock, state = QueueLock(), State()
     state.interrupt()  # stale: pressed during an earlier generation, never cleared since
     tab = TrainTab(get_model=lambda: model, lock=lock, state=state)
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     seen = []
 
     def press(module, args):  # UNet forwards of step n + 1 see status().step == n
@@ -182,7 +184,8 @@ def test_interrupt_button_stops_the_run_after_the_step_with_the_lora_saved(tmp_p
 
 def test_preset_goes_under_the_form(tmp_path, model):
     tab = TrainTab(get_model=lambda: model, preset="sd15_style")
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     setup = tab.setup(_form(tmp_path))
     assert setup.settings["conv_rank"] == 8 and setup.settings["flip"] is True and setup.lock is None
     from lora_engine.apps.ui.train_session import build_job
@@ -203,7 +206,7 @@ def test_preset_values_fill_form_fields(model):
 
 
 def test_refusals_are_one_line_statuses(tmp_path, model):
-    ctx = UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False))
+    ctx = UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False, confine=False))
     model.lowvram = True
     message = TrainSession(ctx, TrainTab(get_model=lambda: model).setup).start(_form(tmp_path))
     assert message.startswith("error: training needs the whole model on the GPU") and "\n" not in message
@@ -242,7 +245,8 @@ def test_sdxl_trains_with_the_sdxl_preset(tmp_path, tiny_xl):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lock = QueueLock()
     tab = TrainTab(get_model=lambda: model, lock=lock)  # auto preset: sdxl_character
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     st = _run(session, _form(tmp_path, train_text_encoder=False, steps=2))
     assert st.state == "done", st.error
     assert session.job.cfg.min_snr_gamma == PRESETS["sdxl_character"]["min_snr_gamma"] and lock.acquired == 1
@@ -269,7 +273,8 @@ def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path
     unet = model.model.diffusion_model
     unet.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(probe.weight, base[key])))
     tab = TrainTab(get_model=lambda: model, get_engine=lambda m: engine if m is model else None)
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     st = _run(session, _form(tmp_path, steps=2))
     assert st.state == "done", st.error
     assert seen and all(seen)  # trained on the bare checkpoint
@@ -323,7 +328,8 @@ def test_half_precision_base_as_a1111_keeps_it(tmp_path, model):
     model.cond_stage_model.half()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tab = TrainTab(get_model=lambda: model, lock=QueueLock())
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     st = _run(session, _form(tmp_path, steps=2))
     assert st.state == "done", st.error
     assert all(math.isfinite(v) for v in st.losses)
