@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 
+from ..formats.safetensors_writer import ordinary_mode
+
 CACHE_VERSION = 1
 DEFAULT_CACHE_NAME = ".lora-engine-cache.json"
 
@@ -65,6 +67,7 @@ class LibraryCache:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".lora-engine-cache.", suffix=".tmp", dir=folder)
+            ordinary_mode(tmp)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump({"version": CACHE_VERSION, "entries": self._entries}, fh, ensure_ascii=False)
             os.replace(tmp, self.path)

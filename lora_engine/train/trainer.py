@@ -215,8 +215,12 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop after the current step; the last save (LoRA and state) is written before returning."""
+        """Stop after the current step (or the image being cached); the LoRA and state are saved then."""
         self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
 
     @property
     def epoch(self) -> int:
@@ -227,7 +231,10 @@ class Trainer:
             if resume:
                 self._resume(resume)
             self._log("caching latents" if self.cfg.cache_latents else "latents encoded per step")
-            self.batches.cache_all()
+            self.batches.cache_all(stop=self._cancel.is_set)
+            if self._cancel.is_set():
+                self._log(f"cancelled at step {self.step}, while caching latents")
+                return self._finish(cancelled=True)
             if self.step == 0 and self.report.seconds_per_step is None:
                 self.report.seconds_per_step = self._calibrate()
             for line in self.report.lines():
