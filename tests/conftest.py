@@ -13,7 +13,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # One thread: tiny models are launch-bound, and CI has 2 cores (several test processes may share them).
+# The CLI's thread policy reads OMP_NUM_THREADS first, so commands run in-process or spawned keep one too.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

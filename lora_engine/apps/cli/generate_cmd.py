@@ -49,11 +49,16 @@ def _save(images, out: str, seed: int) -> list[str]:
 
 
 def _lora_dirs(args) -> tuple[tuple[str, ...], list[str]]:
-    """The LoRA folders, and a note when the demo model's default folder is missing."""
+    """The LoRA folders, and a note when the prompt has tags, the model is the demo and its default folder
+    is missing."""
+    from ...syntax.prompt import parse_prompt
+
     if args.lora_dirs or not args.small_model(args):
         return tuple(args.lora_dirs), []
     if os.path.isdir(DEMO_LORA_DIR):
         return (DEMO_LORA_DIR,), []
+    if not parse_prompt(args.prompt).tags:
+        return (), []
     return (), [f"no --lora-dir given and {DEMO_LORA_DIR}/ does not exist: run `lora-engine demo` first to train "
                 "demo_purple there, or pass --lora-dir"]
 
