@@ -43,6 +43,14 @@ class ToolError(LoraEngineError):
     """A LoRA tool (merge, resize, extract, convert, bake) cannot do what was asked; the message says why."""
 
 
+class OutputExistsError(ToolError):
+    """An output file or folder exists and replacing it was not asked for (the one rule of every writing command)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path} exists; pass --overwrite to replace it")
+
+
 class OperationCancelled(LoraEngineError):
     """A long operation was cancelled by its caller (cancel flag set or progress callback raised it)."""
 

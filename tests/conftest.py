@@ -14,7 +14,9 @@ if ROOT not in sys.path:
 
 # One thread: tiny models are launch-bound, and CI has 2 cores (several test processes may share them);
 # LAPACK's SVD/QR on tiny matrices ran up to 25x slower with two threads on a loaded 2-core machine.
+# The CLI's thread policy reads OMP_NUM_THREADS first, so commands run in-process or spawned keep one too.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

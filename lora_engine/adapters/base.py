@@ -46,6 +46,8 @@ class Adapter(Protocol):
     - ``scale``: the file's scale (α/r, α/√r for rsLoRA, or a ``scale`` key), already folded into ``delta``;
     - ``rank``: the low-rank dimension, None for types without one;
     - ``check()``: ``ValueError`` when the tensors do not chain;
+    - ``layer_widths()``: (output, input) width of the layer the adapter was made for, None where its
+      tensors do not tell (what ``inspect`` reads the model family from);
     - ``misfit(shape)``: why the adapter cannot apply to a weight of that shape (tensor shapes only), or None;
     - ``delta(base)``: ``Delta(W' − W, b' − b)`` at strength 1, fp32 (see the module docstring);
     - ``has_bias_delta`` / ``bias_delta()``: whether there is a Δb and its value; Δb never depends on the
@@ -63,6 +65,8 @@ class Adapter(Protocol):
 
     @property
     def has_bias_delta(self) -> bool: ...
+
+    def layer_widths(self) -> tuple[int | None, int | None]: ...
 
     def check(self) -> None: ...
 
@@ -104,6 +108,13 @@ class AdapterBase:
     def natural_shape(self) -> tuple[int, ...] | None:
         """The shape of ΔW as the tensors give it, or None when only the target decides it."""
         return None
+
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        try:
+            s = self.natural_shape() or ()
+        except (RuntimeError, ValueError, IndexError):
+            s = ()
+        return (int(s[0]) if s else None), (int(s[1]) if len(s) > 1 else None)
 
     def misfit(self, shape: tuple[int, ...]) -> str | None:
         try:

@@ -58,6 +58,9 @@ class DoRA(AdapterBase):
     def natural_shape(self) -> tuple[int, ...] | None:
         return self.inner.natural_shape()
 
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        return self.inner.layer_widths()
+
     def check(self) -> None:
         self.inner.check()
 

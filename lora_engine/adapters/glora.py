@@ -32,6 +32,11 @@ class GLoRA(AdapterBase):
     def check(self) -> None:
         pass
 
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        # a1 (i, r), b1 (o, r) [LyCORIS >= 3]; a1 (r, i), b2 (o, r) [older]: r is the small side
+        current = self.a1.shape[1] <= self.a1.shape[0]
+        return int((self.b1 if current else self.b2).shape[0]), int(max(self.a1.shape[0], self.a1.shape[1]))
+
     def _is_old_layout(self, out_dim: int) -> bool:
         return self.b2.shape[0] == out_dim and self.b1.shape[0] != out_dim
 

@@ -22,6 +22,10 @@ class IA3(AdapterBase):
     def check(self) -> None:
         pass
 
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        n = int(self.weight.numel())  # one scale per output row, or per input column with on_input
+        return (None, n) if self.on_input else (n, None)
+
     def misfit(self, shape: tuple[int, ...]) -> str | None:
         n = self.weight.numel()
         return None if n in tuple(shape)[:2] else f"ia3 vector of {n} vs weight {list(shape)}"

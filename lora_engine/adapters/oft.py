@@ -60,6 +60,9 @@ class OFT(AdapterBase):
         """A rotation has no scale of its own (α constrains the blocks, see ``rotation``)."""
         return 1.0
 
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        return int(self.blocks.shape[-3] * self.blocks.shape[-1]), None  # rotations of n·b output rows
+
     def misfit(self, shape: tuple[int, ...]) -> str | None:
         if self.blocks.shape[-3] * self.blocks.shape[-1] != shape[0]:  # n blocks of b rows (each BOFT stage too)
             return f"oft blocks {list(self.blocks.shape)} vs weight {list(shape)}"

@@ -12,13 +12,16 @@ through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleane
 weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
 (as A1111 does), so one image of a batch can be reproduced alone.
 
+The model is a diffusers Stable Diffusion (XL) folder, or the built-in demo model (``"demo"`` or a demo
+base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's own sampler.
+
 diffusers is an optional dependency (the ``models`` extra); it is imported only here.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -26,6 +29,7 @@ import torch
 from ..errors import LoraEngineError, ModelFolderError, first_line
 
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+DEMO_SCALE = 4  # the demo model draws 32x32 pixels; images are saved 4x larger, each pixel a block
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class GenerateOptions:
     width: int | None = None  # None: the pipeline's default size
     height: int | None = None
     seed: int = 0
-    cfg: float = 7.0
+    cfg: float | None = None  # None: the model's default (7 for Stable Diffusion, 3 for the demo model)
     count: int = 1
 
 
@@ -67,8 +71,39 @@ def pipeline_class(model_dir: str) -> str:
     return name
 
 
+class DemoPipeline:
+    """The demo model (:mod:`lora_engine.apps.demo`) where generate wants a pipeline: ``root`` is the module
+    tree the key map reads, ``render`` draws with the demo's DDIM sampler."""
+
+    default_cfg = 3.0
+
+    def __init__(self, spec: str):
+        from .demo.base import load_demo
+
+        self.model, self.path = load_demo(spec)
+        self.root = self.model
+
+    def render(self, prompt: str, opts: "GenerateOptions", progress=None) -> list:
+        from .demo.diffusion import sample
+        from .demo.grid import to_pil
+        from .demo.model import RESOLUTION
+
+        for what, v in (("width", opts.width), ("height", opts.height)):
+            if v not in (None, RESOLUTION):
+                raise LoraEngineError(f"generate: the demo model draws {RESOLUTION}x{RESOLUTION} pixels ({what} {v} "
+                                      "asked); leave --width/--height out")
+        tick = None if progress is None else (lambda i: progress(i + 1, opts.steps))
+        images = sample(self.model, [prompt] * opts.count, opts.seed, opts.steps, opts.cfg, tick, opts.negative)
+        return [to_pil(im, DEMO_SCALE) for im in images]
+
+
 def load_pipeline(model_dir: str):
-    """``StableDiffusion(XL)Pipeline.from_pretrained`` on a local folder (fp32), never downloading."""
+    """``StableDiffusion(XL)Pipeline.from_pretrained`` on a local folder (fp32), never downloading; the
+    demo model (``"demo"`` or a demo base file) as a :class:`DemoPipeline`."""
+    from .demo.base import is_demo_base
+
+    if is_demo_base(model_dir):
+        return DemoPipeline(model_dir)
     try:
         import diffusers
     except ImportError as e:
@@ -137,6 +172,9 @@ def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], No
 
     _check(opts)
     pipe = pipe if pipe is not None else load_pipeline(opts.model_dir)
+    demo = isinstance(pipe, DemoPipeline)
+    if opts.cfg is None:
+        opts = replace(opts, cfg=DemoPipeline.default_cfg if demo else 7.0)
     parsed, negative = parse_prompt(opts.prompt), parse_prompt(opts.negative)
     warnings = list(parsed.warnings) + list(negative.warnings)
     if negative.tags:
@@ -144,11 +182,14 @@ def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], No
     loras = loras or Loras(opts.lora_dirs)
     warnings += [f"{t.raw}: step scheduling is not supported by generate; applied for all steps"
                  for t in parsed.tags if not t.window.always]
-    engine = LoraEngine.for_model(pipeline_root(pipe), mode="merged")
+    engine = LoraEngine.for_model(pipe.root if demo else pipeline_root(pipe), mode="merged")
     try:
         warnings += loras.apply(engine, parsed.tags)
-        clean = GenerateOptions(**{**opts.__dict__, "negative": negative.cleaned_text})
-        images = run_pipeline(pipe, parsed.cleaned_text, clean, progress)
+        clean = replace(opts, negative=negative.cleaned_text)
+        if demo:
+            images = pipe.render(parsed.cleaned_text, clean, progress)
+        else:
+            images = run_pipeline(pipe, parsed.cleaned_text, clean, progress)
     finally:
         engine.restore()
     return GenerateResult(images, parsed.cleaned_text, tuple(warnings))

@@ -17,6 +17,28 @@ def is_peft_folder(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_NAMES)
 
 
+# Sub-folders of a multi-component PEFT folder (one adapter per model, as ``convert --to peft`` writes a LoRA
+# on several models).
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def component_folders(path: str) -> list[tuple[str, str]]:
+    """``[(sub-folder, component)]`` of a folder holding one PEFT adapter folder per component; [] when
+    ``path`` is a PEFT folder itself or anything else."""
+    if not os.path.isdir(path) or is_peft_folder(path):
+        return []
+    return [(os.path.join(path, c), c) for c in COMPONENTS if is_peft_folder(os.path.join(path, c))]
+
+
+def component_name(name: str, component: str, sdxl: bool) -> str:
+    """A module's canonical name inside its component's folder → its name in the combined LoRA: a text
+    encoder's ``lora_te_*`` becomes ``lora_te1_*``/``lora_te2_*`` when the LoRA has two (SDXL)."""
+    want = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}.get(component)
+    if want and name.startswith(("lora_te_", "lora_te1_")):
+        return want + name.split("_", 2)[2]
+    return name
+
+
 def folder_weights(path: str) -> str:
     for n in WEIGHT_NAMES:
         p = os.path.join(path, n)

@@ -180,12 +180,15 @@ def peft_config(modules: dict[str, LoraTensors]) -> dict:
     }
 
 
-def write_peft_folder(folder: str | os.PathLike, modules: dict[str, LoraTensors], overwrite: bool = False) -> dict:
+def write_peft_folder(folder: str | os.PathLike, modules: dict[str, LoraTensors], overwrite: bool = False,
+                      metadata: dict[str, str] | None = None) -> dict:
     """A PEFT adapter folder (``PeftModel.from_pretrained`` loads it); modules keyed by dotted path
-    inside the target model. Written atomically as a folder. Returns the config."""
+    inside the target model. Written atomically as a folder. Returns the config. ``metadata`` (e.g. the
+    source's ``ss_*`` keys) goes into the weights file's header beside PEFT's ``format``."""
     cfg = peft_config(modules)
+    meta = dict(metadata or {}) | {"format": "pt"}
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        write_safetensors(os.path.join(tmp, PEFT_WEIGHTS), peft_tensors(modules, "base_model.model."), {"format": "pt"})
+        write_safetensors(os.path.join(tmp, PEFT_WEIGHTS), peft_tensors(modules, "base_model.model."), meta)
         with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(cfg, fh, indent=2, sort_keys=True)
     return cfg

@@ -15,6 +15,7 @@ import os
 import tempfile
 
 from ..text import clean_value
+from ..formats.safetensors_writer import ordinary_mode
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_NAME = ".lora-engine-cache.json"
@@ -73,6 +74,7 @@ class LibraryCache:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".lora-engine-cache.", suffix=".tmp", dir=folder)
+            ordinary_mode(tmp)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump({"version": CACHE_VERSION, "entries": self._entries}, fh)
             os.replace(tmp, self.path)

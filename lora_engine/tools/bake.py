@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ToolError
+from ..errors import OutputExistsError, ToolError
 from ..finite import nonfinite
 from ..formats import load_lora
 from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic_file
@@ -213,5 +213,5 @@ def bake(src: str | os.PathLike, loras: list[BakeLora], out: str | os.PathLike, 
     if os.path.isdir(src):
         return bake_diffusers(src, loras, out, overwrite, progress, cancel, device, force)
     if os.path.exists(out) and not overwrite:
-        raise ToolError(f"{out}: exists (pass --overwrite to replace it)")
+        raise OutputExistsError(out)
     return bake_single(src, loras, out, progress, cancel, device, force)

@@ -13,6 +13,8 @@ import ipaddress
 import os
 import sys
 
+from .tool_common import add_threads, uses_demo
+
 DEFAULT_DIR = "demo_out"  # ``lora-engine demo``'s default output folder; created when no --lora-dir is given
 DEFAULT_DATASETS = "datasets"
 AUTH_ENV = "LORA_ENGINE_AUTH"
@@ -36,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--no-hash", action="store_true", help="do not hash files while scanning (faster first scan)")
+    add_threads(p, small_model=uses_demo("model"))
     p.set_defaults(func=run)
 
 
