@@ -13,8 +13,8 @@ import torch
 
 def nonfinite(t: torch.Tensor | None) -> bool:
     """True when ``t`` holds a NaN or an Inf (never for None, integer or empty tensors)."""
-    if t is None or not t.is_floating_point() or t.numel() == 0:
-        return False
+    if t is None or not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
+        return False  # a meta tensor (a model being planned, not run) holds no values to check
     if math.isfinite(float(t.sum(dtype=torch.float32))):
         return False
     return not bool(torch.isfinite(t).all())
