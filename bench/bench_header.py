@@ -12,8 +12,8 @@ Writes these files into a temp dir (1-element F32 tensors, so the header is near
 
 and runs ``lora_engine.diagnose.summarize(path, check_finite=False)`` on each, which is what a library scan
 does per new file (header, keys, adapters; no NaN scan). Each measurement runs in a fresh process with one
-torch thread, ``--repeat`` times (median seconds; peak RSS growth over the process after its imports, the
-largest seen). ``--baseline REV`` runs the same files with the ``lora_engine`` of git revision REV too (taken
+torch thread, ``--repeat`` times (median seconds; peak RSS growth during the call, VmHWM after a
+``/proc/self/clear_refs`` reset, the largest seen; nan where the reset is not possible). ``--baseline REV`` runs the same files with the ``lora_engine`` of git revision REV too (taken
 with ``git archive``), in the same session, so the two columns are comparable.
 
     python bench/bench_header.py [--baseline REV] [--repeat 3] [--cases 300k,sdxl-size]
@@ -35,11 +35,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_{}_attn1_to_q"
 
 CHILD = r"""
-import json, resource, sys, time
+import gc, json, sys, time
 import torch
 torch.set_num_threads(1)
 from lora_engine.diagnose import summarize
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
+
+gc.collect()
+base = status("VmRSS")
+try:  # VmHWM back to the current RSS, so the peak is this call's (not the imports')
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    reset = True
+except OSError:
+    reset = False
 t0 = time.perf_counter()
 try:
     s = summarize(sys.argv[1], check_finite=False)
@@ -47,8 +61,8 @@ try:
 except BaseException as e:  # summarize is meant never to raise; older code did
     error, modules = f"{sys.argv[1]}: raised {type(e).__name__}: {str(e)[:60]}", 0
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "growth_kb": peak - base, "error": error, "modules": modules}))
+growth = status("VmHWM") - base if reset else float("nan")
+print(json.dumps({"seconds": seconds, "growth_kb": growth, "error": error, "modules": modules}))
 """
 
 
