@@ -4,8 +4,9 @@ Writes these files into a temp dir (1-element F32 tensors, so the header is near
 
   300k        300,000 entries with LoRA-style names, a ~40 MB header: what one file in a shared folder could
               hold (refused: more entries than any LoRA file has)
-  bound-lora  65,535 entries = 21,845 complete LoRA modules (down, up, alpha): the largest file accepted
-  bound-junk  65,536 entries no adapter uses (refused: not a LoRA)
+  bound-lora  MAX_TENSORS (16,384) entries: 5,461 complete LoRA modules (down, up, alpha) and a lone
+              down: the largest file accepted, and the slowest
+  bound-junk  MAX_TENSORS entries no adapter uses (refused: not a LoRA)
   deep        an entry nested 100,000 brackets deep (refused)
   values      3,000,000 numbers in an extra entry field (refused)
   sdxl-size   2,958 entries (986 modules), the key count of a full SDXL LoRA: the everyday case
@@ -32,6 +33,9 @@ import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lora_engine.formats.safetensors_file import MAX_TENSORS  # noqa: E402  (the bound of this tree)
 NAME = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_{}_attn1_to_q"
 
 CHILD = r"""
@@ -95,8 +99,8 @@ def make_cases(folder: str, wanted: set[str]) -> dict[str, str]:
 
     makers = {
         "300k": lambda: _entries((NAME.format(i) + ".lora_down.weight", [1]) for i in range(300_000)),
-        "bound-lora": lambda: _entries(list(lora(21_845))),
-        "bound-junk": lambda: _entries((f"t{i:07d}", [1]) for i in range(65_536)),
+        "bound-lora": lambda: _entries(list(lora(MAX_TENSORS // 3 + 1))[:MAX_TENSORS]),
+        "bound-junk": lambda: _entries((f"t{i:07d}", [1]) for i in range(MAX_TENSORS)),
         "deep": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + b"[" * 100_000
                           + b"]" * 100_000 + b"}}"), 4),
         "values": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":['
