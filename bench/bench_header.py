@@ -4,16 +4,17 @@ Writes these files into a temp dir (1-element F32 tensors, so the header is near
 
   300k        300,000 entries with LoRA-style names, a ~40 MB header: what one file in a shared folder could
               hold (refused: more entries than any LoRA file has)
-  bound-lora  65,535 entries = 21,845 complete LoRA modules (down, up, alpha): the largest file accepted
-  bound-junk  65,536 entries no adapter uses (refused: not a LoRA)
+  bound-lora  MAX_TENSORS (16,384) entries: 5,461 complete LoRA modules (down, up, alpha) and a lone
+              down: the largest file accepted, and the slowest
+  bound-junk  MAX_TENSORS entries no adapter uses (refused: not a LoRA)
   deep        an entry nested 100,000 brackets deep (refused)
   values      3,000,000 numbers in an extra entry field (refused)
   sdxl-size   2,958 entries (986 modules), the key count of a full SDXL LoRA: the everyday case
 
 and runs ``lora_engine.library.summary.summarize(path, check_finite=False)`` on each, which is what a library scan
 does per new file (header, keys, adapters; no NaN scan). Each measurement runs in a fresh process with one
-torch thread, ``--repeat`` times (median seconds; peak RSS growth over the process after its imports, the
-largest seen). ``--baseline REV`` runs the same files with the ``lora_engine`` of git revision REV too (taken
+torch thread, ``--repeat`` times (median seconds; peak RSS growth during the call, VmHWM after a
+``/proc/self/clear_refs`` reset, the largest seen; nan where the reset is not possible). ``--baseline REV`` runs the same files with the ``lora_engine`` of git revision REV too (taken
 with ``git archive``), in the same session, so the two columns are comparable.
 
     python bench/bench_header.py [--baseline REV] [--repeat 3] [--cases 300k,sdxl-size]
@@ -32,14 +33,34 @@ import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lora_engine.formats.safetensors_file import MAX_TENSORS  # noqa: E402  (the bound of this tree)
 NAME = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_{}_attn1_to_q"
 
 CHILD = r"""
-import json, resource, sys, time
+import gc, json, sys, time
 import torch
 torch.set_num_threads(1)
-from lora_engine.library.summary import summarize
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    from lora_engine.library.summary import summarize
+except ImportError:  # a --baseline revision from before the library/ package
+    from lora_engine.library.summary import summarize
+
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
+
+gc.collect()
+base = status("VmRSS")
+try:  # VmHWM back to the current RSS, so the peak is this call's (not the imports')
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    reset = True
+except OSError:
+    reset = False
 t0 = time.perf_counter()
 try:
     s = summarize(sys.argv[1], check_finite=False)
@@ -47,8 +68,8 @@ try:
 except BaseException as e:  # summarize is meant never to raise; older code did
     error, modules = f"{sys.argv[1]}: raised {type(e).__name__}: {str(e)[:60]}", 0
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "growth_kb": peak - base, "error": error, "modules": modules}))
+growth = status("VmHWM") - base if reset else float("nan")
+print(json.dumps({"seconds": seconds, "growth_kb": growth, "error": error, "modules": modules}))
 """
 
 
@@ -81,8 +102,8 @@ def make_cases(folder: str, wanted: set[str]) -> dict[str, str]:
 
     makers = {
         "300k": lambda: _entries((NAME.format(i) + ".lora_down.weight", [1]) for i in range(300_000)),
-        "bound-lora": lambda: _entries(list(lora(21_845))),
-        "bound-junk": lambda: _entries((f"t{i:07d}", [1]) for i in range(65_536)),
+        "bound-lora": lambda: _entries(list(lora(MAX_TENSORS // 3 + 1))[:MAX_TENSORS]),
+        "bound-junk": lambda: _entries((f"t{i:07d}", [1]) for i in range(MAX_TENSORS)),
         "deep": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + b"[" * 100_000
                           + b"]" * 100_000 + b"}}"), 4),
         "values": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":['

@@ -5,6 +5,29 @@ attention-processor form), PEFT folders, ComfyUI-native keys, and legacy pickles
 ``torch.load(weights_only=True)`` only). Every key is either consumed into a module's
 adapter or listed in ``LoraFile.unknown_keys``; modules whose tensors do not make sense
 are listed in ``LoraFile.problems`` with a one-line reason.
+
+Every malformed input ends in one :class:`LoraFileError` (or a subclass) whose message is one
+line naming the file and the problem; nothing else escapes. The checks:
+
+- the path exists; a folder is a PEFT folder (``adapter_model.safetensors``/``.bin``);
+- a safetensors file passes every header check of :mod:`.safetensors_file` (listed there);
+- a pickle (``.pt``, ``.ckpt``, ``.bin``, ``.pth``) is not empty, loads with
+  ``torch.load(weights_only=True)`` (one that would call code is :class:`UnsafeFileError`),
+  holds a dict of tensors (or ``{"state_dict": ...}``), and every tensor is dense, real-valued
+  and of a dtype a safetensors file could hold (:mod:`.legacy`);
+- a PEFT folder's ``adapter_config.json`` is at most 4 MB of UTF-8 JSON, an object, with
+  ``lora_alpha``/``alpha`` finite numbers and ``alpha_pattern`` an object of regular
+  expressions to finite numbers (:mod:`.peft_folder`); a diffusers ``lora_adapter_metadata``
+  entry that fails the same checks is ignored with a warning (alpha = rank);
+- the file holds at least one tensor;
+- per module (a problem in ``LoraFile.problems``, the module skipped; the file is refused
+  with :class:`AdapterShapeError` only when no module is left): NaN/Inf in its tensors (unless
+  ``check_finite=False``); ``alpha``/``scale``/``on_input`` of exactly one element; factors
+  (``down``, ``up``, ``mid``, ``hada_*``, ``lokr_*``, GLoRA's ``a1``..``b2``) with at least two
+  dimensions, every other tensor with at least one; OFT blocks of 3 or 4 dimensions; factors
+  that chain (LoRA up/down/mid, LoHa, LoKr); a complete set of tensors for its adapter type;
+  any other error while building the adapter (:func:`lora_engine.adapters.build_adapter`);
+- at least one key is a known adapter tensor ("not a LoRA" otherwise).
 """
 from __future__ import annotations
 

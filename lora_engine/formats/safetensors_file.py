@@ -12,18 +12,20 @@ the problem, never another exception. The checks, in order:
 1. the file can be opened, is not empty and holds at least the 8-byte length prefix;
 2. the header length N is at most ``MAX_HEADER_BYTES`` (100,000,000, the reference reader's
    limit) and ``8 + N`` is within the file;
-3. the header is UTF-8 and, after optional JSON whitespace, starts with ``{``;
+3. after optional JSON whitespace, the header starts with ``{``;
 4. its size as JSON, measured on the raw bytes before anything is parsed (a few C-speed
    passes, no recursion): at most ``MAX_STRINGS`` strings, and outside strings at most
-   ``MAX_OBJECTS`` objects, ``MAX_COMMAS`` commas and ``MAX_BRACKETS`` brackets, which balance
-   within ``MAX_DEPTH`` levels of nesting. This bounds the time and memory of everything after it: a header of 300,000
-   entries is refused here in milliseconds;
-5. JSON syntax (Python's parser, strict): ``NaN``/``Infinity`` and numbers out of a double's
-   range are refused, as is an integer of more than 4,300 digits;
+   ``MAX_OBJECTS`` objects, ``MAX_COMMAS`` commas and ``MAX_BRACKETS`` brackets, which
+   balance within ``MAX_DEPTH`` levels of nesting. This bounds the time and memory of all
+   that follows: a header of 300,000 entries is refused here, after two byte counts;
+5. UTF-8, and JSON syntax (Python's parser, strict): ``NaN``/``Infinity`` and numbers out of
+   a double's range are refused, as is an integer longer than Python's digit limit (4,300 by
+   default);
 6. no object has the same key twice (tensor names, metadata keys, entry fields);
-7. the header is an object; ``__metadata__`` is absent, ``null`` or an object of strings; a
-   lone UTF-16 surrogate escape (``"\\ud800"``) in a metadata key or value is replaced by
-   U+FFFD, so metadata always prints, caches and serialises as JSON;
+7. the header is an object of at most ``MAX_TENSORS`` tensor entries; ``__metadata__`` is
+   absent, ``null`` or an object of strings; a lone UTF-16 surrogate escape (``"\\ud800"``)
+   in a metadata key or value is replaced by U+FFFD, so metadata always prints, caches and
+   serialises as JSON;
 8. a tensor name holds no lone surrogate;
 9. each tensor entry is an object with ``dtype`` (a name in ``DTYPES``), ``shape`` (a list of
    JSON integers, each ``0 <= d < 2**64``) and ``data_offsets`` (a list of exactly two such
@@ -40,10 +42,11 @@ the problem, never another exception. The checks, in order:
 
 Where this differs from the reference reader (``safetensors`` 0.8), on purpose:
 
-- it also refuses identical duplicate keys (the reference keeps the last one), headers larger
-  than the bounds of check 4, dtypes torch cannot hold (F4, F6, F8_E8M0, C64, ...), and
-  zero-element shapes whose non-zero dimensions overflow int64 (the reference opens those,
-  then fails to make a torch tensor of them);
+- it also refuses duplicate keys even when identical (the reference keeps the last one),
+  headers beyond the bounds of check 4 (the reference parses an extra entry field up to 128
+  levels deep), dtypes outside ``DTYPES`` (F4, F6_*, F8_E8M0, F8_*FNUZ, C64: no LoRA holds
+  them), and zero-element shapes whose non-zero dimensions overflow int64 (the reference opens
+  those, then fails to make a torch tensor of them);
 - it accepts lone surrogates in metadata (as U+FFFD), which the reference refuses as JSON:
   Python writers produce them from undecodable file names (``surrogateescape``), and the
   weights of such a file are sound;
@@ -67,11 +70,11 @@ from ..errors import LoraFileError
 from ..text import clean_text, has_surrogate
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
-# Tensors per file. Real files hold far fewer: an SD1.5 LoRA ~800, an SDXL LoRA ~2,200, an SDXL LoCon/LoHa/LoKr
-# with every conv and text-encoder layer ~5,000, a single-file SDXL checkpoint ~2,600, a Flux LoRA ~1,500; even a
-# PEFT adapter on every expert of a 128-expert MoE LLM has ~37,000. 65,536 leaves that room while keeping a
-# hostile file's cost to about a second.
-MAX_TENSORS = 65_536
+# Tensors per file. The largest real files: a LyCORIS LoHa/LoKr (up to 7 tensors a module) on every layer of SDXL or
+# Flux, 5,000-7,000; a full SDXL LoRA 2,958; a single-file SDXL checkpoint ~2,600. 16,384 leaves 2-3x that, and keeps
+# the worst file a library scan meets to seconds: every entry costs Python work (JSON, checks, key parsing, a
+# tensor view, an adapter), ~0.1 ms on a busy 2-core box, so 65,536 entries took 18 s there.
+MAX_TENSORS = 16_384
 MAX_OBJECTS = MAX_TENSORS + 2  # one per tensor entry, the header itself, __metadata__
 MAX_STRINGS = 8 * MAX_TENSORS  # an entry holds 5 (name, three field names, dtype); metadata 2 per key
 MAX_COMMAS = 16 * MAX_TENSORS  # an entry holds 4 to 8 (3 fields, 2 offsets, shape of up to 5 dims)
