@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32, fit
+from .base import AdapterBase, Delta, f32, fit
 
 
 def _mat(t: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def _mat(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class GLoRA:
+class GLoRA(AdapterBase):
     a1: torch.Tensor
     a2: torch.Tensor
     b1: torch.Tensor

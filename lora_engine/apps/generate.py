@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LoraEngineError, ModelFolderError
+from ..errors import LoraEngineError, ModelFolderError, first_line
 
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 DEMO_SCALE = 4  # the demo model draws 32x32 pixels; images are saved 4x larger, each pixel a block
@@ -114,7 +114,7 @@ def load_pipeline(model_dir: str):
     try:
         pipe = cls.from_pretrained(model_dir, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFolderError(model_dir, f"cannot load the pipeline ({type(e).__name__}: {_first_line(e)})") from None
+        raise ModelFolderError(model_dir, f"cannot load the pipeline ({type(e).__name__}: {first_line(e)})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -128,41 +128,6 @@ def pipeline_root(pipe) -> torch.nn.Module:
         if isinstance(mod, torch.nn.Module):
             setattr(root, name, mod)
     return root
-
-
-class PromptLoras:
-    """Tags -> stack entries: resolves names in the library and reads files through the cache.
-    Problems become warnings (the generation still runs without that LoRA)."""
-
-    def __init__(self, lora_dirs, cache=None):
-        from ..library.parsed import LoraCache
-        from ..library.index import LoraLibrary
-
-        self.library = LoraLibrary(list(lora_dirs), use_cache=False, hash_files=False)
-        if lora_dirs:
-            self.library.scan()
-        self.cache = cache or LoraCache()
-
-    def stack(self, tags) -> tuple[list, list[str]]:
-        from ..syntax.blocks import module_multiplier
-        from ..patch import StackEntry
-
-        entries, warnings = [], []
-        for t in tags:
-            try:
-                lora = self.cache.get(self.library.resolve(t.name).path)
-            except LoraEngineError as e:
-                warnings.append(f"{t.raw or t.name}: {_first_line(e)}; LoRA skipped")
-                continue
-            if t.start is not None or t.stop is not None:
-                warnings.append(f"{t.raw}: step scheduling is not supported by generate; applied for all steps")
-            blocks = module_multiplier(t).ratio if (t.lbw is not None or t.elements) else None
-            entries.append(StackEntry(lora, te=t.te, unet=t.unet, block_multiplier=blocks, dyn=t.dyn, key=t.name))
-        return entries, warnings
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _step_callback(progress: Callable[[int, int], None] | None, total: int):
@@ -196,13 +161,13 @@ def _check(opts: GenerateOptions) -> None:
 
 
 def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], None] | None = None,
-             loras: PromptLoras | None = None) -> GenerateResult:
+             loras=None) -> GenerateResult:
     """Apply the prompt's LoRAs, run the pipeline on the cleaned prompt, restore the weights.
 
     ``pipe`` reuses a loaded pipeline (default: load ``opts.model_dir``); ``progress(step, total)``
     is called after every denoising step."""
-    from ..engine import LoraEngine, shapes_of
-    from ..keymap import build_keymap
+    from ..engine import LoraEngine
+    from ..loras import Loras
     from ..syntax.prompt import parse_prompt
 
     _check(opts)
@@ -214,14 +179,12 @@ def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], No
     warnings = list(parsed.warnings) + list(negative.warnings)
     if negative.tags:
         warnings.append("negative prompt: LoRA tags there are removed and not applied")
-    loras = loras or PromptLoras(opts.lora_dirs)
-    stack, stack_warnings = loras.stack(parsed.tags)
-    warnings += stack_warnings
-    root = pipe.root if demo else pipeline_root(pipe)
-    engine = LoraEngine(root, build_keymap(shapes_of(root)), mode="merged")
+    loras = loras or Loras(opts.lora_dirs)
+    warnings += [f"{t.raw}: step scheduling is not supported by generate; applied for all steps"
+                 for t in parsed.tags if not t.window.always]
+    engine = LoraEngine.for_model(pipe.root if demo else pipeline_root(pipe), mode="merged")
     try:
-        engine.set_stack(stack)
-        warnings += engine.warnings()
+        warnings += loras.apply(engine, parsed.tags)
         clean = replace(opts, negative=negative.cleaned_text)
         if demo:
             images = pipe.render(parsed.cleaned_text, clean, progress)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import AlphaSpec, build_adapter
+from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
 from .keys import ModuleKey, parse_key, te_prefix_for
 from .legacy import read_pickled
@@ -33,7 +34,7 @@ class ModuleAdapter:
 
     name: str
     dotted: str | None
-    adapter: object
+    adapter: Adapter
 
     @property
     def kind(self) -> str:
@@ -144,6 +145,8 @@ def lora_from_tensors(
     fmt = _detect_format(list(tensors), all_roles, peft_config)
     comp_cfgs = diffusers_metadata_configs(metadata)
     lf = LoraFile(path, fmt, metadata, {}, unknown, peft_config=peft_config)
+    if not comp_cfgs and str(metadata.get("lora_adapter_metadata") or "").strip() not in ("", "{}"):
+        lf.warnings.append(f"{path}: lora_adapter_metadata is not a usable LoRA config; alpha = rank assumed")
 
     nonfinite = [k for k, t in tensors.items() if _nonfinite(t)] if check_finite else []
     if nonfinite:

@@ -7,7 +7,7 @@ kohya suffix (LyCORIS tensors passed through unchanged by ``convert``).
 kohya keys: ``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (0-d, in the
 down tensor's dtype), ``<name>.lora_mid.weight``, ``<name>.dora_scale``, ``<name>.<suffix>``.
 
-Hashes as sd-scripts' ``precalculate_safetensors_hashes`` computes them (formats_training.md §1.8):
+Hashes as sd-scripts' ``library/train_util.py`` ``precalculate_safetensors_hashes`` computes them:
 the tensors are serialised with only the ``ss_*`` metadata; ``sshs_model_hash`` = sha256 of that
 serialisation's data region (= the addnet hash of the file we then write, whose data region is
 identical), ``sshs_legacy_hash`` = first 8 hex of sha256 of its bytes [0x100000, 0x110000).
@@ -45,6 +45,17 @@ class LoraTensors:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+
+@dataclass
+class BuiltLora:
+    """A LoRA a tool made (merge, extract): its modules, one report per module (the tool's report type),
+    warnings, and the metadata to write with it."""
+
+    modules: dict[str, LoraTensors]
+    reports: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def alpha_tensor(alpha, like: torch.Tensor) -> torch.Tensor:

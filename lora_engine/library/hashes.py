@@ -1,4 +1,5 @@
-"""File hashes used to identify LoRAs (../shared/reference/a1111.md §4.5, formats_training.md §1.8).
+"""File hashes used to identify LoRAs (A1111 ``modules/hashes.py`` ``addnet_hash_safetensors``; sd-scripts
+``library/train_util.py`` ``precalculate_safetensors_hashes``).
 
 - ``sha256``: of the whole file (changes with any metadata edit; Civitai "AutoV2" = first 10 hex).
 - ``addnet`` (= kohya's ``sshs_model_hash``): sha256 of the bytes after the safetensors

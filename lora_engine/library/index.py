@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 
 from ..errors import LoraEngineError, NameResolutionError, OperationCancelled
 from .hashes import bogus_metadata_hash, hash_file, short_hash
+from ..text import clean_value
 from .sidecar import DEFAULT_CACHE_NAME, LibraryCache
 
 LORA_EXTS = (".safetensors", ".ckpt", ".pt")
@@ -170,11 +171,11 @@ def read_sidecars(folder: str, stem: str, siblings: set[str]) -> tuple[Sidecars,
         try:
             data = json.loads(_read_text(p))
             if isinstance(data, dict):
-                user = data
+                user = clean_value(data)  # "\ud800" escapes decode to text that cannot be printed
             else:
                 problems.append(f"{p}: user metadata is not a JSON object; ignored")
-        except (OSError, ValueError) as e:
-            problems.append(f"{p}: unreadable user metadata ({e}); ignored")
+        except (OSError, ValueError, RecursionError) as e:
+            problems.append(f"{p}: unreadable user metadata ({str(e)[:120]}); ignored")
     desc = None
     for n in (stem + ".txt", stem + ".description.txt"):
         if n in siblings:

@@ -81,8 +81,8 @@ def layer_widths(adapter) -> tuple[int | None, int | None]:
         return int((a.b1 if current else a.b2).shape[0]), int(max(a.a1.shape[0], a.a1.shape[1]))
     shape = getattr(a, "natural_shape", None)
     try:
-        s = shape() if shape is not None else ()
-    except (RuntimeError, ValueError):
+        s = (shape() if shape is not None else None) or ()
+    except (RuntimeError, ValueError, IndexError):
         s = ()
     return (int(s[0]) if s else None), (int(s[1]) if len(s) > 1 else None)
 
@@ -134,31 +134,39 @@ def _blocks(lf: LoraFile) -> dict[str, dict]:
     for name, m in sorted(lf.modules.items()):
         b = out.setdefault(block_of(name), {"modules": 0, "ranks": set(), "alphas": set()})
         b["modules"] += 1
-        inner = getattr(m.adapter, "inner", m.adapter)
-        rank = getattr(inner, "rank", None)
+        rank = m.adapter.rank
         if rank:
             b["ranks"].add(int(rank))
-            b["alphas"].add(round(float(inner.scale) * rank, 4))
+            b["alphas"].add(round(float(m.adapter.scale) * rank, 4))
     return {k: {"modules": v["modules"], "ranks": sorted(v["ranks"]), "alphas": sorted(v["alphas"])} for k, v in out.items()}
 
 
 def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -> Summary:
     """Diagnose a file. Never raises for a bad file: the error is in ``Summary.error``.
-    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders."""
-    if isinstance(source, LoraFile):
-        lf = source
-    else:
-        try:
-            lf = _load(os.fspath(source), check_finite)
-        except LoraEngineError as e:
-            return Summary(os.fspath(source), "unreadable", "unknown", "", 0, {}, {}, {}, error=str(e))
+    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders.
+
+    Every malformed file is a :class:`LoraEngineError` from the loader; anything else escaping it would be a
+    bug, and is still reported here (with its type) rather than raised, so a folder scan always finishes."""
+    try:
+        return _summarize(source, check_finite)
+    except LoraEngineError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 - the contract above: one bad file never stops a caller
+        where = source.path if isinstance(source, LoraFile) else os.fspath(source)
+        error = f"{where}: internal error reading it ({type(e).__name__}: {str(e)[:160]})"
+    path = source.path if isinstance(source, LoraFile) else os.fspath(source)
+    return Summary(path, "unreadable", "unknown", "", 0, {}, {}, {}, error=error.replace("\n", " "))
+
+
+def _summarize(source: str | os.PathLike | LoraFile, check_finite: bool) -> Summary:
+    lf = source if isinstance(source, LoraFile) else _load(os.fspath(source), check_finite)
     arch = _arch_from_metadata(lf.metadata)
     arch_src = "metadata"
     if arch is None:
         arch, arch_src = _arch_from_keys(lf)
     kinds = Counter()
     for m in lf.modules.values():
-        kinds[m.kind if m.kind != "dora" else f"dora({m.adapter.inner.kind})"] += 1
+        kinds[m.adapter.label] += 1
     return Summary(lf.path, lf.format, arch, arch_src, len(lf.modules), dict(kinds), _blocks(lf), dict(lf.metadata),
                    list(lf.unknown_keys), list(lf.problems), list(lf.warnings))
 

@@ -44,10 +44,6 @@ def _param(root: torch.nn.Module, key: str) -> torch.Tensor:
     return p
 
 
-def _region(t: torch.Tensor, rows):
-    return t if rows is None else t[rows[0]:rows[1]]
-
-
 def _plus(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """base + delta in fp32, into ``delta`` (a fresh tensor from ``summed_delta``) when shapes allow:
     the same bits as ``base + delta``, without allocating another full-size buffer."""
@@ -69,11 +65,11 @@ class MergedPatcher:
     def _backup(self, slot: str, target) -> tuple[torch.Tensor, torch.Tensor | None]:
         if slot not in self.backups:
             dev = None if self.backup_device == "same" else torch.device(self.backup_device)
-            w = _region(_param(self.root, target.weight_key), target.rows).detach()
+            w = target.region(_param(self.root, target.weight_key)).detach()
             b = None
             if target.bias_key is not None:
                 try:
-                    b = _region(_param(self.root, target.bias_key), target.rows).detach()
+                    b = target.region(_param(self.root, target.bias_key)).detach()
                 except (KeyError, AttributeError):
                     b = None
             self.backups[slot] = (w.to(dev, copy=True) if dev else w.clone(),
@@ -95,7 +91,7 @@ class MergedPatcher:
     def _write(self, slot: str, target, contributions) -> None:
         first = slot not in self.backups
         w0, b0 = self._backup(slot, target)
-        w = _region(_param(self.root, target.weight_key), target.rows)
+        w = target.region(_param(self.root, target.weight_key))
         if first and (w0.device != w.device or w.dtype != torch.float32):
             w0 = w.detach()  # still W₀: read it where it is (its sum goes through the scratch buffer)
         else:
@@ -115,7 +111,7 @@ class MergedPatcher:
             self.stats.bytes_written += w.numel() * w.element_size()
         if db is not None and target.bias_key is not None:
             try:
-                b = _region(_param(self.root, target.bias_key), target.rows)
+                b = target.region(_param(self.root, target.bias_key))
             except (KeyError, AttributeError):
                 b = None
             if b is not None:
@@ -128,9 +124,9 @@ class MergedPatcher:
         w0, b0 = self.backups.pop(slot)
         if target is None:
             return
-        _region(_param(self.root, target.weight_key), target.rows).copy_(w0)
+        target.region(_param(self.root, target.weight_key)).copy_(w0)
         if b0 is not None:
-            _region(_param(self.root, target.bias_key), target.rows).copy_(b0)
+            target.region(_param(self.root, target.bias_key)).copy_(b0)
         self.stats.slots_restored += 1
 
     def apply(self, new_plan: PatchPlan) -> PatchStats:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..adapters.base import Adapter
 from ..formats import LoraFile
+from ..keymap.target import TargetMap
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Contribution:
     lora_id: str
     module_name: str
     strength: float
-    adapter: object = field(compare=False, hash=False)
+    adapter: Adapter = field(compare=False, hash=False)
 
     @property
     def signature(self) -> tuple:
@@ -88,39 +90,7 @@ def _truncate(adapter, dyn: int | None):
     return adapter
 
 
-def misfit(adapter, shape: tuple[int, ...]) -> str | None:
-    """Why this adapter cannot apply to a weight of ``shape`` (from tensor shapes only), or None."""
-    import math
-
-    from ..adapters.dora import dora_axis
-
-    inner = getattr(adapter, "inner", adapter)
-    natural = getattr(inner, "natural_shape", None)
-    if natural is not None:
-        try:
-            ns = tuple(natural())
-        except (RuntimeError, ValueError, IndexError):
-            return "its tensors do not chain"
-        if math.prod(ns) != math.prod(shape):
-            return f"delta {list(ns)} vs weight {list(shape)}"
-    if inner.kind == "ia3" and inner.weight.numel() not in shape[:2]:
-        return f"ia3 vector of {inner.weight.numel()} vs weight {list(shape)}"
-    if inner.kind == "oft" and not inner.is_butterfly and inner.blocks.shape[0] * inner.blocks.shape[-1] != shape[0]:
-        return f"oft blocks {list(inner.blocks.shape)} vs weight {list(shape)}"
-    if adapter is not inner:  # DoRA magnitude
-        try:
-            dora_axis(tuple(adapter.magnitude.shape), tuple(shape))
-        except ValueError as e:
-            return str(e)
-    return None
-
-
-def _has_bias_delta(adapter) -> bool:
-    inner = getattr(adapter, "inner", adapter)
-    return any(getattr(inner, f, None) is not None for f in ("up_bias", "diff_b", "b_norm"))
-
-
-def resolve(lora: LoraFile, keymap) -> tuple:
+def resolve(lora: LoraFile, keymap: TargetMap) -> tuple:
     """Per module of a LoRA file: (name, its ``ModuleAdapter``, the keymap target or None, why the
     adapter does not fit that target or None). Depends on the file and the model only, not on the
     stack's weights, so an engine keeps it while the LoRA stays in the stack (``build_plan``'s
@@ -128,11 +98,11 @@ def resolve(lora: LoraFile, keymap) -> tuple:
     rows = []
     for name, ma in lora.modules.items():
         target = keymap.lookup(name, ma.dotted)
-        rows.append((name, ma, target, None if target is None else misfit(ma.adapter, target.shape)))
+        rows.append((name, ma, target, None if target is None else ma.adapter.misfit(tuple(target.shape))))
     return tuple(rows)
 
 
-def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
+def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     if cache is None:
         return resolve(lora, keymap)
     hit = cache.get(id(lora))
@@ -141,7 +111,7 @@ def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
     return hit[2]
 
 
-def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None) -> PatchPlan:
+def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None = None) -> PatchPlan:
     """The plan for a wanted stack. ``resolved``: a dict the caller keeps between calls, holding
     ``resolve`` of each LoRA file (pruned to the stack's files here)."""
     plan = PatchPlan()
@@ -162,7 +132,7 @@ def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None) ->
             if entry.block_multiplier is not None:
                 strength *= float(entry.block_multiplier(name))
             report.touched += 1
-            if target.bias_key is None and _has_bias_delta(ma.adapter):
+            if target.bias_key is None and ma.adapter.has_bias_delta:
                 report.problems.append(f"{name}: has a bias delta but the layer has no bias (bias part skipped)")
             if strength == 0.0:
                 continue

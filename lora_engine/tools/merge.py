@@ -16,13 +16,13 @@ the base weights and are refused with a clear error.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ToolError
 from ..formats import LoraFile, load_lora
-from ..formats.writer import LoraTensors, write_kohya
+from ..formats.writer import BuiltLora, LoraTensors, write_kohya
 from .lowrank import adapter_bias, dense_delta, factor, factor_product, locon_factors
 from .naming import unify_te_names
 from .progress import Ticker
@@ -39,14 +39,6 @@ class ModuleReport:
     name: str
     rank: int
     retained_fro: float | None = None  # None: exact
-
-
-@dataclass
-class MergeResult:
-    modules: dict[str, LoraTensors]
-    reports: list[ModuleReport] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _target_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -116,13 +108,13 @@ def _default_dtype(inputs: list[MergeInput]) -> torch.dtype:
 
 
 def merge_loras(inputs: list[MergeInput], rank: int | None = None, method: str = "fixed", param: float | None = None,
-                dtype: torch.dtype | None = None, device=None, progress=None, cancel=None) -> MergeResult:
+                dtype: torch.dtype | None = None, device=None, progress=None, cancel=None) -> BuiltLora:
     """``rank=None`` → exact (concatenated ranks); else SVD to ``rank`` (a cap for dynamic methods)."""
     if not inputs:
         raise ToolError("merge needs at least one LoRA")
     dtype = dtype or _default_dtype(inputs)
     terms = _collect(inputs)
-    result = MergeResult({})
+    result = BuiltLora({})
     ticker = Ticker(len(terms), progress, cancel)
     for name, module_terms in terms.items():
         ticker.check()
@@ -150,7 +142,7 @@ def _merge_metadata(inputs: list[MergeInput], rank, method, param) -> dict[str, 
     return meta
 
 
-def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs) -> MergeResult:
+def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs) -> BuiltLora:
     """Load ``(path, weight)`` pairs, merge (see :func:`merge_loras`), write ``out`` atomically."""
     inputs = [MergeInput(load_lora(p), w) for p, w in specs]
     result = merge_loras(inputs, **kwargs)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_engine.apps.cli import main
 from lora_engine.apps.cli.bake_cmd import parse_lora
-from lora_engine.apps.cli.tool_common import split_weights
+from lora_engine.syntax.file_weights import split_weights
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from tests.models.hosts import a1111_root

@@ -36,7 +36,7 @@ def test_sweep_cells_match_manual_application_and_restore(ctx, lora_root, demo_b
     gen = DemoGenerator(demo_base)
     before = {k: v.clone() for k, v in gen.model.state_dict().items()}
     spec = SweepSpec("a purple circle", ("purple_style",), (-1.0, 0.0, 1.0), seed=3, steps=2)
-    runner = SweepRunner(gen, ctx.library)
+    runner = SweepRunner(gen, ctx.loras)
     calls = []
     cells, warnings = runner.cells(spec, lambda d, t, w: calls.append((d, t, w)))
     assert calls[-1] == (3, 3, "purple_style at 1")
@@ -123,3 +123,20 @@ def test_train_session_bad_folder_and_cancel(ctx, demo_base, tmp_path):
     session.cancel()
     text, losses = _wait(session)
     assert "state: cancelled" in text and 0 < len(losses) < 10000
+
+
+def test_an_unreadable_row_is_left_out_with_one_line(ctx, lora_root, demo_base, tmp_path):
+    from lora_engine.apps.ui.sweep import DemoGenerator, SweepRunner, SweepSpec
+
+    bad = os.path.join(lora_root, "zz_broken.safetensors")
+    with open(bad, "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    try:
+        ctx.scan()
+        runner = SweepRunner(DemoGenerator(demo_base), ctx.loras)
+        cells, warnings = runner.cells(SweepSpec("a circle", ("zz_broken", "purple_style"), (0.0, 1.0), steps=1))
+        assert len(cells) == 1 and len(cells[0]) == 2
+        assert [w for w in warnings if "zz_broken" in w and "row left out" in w]
+    finally:
+        os.remove(bad)
+        ctx.scan()

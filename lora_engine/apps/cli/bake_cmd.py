@@ -2,7 +2,8 @@
 (single-file ldm/sgm safetensors or diffusers folder), streamed tensor by tensor, written atomically."""
 from __future__ import annotations
 
-from .tool_common import add_device, add_overwrite, add_threads, Bar, claim_output, split_weights
+from ...syntax.file_weights import split_weights
+from .tool_common import add_device, add_overwrite, add_threads, Bar, claim_output
 
 
 def register(sub) -> None:

@@ -70,12 +70,8 @@ def _options(args):
 
 
 def run(args) -> int:
-    try:
-        from ..demo.run import GRID_NAME, run_demo
-    except ImportError as e:
-        print(f"lora-engine demo: needs the models extra ({e.name} missing): pip install 'lora-engine[models]'",
-              file=sys.stderr)
-        return 1
+    from ..demo.run import GRID_NAME, run_demo
+
     opts = _options(args)
     for name in (GRID_NAME, opts.lora_name + ".safetensors"):
         claim_output(os.path.join(opts.out, name), args.overwrite)

@@ -2,7 +2,8 @@
 ranks) or SVD-compressed to rank R (fixed or dynamic)."""
 from __future__ import annotations
 
-from .tool_common import add_device, add_overwrite, add_precision, add_threads, Bar, claim_output, dtype_arg, split_weights
+from ...syntax.file_weights import split_weights
+from .tool_common import add_device, add_overwrite, add_precision, add_threads, Bar, claim_output, dtype_arg
 
 
 def register(sub) -> None:

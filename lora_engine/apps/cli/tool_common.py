@@ -1,5 +1,5 @@
 """What the subcommands share: a progress bar (tqdm when installed, else a plain counter on stderr), dtype
-names, ``--threads``, the overwrite rule and ``FILE:WEIGHT`` specs. Errors and Ctrl+C are main()'s."""
+names, ``--threads`` and the overwrite rule. Errors and Ctrl+C are main()'s."""
 from __future__ import annotations
 
 import sys
@@ -86,37 +86,3 @@ def claim_output(path: str | None, overwrite: bool) -> None:
 
     if path and os.path.lexists(path) and not overwrite:
         raise OutputExistsError(path)
-
-
-def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
-    """``"path:0.8:-1"`` -> ``("path", [0.8, -1.0])``: up to ``most`` trailing numbers (a Windows drive
-    letter or a path with ':' is left alone because it does not parse as a number). A part after an
-    existing file that is not a number is an error naming it (``a.safetensors:abc``), not a missing file."""
-    import os
-
-    from ...errors import ToolError
-
-    path, numbers = spec, []
-    while len(numbers) < most and ":" in path:
-        head, tail = path.rsplit(":", 1)
-        try:
-            numbers.insert(0, float(tail))
-        except ValueError:
-            break
-        path = head
-    if not os.path.exists(path):
-        parts = path.split(":")
-        for i in range(len(parts) - 1, 0, -1):
-            file = ":".join(parts[:i])
-            if os.path.isfile(file):
-                bad = next((x for x in parts[i:] if not _is_number(x)), ":".join(parts[i:]))
-                raise ToolError(f"{spec}: weight {bad!r} is not a number (FILE:WEIGHT, e.g. {file}:0.8)")
-    return path, numbers
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ...errors import ToolError
 from ...library.index import LoraLibrary
+from ...loras import Loras
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,18 @@ class UiConfig:
 
 @dataclass
 class UiContext:
-    """``library``: a host's own :class:`LoraLibrary` (A1111 keeps one), else one over ``config.lora_dirs``."""
+    """``library``: a host's own :class:`LoraLibrary` (A1111 keeps one), else one over ``config.lora_dirs``;
+    ``loras``: names → parsed files → stack entries over that library (what Generate applies)."""
 
     config: UiConfig
     library: LoraLibrary | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    loras: Loras = field(init=False)
 
     def __post_init__(self):
         if self.library is None:
             self.library = LoraLibrary(self.config.lora_dirs, hash_files=self.config.hash_files)
+        self.loras = Loras(library=self.library)
 
     def scan(self, progress=None):
         with self.lock:

@@ -29,7 +29,7 @@ class GenerateSession:
                 spec = self.ctx.config.model
                 path = None if spec == "demo" else spec
                 gen = DemoGenerator(path, progress=progress)
-                self.runner = SweepRunner(gen, self.ctx.library)
+                self.runner = SweepRunner(gen, self.ctx.loras)
             return self.runner
 
     def run(self, prompt, loras, weights, seed, steps, guidance, progress=None):

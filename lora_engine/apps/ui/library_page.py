@@ -5,6 +5,7 @@ standalone app, or a host's tab) and returns them by name.
 """
 from __future__ import annotations
 
+from ...text import clean_text
 from .cards import ARCH_FILTERS, cards_html, filter_entries
 from .compat import gradio
 from .context import UiContext
@@ -13,7 +14,8 @@ from .progress import gradio_progress
 
 def render_cards(ctx: UiContext, query: str = "", arch: str = "all") -> str:
     entries = ctx.library.entries
-    return cards_html(filter_entries(entries, query, arch), len(entries))
+    # a file name decoded with surrogateescape would make the page's JSON unencodable
+    return clean_text(cards_html(filter_entries(entries, query, arch), len(entries)))
 
 
 def build_library_page(ctx: UiContext) -> dict:
@@ -31,7 +33,7 @@ def build_library_page(ctx: UiContext) -> dict:
         note = (f"Scanned {report.files} files ({report.read} read, {report.reused} from cache) "
                 f"in {report.seconds:.1f} s")
         note += "".join(f"\n- {w}" for w in report.warnings[:10])
-        return note, render_cards(ctx, query, arch_value)
+        return clean_text(note), render_cards(ctx, query, arch_value)
 
     def do_filter(query, arch_value):
         return render_cards(ctx, query, arch_value)

@@ -2,9 +2,9 @@
 A1111's X/Y plot with ``<lora:NAME:w>``), every cell from the same seed so only the LoRA differs.
 
 A cell's prompt is the user's prompt plus ``<lora:ROW:w>``; all tags are parsed by
-:func:`lora_engine.syntax.prompt.parse_prompt`, resolved by the UI's :class:`~lora_engine.library.index.LoraLibrary`,
-read through a :class:`~lora_engine.library.parsed.LoraCache` and applied by a :class:`~lora_engine.engine.LoraEngine`
-(merged mode; restored after the grid). The model is anything with ``root`` (the module tree the key
+:func:`lora_engine.syntax.prompt.parse_prompt`, turned into stack entries by the UI's
+:class:`~lora_engine.loras.Loras` (a LoRA that cannot be used is skipped with one warning) and applied by
+a :class:`~lora_engine.engine.LoraEngine` (merged mode; restored after the grid). The model is anything with ``root`` (the module tree the key
 map reads) and ``render(text, seed, steps, guidance, callback) -> (3, H, W)`` in [0, 1];
 :class:`DemoGenerator` is the built-in demo model.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ...errors import LoraEngineError
+from ...errors import LoraEngineError, first_line
 
 DEFAULT_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 
@@ -56,22 +56,29 @@ class DemoGenerator:
 class SweepRunner:
     """Holds the engine of one generator; ``grid`` renders a sweep and restores the weights."""
 
-    def __init__(self, generator, library):
-        from ...library.parsed import LoraCache
-        from ...engine import LoraEngine, shapes_of
-        from ...keymap import build_keymap
+    def __init__(self, generator, loras):
+        """``loras``: the UI's :class:`~lora_engine.loras.Loras` (its folders and parsed-file cache)."""
+        from ...engine import LoraEngine
 
-        self.generator, self.library = generator, library
-        self.cache = LoraCache()
-        self.engine = LoraEngine(generator.root, build_keymap(shapes_of(generator.root)), mode="merged")
+        self.generator, self.loras = generator, loras
+        self.engine = LoraEngine.for_model(generator.root, mode="merged")
 
     def _apply(self, tags) -> list[str]:
-        from ...patch import StackEntry
+        return self.loras.apply(self.engine, tags)
 
-        stack = [StackEntry(self.cache.get(self.library.resolve(t.name).path), te=t.te, unet=t.unet, dyn=t.dyn,
-                            key=t.name) for t in tags]
-        self.engine.set_stack(stack)
-        return self.engine.warnings()
+    def usable_rows(self, names) -> tuple[list[str], list[str]]:
+        """The row LoRAs that can be read, and one warning line per row that cannot (it is left out);
+        :class:`LoraEngineError` when none is left."""
+        usable, warnings = [], []
+        for name in names:
+            try:
+                self.loras.file(name)
+                usable.append(name)
+            except LoraEngineError as e:
+                warnings.append(f"{name}: {first_line(e)}; row left out")
+        if not usable:
+            raise LoraEngineError("no usable LoRA for the sweep: " + "; ".join(warnings))
+        return usable, warnings
 
     def cells(self, spec: SweepSpec, progress: Callable[[int, int, str], None] | None = None):
         """``(cells[row][col] tensors, warnings)``."""
@@ -79,10 +86,11 @@ class SweepRunner:
 
         if not spec.loras:
             raise LoraEngineError("choose at least one LoRA for the sweep")
-        total, done = len(spec.loras) * len(spec.weights), 0
-        rows, warnings = [], []
+        names, warnings = self.usable_rows(spec.loras)
+        total, done = len(names) * len(spec.weights), 0
+        rows = []
         try:
-            for name in spec.loras:
+            for name in names:
                 row = []
                 for w in spec.weights:
                     parsed = parse_prompt(f"{spec.prompt} <lora:{name}:{w:g}>")
@@ -101,6 +109,7 @@ class SweepRunner:
         from ..demo.grid import make_grid
 
         cells, warnings = self.cells(spec, progress)
+        rows, _ = self.usable_rows(spec.loras)  # the rows cells() rendered (parsed files are cached)
         scale = max(1, 128 // cells[0][0].shape[-1])
         title = f"{spec.prompt}  (seed {spec.seed}, {spec.steps} steps)"
-        return make_grid(cells, list(spec.loras), [f"w = {w:g}" for w in spec.weights], title, scale=scale), warnings
+        return make_grid(cells, rows, [f"w = {w:g}" for w in spec.weights], title, scale=scale), warnings

@@ -47,7 +47,7 @@ def _free(path: str, overwrite: bool) -> str:
 
 
 def parse_weighted(ctx: UiContext, text: str, most: int = 1) -> list[tuple[str, list[float]]]:
-    from ..cli.tool_common import split_weights
+    from ...syntax.file_weights import split_weights
 
     out = []
     for line in (text or "").splitlines():

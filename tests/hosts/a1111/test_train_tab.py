@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.optional import needs, require
+
+require("PIL")  # the trainer (lora_engine.train, tests.train.models) reads images with pillow
 from extension.train_host import a1111_train_host, prediction_type
 from extension.train_tab import FORM_FIELDS, TrainTab, default_preset, preset_form_values
 from lora_engine.engine import LoraEngine, shapes_of
@@ -273,6 +276,7 @@ def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path
     assert len(engine.stack) == 1 and all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
 
 
+@needs("gradio")
 def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     """``on_ui_tabs`` with stand-ins of the A1111 modules it reads (``shared``, ``paths``, ``call_queue``)."""
     import types
@@ -290,6 +294,8 @@ def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     monkeypatch.setattr(callbacks, "_CONTROLLER", None)
     [(blocks, title, elem_id)] = train_tab.on_ui_tabs()
     assert (title, elem_id) == ("LoRA Training", "lora_training")
+    base = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "le-train-base")
+    assert base.visible is False and base.value == ""  # it trains the loaded checkpoint: no 'demo' to mislead
     fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
     by_name = {getattr(f.fn, "__name__", ""): f.fn for f in fns}
     updates = by_name["choose"]("sd15_style")
