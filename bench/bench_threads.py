@@ -101,12 +101,10 @@ def grid_child(a: argparse.Namespace) -> None:
     """The web UI's grid with the thread policy ``serve --model demo`` applies."""
     from lora_engine.apps.threads import choose_threads, torch_threads
     from lora_engine.apps.ui.sweep import DemoGenerator, SweepRunner, SweepSpec
-    from lora_engine.library.index import LoraLibrary
+    from lora_engine.loras import Loras
 
     with torch_threads(choose_threads(a.threads, small_model=True)) as choice:
-        library = LoraLibrary([a.grid_child], use_cache=False, hash_files=False)
-        library.scan()
-        runner = SweepRunner(DemoGenerator(), library)
+        runner = SweepRunner(DemoGenerator(), Loras([a.grid_child]))
         spec = SweepSpec("a purple circle", ("purple_a", "purple_b"), steps=a.grid_steps)
         t = time.perf_counter()
         runner.grid(spec)
