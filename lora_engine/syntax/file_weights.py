@@ -1,15 +1,15 @@
 """``FILE:W[:W]``: a file named with its weights, as the tools take it (merge, bake, the web UI's lines)."""
 from __future__ import annotations
 
+import os
+
+from ..errors import ToolError
+
 
 def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
     """``"path:0.8:-1"`` -> ``("path", [0.8, -1.0])``: up to ``most`` trailing numbers (a Windows drive
     letter or a path with ':' is left alone because it does not parse as a number). A part after an
     existing file that is not a number is an error naming it (``a.safetensors:abc``), not a missing file."""
-    import os
-
-    from ..errors import ToolError
-
     path, numbers = spec, []
     while len(numbers) < most and ":" in path:
         head, tail = path.rsplit(":", 1)

@@ -1,10 +1,9 @@
 """`lora-engine` command line. Each subcommand lives in its own module exposing
 ``register(subparsers)``; this file assembles them and is the one place that decides, for every
-command: the torch thread count (``--threads``), what a lora-engine error prints (one line, exit 1),
-a missing optional package (one line naming the extra, :mod:`lora_engine.extras`), Ctrl+C (one line,
-exit 130), a console that cannot encode a name (backslash escapes) and a closed stdout pipe
-(``lora-engine inspect … | head``: quiet, exit 141). A command names what a cancel leaves behind with
-``set_defaults(cancelled="...")``."""
+command: the torch thread count (``--threads``), what a lora-engine error prints (one line, exit 1), a
+missing optional package (one line naming the extra to install, :mod:`lora_engine.extras`), Ctrl+C (one
+line, exit 130) and a closed stdout pipe (``lora-engine inspect … | head``: quiet, exit 141). A command
+names what a cancel leaves behind with ``set_defaults(cancelled="...")``."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +69,20 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def _run(args) -> int:
+    line = extras.check(args.command)
+    if line is None:
+        try:
+            with _threads(args):
+                return int(args.func(args) or 0)
+        except ModuleNotFoundError as e:
+            line = extras.missing_line(args.command, e.name)
+            if line is None:
+                raise
+    print(line, file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from ...errors import LoraEngineError
 
@@ -83,19 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    line = extras.check(args.command)
-    if line is not None:
-        print(line, file=sys.stderr)
-        return 1
     try:
-        with _threads(args):
-            return int(args.func(args) or 0)
-    except ModuleNotFoundError as e:
-        line = extras.missing_line(args.command, e.name)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return 1
+        return _run(args)
     except KeyboardInterrupt:
         left = getattr(args, "cancelled", "")
         print(f"\nlora-engine {args.command}: cancelled" + (f"; {left}" if left else ""), file=sys.stderr)

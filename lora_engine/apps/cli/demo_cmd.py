@@ -70,7 +70,8 @@ def _options(args):
 
 
 def run(args) -> int:
-    from ..demo.run import GRID_NAME, run_demo  # a missing extra: one line from cli.main
+    from ..demo.run import GRID_NAME, run_demo
+
     opts = _options(args)
     for name in (GRID_NAME, opts.lora_name + ".safetensors"):
         claim_output(os.path.join(opts.out, name), args.overwrite)

@@ -1,5 +1,5 @@
 """What the subcommands share: a progress bar (tqdm when installed, else a plain counter on stderr), dtype
-names, ``--threads``, the overwrite rule and ``FILE:WEIGHT`` specs. Errors and Ctrl+C are main()'s."""
+names, ``--threads`` and the overwrite rule. Errors and Ctrl+C are main()'s."""
 from __future__ import annotations
 
 import sys
