@@ -45,7 +45,7 @@ torch.set_num_threads(1)
 try:
     from lora_engine.library.summary import summarize
 except ImportError:  # a --baseline revision from before the library/ package
-    from lora_engine.library.summary import summarize
+    from lora_engine.diagnose import summarize
 
 
 def status(key):
