@@ -12,7 +12,9 @@ class Target:
     from. ``rows`` is ``[start, stop)`` inside a fused weight (OpenCLIP's ``in_proj_weight``
     holds q, k, v stacked on dim 0) and applies to the bias the same way; else None.
     ``component`` is ``"unet"`` or ``"te"`` (which multiplier applies). ``shape`` is the
-    shape of the (sliced) weight.
+    shape of the (sliced) weight. ``delta_rows`` is ``[start, stop)`` of the LoRA's delta that
+    this region receives, when one LoRA module spans several of the model's weights (a fused
+    ``qkv`` LoRA on separate q/k/v layers) or stores rows in another order; else None.
     """
 
     weight_key: str
@@ -20,6 +22,7 @@ class Target:
     rows: tuple[int, int] | None
     component: str
     shape: tuple[int, ...]
+    delta_rows: tuple[int, int] | None = None  # rows of the LoRA's delta that land here (a fused LoRA split up)
 
 
 def module_target(root, module: str, component: str) -> Target:
