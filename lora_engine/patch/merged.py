@@ -139,8 +139,8 @@ class MergedPatcher:
         changed = changed_slots(self.plan, new_plan)
         self._scratch_size = max((int(torch.Size(new_plan.targets[s].shape).numel()) for s in changed
                                   if s in new_plan.contributions), default=0)
-        for slot in changed:
-            if slot not in new_plan.contributions:
+        for slot in sorted(changed, key=lambda s: s in new_plan.contributions):  # restores first: a slot
+            if slot not in new_plan.contributions:  # written next may cover the same rows and back them up
                 if slot in self.backups:
                     self._restore_slot(slot)
             else:
