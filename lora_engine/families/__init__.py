@@ -9,9 +9,10 @@ from collections.abc import Mapping
 
 from .base import Family, FamilyMismatch, Layer, Part, TextEncoder
 from .flux import CHROMA, FLUX
+from .sd3 import SD3
 
 # Order matters where markers are shared: a variant (with ``requires``) before its parent.
-FAMILIES: tuple[Family, ...] = (CHROMA, FLUX)
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 
 

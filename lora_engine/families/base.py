@@ -86,7 +86,9 @@ class Family:
     relative to the model's root. ``config``: shapes (relative keys) + naming -> config dict.
     ``layer_list``: config -> every targetable :class:`Layer`. ``blocks``: config -> block ids in
     order (for block weights); ``block_re`` finds the block of a native or diffusers module path.
-    ``requires``: keys that must also be present (tells a variant from its parent family).
+    ``requires``: ``{naming: key prefixes}`` that must also be present in that naming (tells a variant
+    from its parent family, or a family from another sharing its marker); ``excludes``: key prefixes
+    that rule the family out.
     """
 
     name: str
@@ -97,13 +99,16 @@ class Family:
     text_encoders: tuple[TextEncoder, ...]
     blocks: Callable[[dict], list[str]]
     block_of: Callable[[str], str | None]
-    requires: tuple[str, ...] = ()
+    requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     excludes: tuple[str, ...] = ()
     lora_patterns: tuple[re.Pattern, ...] = field(default=())  # names that say "a LoRA for this family"
 
     def fits(self, shapes: Mapping[str, tuple]) -> bool:
         """Whether a root's (relative) keys belong to this family."""
-        return (any(m in shapes for m in self.markers) and all(any(k.startswith(r) for k in shapes) for r in self.requires)
+        if not any(m in shapes for m in self.markers):
+            return False
+        needed = self.requires.get(self.naming(shapes), ())
+        return (all(any(k.startswith(r) for k in shapes) for r in needed)
                 and not any(any(k.startswith(x) for k in shapes) for x in self.excludes))
 
     def naming(self, shapes: Mapping[str, tuple]) -> str:

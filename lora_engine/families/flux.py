@@ -161,5 +161,6 @@ CHROMA = Family(
     name="chroma", label="Chroma", markers={**NATIVE_MARKERS, **DIFFUSERS_MARKERS}, config=flux_config,
     layer_list=flux_layers,
     text_encoders=(TextEncoder("t5", ("lora_te3_", "lora_te2_", "lora_te1_", "lora_te_"), "text_encoder"),),
-    blocks=flux_blocks, block_of=flux_block_of, requires=(_APPROX,), lora_patterns=_LORA_NAMES,
+    blocks=flux_blocks, block_of=flux_block_of, requires={"native": (_APPROX,), "diffusers": (_APPROX,)},
+    lora_patterns=_LORA_NAMES,
 )

@@ -100,3 +100,32 @@ class NativeTree(nn.Module):
                 mod.add_module(part, child)
             mod = child
         return mod
+
+
+# SD3 / SD3.5 (diffusers SD3Transformer2DModel): the diffusers test config, 3.5-Medium's variant of it,
+# and the released configs (transformer/config.json of SD3.5-Large and SD3.5-Medium)
+TINY_SD3 = dict(sample_size=32, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+                caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+                pos_embed_max_size=96, dual_attention_layers=(), qk_norm=None)
+TINY_SD35M = dict(TINY_SD3, dual_attention_layers=(0,), qk_norm="rms_norm")
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+
+
+def sd3_model(config: dict = TINY_SD3, seed: int = 0, meta: bool = False):
+    from diffusers import SD3Transformer2DModel
+
+    if meta:
+        with torch.device("meta"):
+            return SD3Transformer2DModel(**config)
+    torch.manual_seed(seed)
+    m = SD3Transformer2DModel(**config)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return m.eval()

@@ -1,4 +1,4 @@
-"""Flux.1-dev and Chroma, full size on the meta device: the declaration's native tree is the one diffusers'
+"""Flux.1-dev, Chroma, SD3.5-Large and SD3.5-Medium, full size on the meta device: the declaration's native tree is the one diffusers'
 single-file converter reads (names, shapes and the order of every row block), and every targetable
 layer maps both ways, one-to-one, whichever tree the model uses."""
 from __future__ import annotations
@@ -7,21 +7,27 @@ import pytest
 import torch
 
 from lora_engine.keymap import build_keymap
-from tests.models.flux import CHROMA, FLUX_DEV, flux_model, native_state
+from tests.models.flux import CHROMA, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, flux_model, native_state, sd3_model
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 
-CASES = {"flux": (FLUX_DEV, False, "convert_flux_transformer_checkpoint_to_diffusers"),
-         "chroma": (CHROMA, True, "convert_chroma_transformer_checkpoint_to_diffusers")}
+CASES = {"flux": ("flux", lambda: flux_model(FLUX_DEV, meta=True), "convert_flux_transformer_checkpoint_to_diffusers"),
+         "chroma": ("chroma", lambda: flux_model(CHROMA, meta=True, chroma=True),
+                    "convert_chroma_transformer_checkpoint_to_diffusers"),
+         "sd3.5-large": ("sd3", lambda: sd3_model(SD35_LARGE, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers"),
+         "sd3.5-medium": ("sd3", lambda: sd3_model(SD35_MEDIUM, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers")}
+# tensors outside every LoRA-targetable layer, native -> diffusers name (the converter needs them)
+EXTRAS = {"pos_embed": "pos_embed.pos_embed"}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def trees(request):
-    config, chroma, converter = CASES[request.param]
-    model = flux_model(config, meta=True, chroma=chroma)
+    family, build, converter = CASES[request.param]
+    model = build()
     dshapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    nshapes = {k: tuple(v.shape) for k, v in native_state(model, request.param).items()}
-    return request.param, dshapes, nshapes, getattr(single_file, converter)
+    nshapes = {k: tuple(v.shape) for k, v in native_state(model, family).items()}
+    nshapes.update({n: dshapes[d] for n, d in EXTRAS.items() if d in dshapes})
+    return family, dshapes, nshapes, getattr(single_file, converter)
 
 
 def _labelled(shapes: dict) -> dict:
@@ -60,10 +66,8 @@ def test_rows_land_where_the_converter_puts_them(trees):
     converted = convert(dict(labels))
     km = build_keymap(nshapes)
     assert km.architecture == family and km.ambiguous == []
-    for key in dshapes:
+    for key in _weights(dshapes):
         module, _, param = key.rpartition(".")
-        if param == "bias":
-            continue
         got = _pieces(km, "lora_unet_" + module.replace(".", "_"), lambda k: labels[k])
         assert torch.equal(got.flatten(), converted[key].flatten()), key
 
@@ -83,7 +87,7 @@ def _one_to_one(km, own: dict, other_names: list[str]) -> None:
 
 
 def _weights(shapes: dict) -> dict:
-    return {k: s for k, s in shapes.items() if not k.endswith(".bias")}
+    return {k: s for k, s in shapes.items() if k.endswith((".weight", ".scale"))}
 
 
 def _names(shapes: dict) -> list[str]:
@@ -105,6 +109,8 @@ def test_every_layer_maps_both_ways(trees):
 
 def test_dev_counts(trees):
     family, dshapes, nshapes, _ = trees
+    if family != "flux":
+        pytest.skip("Flux.1-dev block counts")
     km = build_keymap(nshapes)
     assert len(km.family.blocks(km.family.config(nshapes, "native"))) == 19 + 38
     assert km.block_of("lora_unet_single_transformer_blocks_37_proj_mlp") == "single_blocks.37"
