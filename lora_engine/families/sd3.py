@@ -1,7 +1,8 @@
 """Stable Diffusion 3 / 3.5 (MMDiT): SD3-Medium, SD3.5-Large/-Large-Turbo, SD3.5-Medium (``attn2``).
 
 Native (original checkpoint/ComfyUI) -> diffusers ``SD3Transformer2DModel``; h = heads · head_dim
-(= 64 · depth in the released models); q, k, v are each h rows (no grouped heads):
+(= 64 · depth in the released models, = the patch embedding's width); q, k, v are each h rows
+(no grouped heads):
 
 - ``joint_blocks.N.x_block.attn.qkv`` = ``transformer_blocks.N.attn.[to_q; to_k; to_v]``,
   ``context_block.attn.qkv`` = ``[add_q_proj; add_k_proj; add_v_proj]``; ``x_block.attn.proj`` =
@@ -39,14 +40,15 @@ def sd3_config(shapes, naming: str) -> dict:
         head_dim = rows_of(shapes, "transformer_blocks.0.attn.norm_q.weight")
     if inner is None or not depth:
         raise FamilyMismatch("no patch embedding or joint blocks: not an SD3 tree")
-    head_dim = head_dim or 64
-    if inner % head_dim:
+    # q, k, v are each heads·head_dim = the model width (the patch embedding's output) high; head_dim is
+    # known only from a q/k norm (SD3.5), and the layout does not need it
+    if head_dim is not None and inner % head_dim:
         raise FamilyMismatch(f"width {inner} is not a multiple of the head size {head_dim}")
-    heads = inner // head_dim
-    cfg = {"inner": inner, "heads": heads, "head_dim": head_dim, "depth": depth}
+    cfg = {"inner": inner, "q": inner, "head_dim": head_dim, "heads": None if head_dim is None else inner // head_dim,
+           "depth": depth}
     qkv = rows_of(shapes, _NATIVE_QKV)
-    if naming == "native" and qkv is not None and qkv != 3 * heads * head_dim:
-        raise FamilyMismatch(f"{_NATIVE_QKV[:-7]} has {qkv} rows, SD3's layout needs q+k+v = {3 * heads * head_dim}")
+    if naming == "native" and qkv is not None and qkv != 3 * inner:
+        raise FamilyMismatch(f"{_NATIVE_QKV[:-7]} has {qkv} rows, SD3's layout needs q+k+v = {3 * inner}")
     return cfg
 
 
@@ -62,7 +64,7 @@ def _attn(native: str, diffusers: str, q: int, proj: str | None, added: bool = F
 
 def _block(i: int, cfg: dict) -> list[Layer]:
     j, t = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
-    q = cfg["heads"] * cfg["head_dim"]
+    q = cfg["q"]
     last = i == cfg["depth"] - 1
     x, c = j + "x_block.", j + "context_block."
     layers = _attn(x + "attn.", t + "attn.", q, "to_out.0")

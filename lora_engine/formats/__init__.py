@@ -190,6 +190,8 @@ def _alpha_for(mk: ModuleKey, peft_config: dict, comp_cfgs: dict[str, dict]) -> 
         comp = "unet"
         if mk.name.startswith("lora_te2_"):
             comp = "text_encoder_2"
+        elif mk.name.startswith("lora_te3_"):
+            comp = "text_encoder_3"
         elif mk.name.startswith(("lora_te_", "lora_te1_")):
             comp = "text_encoder"
         cfg = comp_cfgs.get(comp) or comp_cfgs.get("transformer") or comp_cfgs.get("")

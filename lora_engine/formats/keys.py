@@ -84,6 +84,7 @@ DOTTED_COMPONENTS = {
     "diffusion_model.": "lora_unet_",
     "model.diffusion_model.": "lora_unet_",
     "text_encoder_2.": "lora_te2_",
+    "text_encoder_3.": "lora_te3_",  # SD3's T5
     "text_encoder.": "TE",
 }
 _STRIP_PREFIXES = ("base_model.model.",)
@@ -93,7 +94,9 @@ _STRIP_PREFIXES = ("base_model.model.",)
 _TE_ROOTS = ("text_model.", "text_projection")
 _BARE_TOP = ("text_projection", "conv_in", "conv_out")  # top-level modules: no dot in their path
 _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out",
-               "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.")
+               "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.",
+               # diffusion transformers (bare PEFT keys, e.g. DiffSynth): diffusers and native trees
+               "transformer_blocks.", "single_transformer_blocks.", "double_blocks.", "single_blocks.", "joint_blocks.")
 
 
 @dataclass(frozen=True)

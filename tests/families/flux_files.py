@@ -19,7 +19,7 @@ KOHYA_SINGLE = ["linear1", "linear2", "modulation.lin"]
 KOHYA_TOP = ["img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1"]
 
 
-def peft_file(model, path, seed: int, r: int = 4, alpha: int = 8, targets=PEFT_TARGETS) -> None:
+def peft_file(model, path, seed: int, r: int = 4, alpha: int = 8, targets=PEFT_TARGETS, pipeline=None) -> None:
     """A diffusers-format file written by the real writers: peft adapts a copy of ``model`` (random A
     and B), diffusers' ``FluxPipeline.save_lora_weights`` saves it with its adapter metadata."""
     import copy
@@ -32,7 +32,8 @@ def peft_file(model, path, seed: int, r: int = 4, alpha: int = 8, targets=PEFT_T
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
     inject_adapter_in_model(cfg, m)
     sd = get_peft_model_state_dict(m)
-    FluxPipeline.save_lora_weights(str(path), transformer_lora_layers=sd, transformer_lora_adapter_metadata=cfg.to_dict())
+    (pipeline or FluxPipeline).save_lora_weights(str(path), transformer_lora_layers=sd,
+                                                 transformer_lora_adapter_metadata=cfg.to_dict())
 
 
 def native_lora(native_shapes: dict, seed: int, modules: list[str], r: int = 4, alpha: float = 2.0,

@@ -28,18 +28,22 @@ def models():
     return d, NativeTree(native_state(d))
 
 
-def diffusers_oracle(model, path) -> dict[str, torch.Tensor]:
+def diffusers_oracle(model, path, pipeline=None) -> dict[str, torch.Tensor]:
     """The state dict diffusers' own loader gives: lora_state_dict -> load_lora_adapter -> peft merge."""
     from diffusers import FluxPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    pipeline = pipeline or FluxPipeline
     m = copy.deepcopy(model)
-    sd, alphas, meta = FluxPipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+    if pipeline is FluxPipeline:
+        sd, alphas, meta = pipeline.lora_state_dict(str(path), return_alphas=True, return_lora_metadata=True)
+    else:  # SD3's mixin has no network alphas
+        (sd, meta), alphas = pipeline.lora_state_dict(str(path), return_lora_metadata=True), None
     # diffusers 0.42's kohya converter names the top-level layers (x_embedder, context_embedder, proj_out,
     # norm_out.linear) without the "transformer." prefix, so its own loader then drops them silently:
     # keep its math, restore the prefix
     sd = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in sd.items()}
-    FluxPipeline.load_lora_into_transformer(sd, alphas, m, adapter_name="x", metadata=meta)
+    m.load_lora_adapter(sd, prefix="transformer", network_alphas=alphas, metadata=meta, adapter_name="x")
     for mod in m.modules():
         if isinstance(mod, BaseTunerLayer):
             mod.merge()
@@ -68,14 +72,14 @@ def _close(got: dict, want: dict, what: str) -> None:
         assert torch.allclose(got[k], w, atol=1e-6, rtol=0), f"{what}: {k} max err {(got[k] - w).abs().max()}"
 
 
-def _check(models, path, want_diffusers):
+def _check(models, path, want_diffusers, family="flux"):
     d, n = models
     got_d, rep = _merged(d, path)
     assert rep.unmatched == [] and rep.touched, rep.line()
     _close(got_d, want_diffusers, "diffusers tree")
     got_n, rep = _merged(n, path)
     assert rep.unmatched == [] and rep.touched, rep.line()
-    want_n = native_state(_loaded(d, want_diffusers))
+    want_n = native_state(_loaded(d, want_diffusers), family)
     _close(got_n, want_n, "native tree")
     base = d.state_dict()
     assert any(not torch.equal(base[k], got_d[k]) for k in base if "to_q" in k), "the LoRA changed nothing"
