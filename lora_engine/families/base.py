@@ -70,6 +70,27 @@ def swap_scale_shift(native: str, diffusers: str, half: int) -> Layer:
 
 
 @dataclass(frozen=True)
+class Window:
+    """A name some writers give to rows ``rows`` of a declared layer only (XLabs' single-block
+    ``qkv_lora`` covers the q, k, v rows of ``linear1``, not its mlp rows): ``name`` is a native-style
+    module path that exists in no tree."""
+
+    name: str
+    layer: Layer
+    rows: Rows
+
+    def parts(self) -> list[Part]:
+        """The layer's parts inside the window, native rows counted from the window's start."""
+        a, b = self.rows
+        out = []
+        for p in self.layer.parts:
+            r = p.native_rows
+            if r is not None and a <= r[0] and r[1] <= b:
+                out.append(Part((r[0] - a, r[1] - a), p.diffusers, p.diffusers_rows))
+        return out
+
+
+@dataclass(frozen=True)
 class TextEncoder:
     """A text encoder of the family: what it is, and the kohya prefixes LoRA files use for it."""
 
@@ -102,6 +123,7 @@ class Family:
     requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     excludes: tuple[str, ...] = ()
     lora_patterns: tuple[re.Pattern, ...] = field(default=())  # names that say "a LoRA for this family"
+    window_list: Callable[[dict, list[Layer]], list[Window]] | None = None
 
     def fits(self, shapes: Mapping[str, tuple]) -> bool:
         """Whether a root's (relative) keys belong to this family."""
@@ -116,6 +138,9 @@ class Family:
 
     def layers(self, config: dict) -> list[Layer]:
         return self.layer_list(config)
+
+    def windows(self, config: dict, layers: list[Layer]) -> list[Window]:
+        return [] if self.window_list is None else self.window_list(config, layers)
 
 
 def count_blocks(shapes: Mapping[str, tuple], prefix: str) -> int:

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import re
 
-from .base import Family, FamilyMismatch, Layer, TextEncoder, count_blocks, rows_of, same, stacked, swap_scale_shift
+from .base import (Family, FamilyMismatch, Layer, TextEncoder, Window, count_blocks, rows_of, same, stacked,
+                   swap_scale_shift)
 
 NATIVE_MARKERS = {"double_blocks.0.img_attn.qkv.weight": "native", "single_blocks.0.linear1.weight": "native"}
 DIFFUSERS_MARKERS = {"single_transformer_blocks.0.proj_mlp.weight": "diffusers"}
@@ -130,6 +131,18 @@ def flux_layers(cfg: dict) -> list[Layer]:
     return layers
 
 
+def flux_windows(cfg: dict, layers: list[Layer]) -> list[Window]:
+    """``single_blocks.N.linear1_qkv``: the q, k, v rows of ``linear1`` (XLabs' single-block ``qkv_lora``;
+    ComfyUI's key map has the same name)."""
+    qkv = cfg["heads"] * cfg["head_dim"] + 2 * cfg["kv_heads"] * cfg["head_dim"]
+    return [Window(layer.native + "_qkv", layer, (0, qkv)) for layer in layers if layer.native.endswith(".linear1")]
+
+
+# XLabs (x-flux) processor LoRA names -> native module (``<block>.processor.<name>.{down,up}.weight``)
+XLABS = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
+         "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1_qkv", "proj_lora": "linear2"}
+
+
 def flux_blocks(cfg: dict) -> list[str]:
     return [f"double_blocks.{i}" for i in range(cfg["double"])] + [f"single_blocks.{i}" for i in range(cfg["single"])]
 
@@ -151,7 +164,7 @@ _LORA_NAMES = (re.compile(r"^lora_unet_(double_blocks|single_blocks)_"),
 
 FLUX = Family(
     name="flux", label="Flux.1", markers={**NATIVE_MARKERS, **DIFFUSERS_MARKERS}, config=flux_config,
-    layer_list=flux_layers,
+    layer_list=flux_layers, window_list=flux_windows,
     text_encoders=(TextEncoder("clip_l", ("lora_te1_", "lora_te_"), "text_encoder"),
                    TextEncoder("t5", ("lora_te3_", "lora_te2_"), "text_encoder_2")),
     blocks=flux_blocks, block_of=flux_block_of, excludes=(_APPROX, *_FLUX2), lora_patterns=_LORA_NAMES,
@@ -159,7 +172,7 @@ FLUX = Family(
 
 CHROMA = Family(
     name="chroma", label="Chroma", markers={**NATIVE_MARKERS, **DIFFUSERS_MARKERS}, config=flux_config,
-    layer_list=flux_layers,
+    layer_list=flux_layers, window_list=flux_windows,
     text_encoders=(TextEncoder("t5", ("lora_te3_", "lora_te2_", "lora_te1_", "lora_te_"), "text_encoder"),),
     blocks=flux_blocks, block_of=flux_block_of, requires={"native": (_APPROX,), "diffusers": (_APPROX,)},
     lora_patterns=_LORA_NAMES,

@@ -15,7 +15,7 @@ Weighted modules the declaration does not list keep their own name.
 from __future__ import annotations
 
 from ..families import Family
-from ..families.base import Layer, Part
+from ..families.base import Layer, Part, Window
 from .roots import Root
 from .target import Target, module_target, underscored, weighted_modules
 
@@ -69,15 +69,32 @@ def _diffusers_model(root: Root, layer: Layer):
     yield _names(layer.native), [layer.native], _value(targets)
 
 
+def _window(root: Root, w: Window, native_model: bool):
+    """A window: on the native model the rows of the layer's weight; on the diffusers model the
+    layers inside it, each taking its rows of the delta."""
+    layer = w.layer
+    if native_model:
+        if f"{layer.native}.{layer.native_param}" in root.shapes:
+            yield _names(w.name), [w.name], _target(root, layer.native, layer.native_param, w.rows, None)
+        return
+    parts = w.parts()
+    if parts and all(f"{p.diffusers}.{layer.diffusers_param}" in root.shapes for p in parts):
+        targets = [_target(root, p.diffusers, layer.diffusers_param, p.diffusers_rows, p.native_rows) for p in parts]
+        yield _names(w.name), [w.name], _value(targets)
+
+
 def dit_entries(root: Root, family: Family):
     """Yield ``(kohya names, dotted paths, Target or tuple of Targets)`` for the root's layers."""
     cfg = family.config(root.shapes, root.naming)
     build = _native_model if root.naming == "native" else _diffusers_model
     own = set()
-    for layer in family.layers(cfg):
+    layers = family.layers(cfg)
+    for layer in layers:
         for names, paths, value in build(root, layer):
             own.update(t.weight_key for t in (value if isinstance(value, tuple) else (value,)))
             yield names, paths, value
+    for w in family.windows(cfg, layers):
+        yield from _window(root, w, root.naming == "native")
     for module in weighted_modules(root):
         if root.full(module + ".weight") not in own:
             yield _names(module), [module], module_target(root, module, "unet")

@@ -67,3 +67,28 @@ def flux_modules(native_shapes: dict, double=KOHYA_DOUBLE, single=KOHYA_SINGLE, 
 def write(tensors: dict, path) -> str:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return str(path)
+
+
+def xlabs_lora(native_shapes: dict, seed: int, r: int = 4) -> dict[str, torch.Tensor]:
+    """An x-flux LoRA: ``<block>.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` on double blocks,
+    ``qkv_lora`` (linear1's q, k, v rows) and ``proj_lora`` (linear2) on single blocks; no alpha."""
+    g = torch.Generator().manual_seed(seed)
+    h = native_shapes["img_in.weight"][0]
+    out = {}
+
+    def pair(key, o, i):
+        out[key + ".down.weight"] = torch.randn(r, i, generator=g) * 0.1
+        out[key + ".up.weight"] = torch.randn(o, r, generator=g) * 0.1
+
+    i = 0
+    while f"double_blocks.{i}.img_attn.qkv.weight" in native_shapes:
+        for n in ("1", "2"):
+            pair(f"double_blocks.{i}.processor.qkv_lora{n}", 3 * h, h)
+            pair(f"double_blocks.{i}.processor.proj_lora{n}", h, h)
+        i += 1
+    i = 0
+    while f"single_blocks.{i}.linear1.weight" in native_shapes:
+        pair(f"single_blocks.{i}.processor.qkv_lora", 3 * h, h)
+        pair(f"single_blocks.{i}.processor.proj_lora", h, native_shapes[f"single_blocks.{i}.linear2.weight"][1])
+        i += 1
+    return out

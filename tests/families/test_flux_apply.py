@@ -216,3 +216,67 @@ def test_fused_and_split_loras_on_one_weight(models, tmp_path):
     assert torch.equal(n.state_dict()[key], wb)
     e.restore()
     assert all(torch.equal(before[k], v) for k, v in n.state_dict().items())
+
+
+def test_xlabs(models, tmp_path):
+    """x-flux files (``processor.qkv_lora1``…, single-block ``qkv_lora`` on linear1's q,k,v rows only):
+    diffusers' XLabs converter is the oracle."""
+    from tests.families.flux_files import xlabs_lora
+
+    d, n = models
+    path = write(xlabs_lora(shapes_of(n), 12), tmp_path / "xlabs.safetensors")
+    lf = load_lora(path)
+    assert lf.format == "xlabs" and not lf.unknown_keys and len(lf.modules) == 6
+    _check(models, path, diffusers_oracle(d, path))
+
+
+@pytest.mark.parametrize("spelling", ["fal", "onetrainer", "lycoris", "bare"])
+def test_other_prefixes(models, tmp_path, spelling):
+    """fal Kontext ``base_model.model.<native>.lora_A``, OneTrainer ``lora_transformer_<diffusers with _>``,
+    LyCORIS ``lycoris_<diffusers with _>``, DiffSynth bare ``<diffusers>.lora_A``: the same deltas as
+    the kohya/PEFT spellings of the same tensors."""
+    d, n = models
+    nshapes = shapes_of(n)
+    if spelling == "fal":
+        base = native_lora(nshapes, 13, flux_modules(nshapes), alpha=4.0)  # α = r: PEFT files carry none
+        renamed = {k.replace("lora_unet_", "base_model.model.").replace(".lora_down", ".lora_A").replace(".lora_up", ".lora_B"): v
+                   for k, v in base.items() if not k.endswith(".alpha")}
+        for k in list(renamed):  # native dotted paths
+            head, _, tail = k.partition(".lora_")
+            renamed[_native_dots(head, nshapes) + ".lora_" + tail] = renamed.pop(k)
+    else:
+        peft_file(d, tmp_path, seed=14, alpha=4)
+        base = load_lora_tensors(tmp_path / "pytorch_lora_weights.safetensors")
+        renamed = {}
+        for k, v in base.items():
+            module, _, tail = k.removeprefix("transformer.").partition(".lora_")
+            if spelling == "bare":
+                renamed[f"{module}.lora_{tail}"] = v
+            else:
+                pre = "lora_transformer_" if spelling == "onetrainer" else "lycoris_"
+                role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[tail]
+                renamed[f"{pre}{module.replace('.', '_')}.{role}"] = v
+    ref = write(base, tmp_path / "ref.safetensors")
+    other = write(renamed, tmp_path / "other.safetensors")
+    for root in (d, n):
+        want, rep = _merged(root, ref)
+        assert rep.unmatched == []
+        got, rep = _merged(root, other)
+        assert rep.unmatched == [] and rep.touched, rep.line()
+        assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+def load_lora_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _native_dots(underscored: str, nshapes) -> str:
+    """base_model.model.double_blocks_0_img_attn_qkv -> base_model.model.double_blocks.0.img_attn.qkv."""
+    pre, _, rest = underscored.rpartition(".")
+    for key in nshapes:
+        module = key.rpartition(".")[0]
+        if module.replace(".", "_") == rest:
+            return f"{pre}.{module}"
+    raise KeyError(rest)
