@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ..families import BY_NAME, Family
 from .architecture import detect_architecture
 from .clip import clip_entries
-from .diagnose import diagnose_unmatched
+from .diagnose import diagnose_unmatched, foreign_dit
 from .dit import dit_entries, hf_entries
 from .openclip import openclip_entries
 from .roots import Root, find_roots
@@ -100,6 +100,11 @@ class KeyMap:
     def diagnose(self, unmatched_names: list[str]) -> str:
         """One line saying why these names matched nothing (wrong family, wrong encoder, ...)."""
         return diagnose_unmatched(self, unmatched_names)
+
+    def refuses(self, unmatched_names: list[str]) -> bool:
+        """Whether a LoRA whose unmatched names are these belongs to another family and this map or the
+        LoRA is a diffusion transformer's: such a LoRA is applied not at all rather than in part."""
+        return foreign_dit(self, unmatched_names)
 
     def __len__(self) -> int:
         return len(self._names)

@@ -178,6 +178,14 @@ def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
     return hit[2]
 
 
+def _foreign(keymap, unmatched: list[str]) -> bool:
+    """A LoRA for another diffusion-transformer family (or a DiT LoRA on an SD model, or the reverse) is
+    refused whole: the few names two families share (``final_layer.linear``) would otherwise patch
+    layers the LoRA was not trained for."""
+    refuses = getattr(keymap, "refuses", None)
+    return bool(unmatched) and refuses is not None and refuses(unmatched)
+
+
 def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None) -> PatchPlan:
     """The plan for a wanted stack. ``resolved``: a dict the caller keeps between calls, holding
     ``resolve`` of each LoRA file (pruned to the stack's files here)."""
@@ -187,13 +195,16 @@ def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None) ->
         lf = entry.lora
         report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems)))
         unmatched = []
-        for name, ma, target, why in _resolved(lf, keymap, resolved):
+        rows = _resolved(lf, keymap, resolved)
+        refused = _foreign(keymap, [name for name, _, target, why in rows if target is None or why is not None])
+        for name, ma, target, why in rows:
             if target is None:
                 unmatched.append(name)
                 continue
-            if why is not None:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
+            if why is not None or refused:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
                 unmatched.append(name)
-                report.wrong_shape.append(f"{name}: {why}")
+                if why is not None:
+                    report.wrong_shape.append(f"{name}: {why}")
                 continue
             strength = entry.te if target.component == "te" else entry.unet
             if entry.block_multiplier is not None:
