@@ -121,6 +121,8 @@ def _detect_format(keys: list[str], roles: set[str], peft_config: dict) -> str:
     lyco = {"hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "a1", "diff", "w_norm", "oft_blocks", "oft_diag", "mid"}
     if any(k.startswith(("lora_unet_", "lora_te", "oft_unet_", "lycoris_")) for k in keys):
         return "lycoris" if roles & lyco else "kohya"
+    if any(".processor.qkv_lora" in k or ".processor.proj_lora" in k for k in keys):
+        return "xlabs"
     if any(".processor." in k or "_lora.down." in k or "_lora.up." in k for k in keys):
         return "diffusers-old"
     if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
@@ -206,6 +208,8 @@ def _alpha_for(mk: ModuleKey, peft_config: dict, comp_cfgs: dict[str, dict]) -> 
         comp = "unet"
         if mk.name.startswith("lora_te2_"):
             comp = "text_encoder_2"
+        elif mk.name.startswith("lora_te3_"):
+            comp = "text_encoder_3"
         elif mk.name.startswith(("lora_te_", "lora_te1_")):
             comp = "text_encoder"
         cfg = comp_cfgs.get(comp) or comp_cfgs.get("transformer") or comp_cfgs.get("")

@@ -15,7 +15,9 @@ class Target:
     from. ``rows`` is ``[start, stop)`` inside a fused weight (OpenCLIP's ``in_proj_weight``
     holds q, k, v stacked on dim 0) and applies to the bias the same way; else None.
     ``component`` is ``"unet"`` or ``"te"`` (which multiplier applies). ``shape`` is the
-    shape of the (sliced) weight.
+    shape of the (sliced) weight. ``delta_rows`` is ``[start, stop)`` of the LoRA's delta that
+    this region receives, when one LoRA module spans several of the model's weights (a fused
+    ``qkv`` LoRA on separate q/k/v layers) or stores rows in another order; else None.
     """
 
     weight_key: str
@@ -23,6 +25,7 @@ class Target:
     rows: tuple[int, int] | None
     component: str
     shape: tuple[int, ...]
+    delta_rows: tuple[int, int] | None = None  # rows of the LoRA's delta that land here (a fused LoRA split up)
 
     def region(self, t: torch.Tensor) -> torch.Tensor:
         """This target's rows of a weight or bias tensor (a view), or the tensor itself."""

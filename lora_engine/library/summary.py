@@ -16,8 +16,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import LoraEngineError
+from ..families import FAMILIES
 from ..formats import LoraFile, load_lora
 from ..formats.peft_folder import component_folders, component_name
+from ..keymap.diagnose import lora_family
 
 ARCH_FROM_BASE_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2"}
 # Cross-attention context width (attn2 to_k/to_v input) and text-encoder width per architecture.
@@ -30,7 +32,7 @@ TE_MLP_WIDTH = {3072: "sd1", 4096: "sd2"}  # CLIP-L / OpenCLIP-H fc1 output, fc2
 class Summary:
     path: str
     format: str
-    architecture: str  # "sd1" | "sd2" | "sdxl" | "other" | "unknown"
+    architecture: str  # "sd1" | "sd2" | "sdxl" | a declared DiT family ("flux", "sd3", "flux/sd3") | "other" | "unknown"
     architecture_source: str
     modules: int
     adapter_types: dict[str, int]
@@ -72,12 +74,17 @@ def layer_widths(adapter) -> tuple[int | None, int | None]:
     return adapter.layer_widths()
 
 
+# LoRA family label (keymap.diagnose) -> architecture name, for the declared DiT families
+_DIT_LABELS = {f.label: f.name for f in FAMILIES if f.name != "chroma"} | {"Flux.1/SD3": "flux/sd3"}
+
+
 def _arch_from_keys(lf: LoraFile) -> tuple[str, str]:
     names = list(lf.modules)
+    dit = _DIT_LABELS.get(lora_family([n for n in names if n.startswith("lora_unet_")]) or "")
+    if dit is not None:
+        return dit, "diffusion-transformer key names"
     if any(n.startswith("lora_te2_") for n in names):
         return "sdxl", "second text encoder keys"
-    if any(n.startswith(("lora_unet_joint_blocks", "lora_unet_double_blocks", "lora_unet_single_blocks")) for n in names):
-        return "other", "DiT (SD3/Flux) keys"
     widths = {n: layer_widths(m.adapter) for n, m in lf.modules.items()}
     for n, (_, w) in widths.items():
         if n.startswith("lora_unet_") and re.search(r"attn2_to_[kv]$", n) and w in CONTEXT_WIDTH:
@@ -110,11 +117,17 @@ def lora_architecture(lf: LoraFile) -> tuple[str, str]:
     return _arch_from_keys(lf)
 
 
+_DIT_BLOCK = re.compile(r"lora_unet_(double_blocks|single_blocks|joint_blocks|single_transformer_blocks|transformer_blocks)_(\d+)_")
+
+
 def block_of(name: str) -> str:
     """Group a canonical module name into a block label ("unet down_blocks_1", "te layers 0-11", ...)."""
     m = re.match(r"lora_unet_((?:down|up)_blocks_\d+|mid_block|(?:input|output)_blocks_\d+|middle_block)", name)
     if m:
         return "unet " + m.group(1)
+    m = _DIT_BLOCK.match(name)
+    if m:
+        return f"dit {m.group(1)}_{m.group(2)}"
     if name.startswith("lora_unet_"):
         return "unet other"
     m = re.match(r"lora_(te\d?)_", name)

@@ -165,7 +165,8 @@ class MergedPatcher:
         keeps its previous value (noted in the LoRAs' reports); the others are applied."""
         self.stats = PatchStats()
         old = self.plan
-        changed = sorted(changed_slots(old, new_plan))
+        # restores first: a slot written next may cover the same rows of a fused weight and back them up
+        changed = sorted(changed_slots(old, new_plan), key=lambda s: (s in new_plan.contributions, s))
         self._scratch_size = max((int(torch.Size(new_plan.targets[s].shape).numel()) for s in changed
                                   if s in new_plan.contributions), default=0)
         touched: list[str] = []

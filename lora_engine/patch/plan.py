@@ -7,12 +7,13 @@ stacks touches only what changed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..adapters.base import Adapter
 from ..formats import LoraFile
 from ..keymap.target import TargetMap
+from .rows import place_rows, take_rows
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,50 @@ def _truncate(adapter, dyn: int | None):
     return adapter
 
 
+def _targets(keymap, name: str, dotted: str | None) -> tuple:
+    find = getattr(keymap, "resolve", None)
+    if find is not None:
+        return find(name, dotted)
+    hit = keymap.lookup(name, dotted)
+    return () if hit is None else (hit,)
+
+
+def _split(ma, target, height: int | None):
+    """(the module's adapter for this target, why it does not fit or None). A target with
+    ``delta_rows`` takes those rows of the module's delta."""
+    if target.delta_rows is None:
+        return ma, ma.adapter.misfit(tuple(target.shape))
+    if height is not None:
+        try:
+            rows = (ma.adapter.natural_shape() or (None,))[0]
+        except (RuntimeError, ValueError, IndexError):
+            rows = None
+        if rows is not None and rows != height:
+            return ma, f"delta of {rows} rows, this model's layers under that name have {height} rows in all"
+    try:
+        part = take_rows(ma.adapter, target.delta_rows)
+    except ValueError as e:
+        return ma, str(e)
+    split = replace(ma, adapter=part)
+    return split, part.misfit(tuple(target.shape))
+
+
 def resolve(lora: LoraFile, keymap: TargetMap) -> tuple:
-    """Per module of a LoRA file: (name, its ``ModuleAdapter``, the keymap target or None, why the
-    adapter does not fit that target or None). Depends on the file and the model only, not on the
-    stack's weights, so an engine keeps it while the LoRA stays in the stack (``build_plan``'s
-    ``resolved``): a change of weights then skips every lookup and shape check."""
+    """Per module of a LoRA file and target it reaches: (name, its ``ModuleAdapter`` — for a target with
+    ``delta_rows``, the part of it that lands there —, the keymap target or None, why the adapter does
+    not fit that target or None). Depends on the file and the model only, not on the stack's weights,
+    so an engine keeps it while the LoRA stays in the stack (``build_plan``'s ``resolved``): a change of
+    weights then skips every lookup and shape check."""
     rows = []
     for name, ma in lora.modules.items():
-        target = keymap.lookup(name, ma.dotted)
-        rows.append((name, ma, target, None if target is None else ma.adapter.misfit(tuple(target.shape))))
+        targets = _targets(keymap, name, ma.dotted)
+        if not targets:
+            rows.append((name, ma, None, None))
+            continue
+        height = max((t.delta_rows[1] for t in targets if t.delta_rows is not None), default=None)
+        for target in targets:
+            part, why = _split(ma, target, height)
+            rows.append((name, part, target, why))
     return tuple(rows)
 
 
@@ -164,7 +200,7 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
             if strength == 0.0:
                 continue
             mine.append((target, Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn))))
-        report.unmatched = unmatched
+        report.unmatched = unmatched = list(dict.fromkeys(unmatched))
         if unmatched:
             report.diagnosis = keymap.diagnose(unmatched)
             report.foreign = keymap.foreign_family(unmatched)
@@ -175,12 +211,46 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
             slot = slot_of(target)
             plan.targets[slot] = target
             contributions.setdefault(slot, []).append(c)
+    _merge_overlaps(plan.targets, contributions)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
     if resolved is not None:
         keep = {id(e.lora) for e in stack}
         for k in [k for k in resolved if k not in keep]:
             del resolved[k]
     return plan
+
+
+def _merge_overlaps(targets: dict, contributions: dict) -> None:
+    """Slots of one weight whose rows overlap (a fused LoRA on the whole ``qkv`` and a ``to_q`` LoRA on
+    its first rows) become one slot over the rows they span, each contribution placed at its rows, so
+    the weight gets one fp32 sum and one rounding. Disjoint row slices stay separate slots."""
+    by_key: dict[str, list[str]] = {}
+    for slot, t in targets.items():
+        by_key.setdefault(t.weight_key, []).append(slot)
+    for slots in by_key.values():
+        if len(slots) < 2:
+            continue
+        spans = sorted((targets[s].rows or (0, targets[s].shape[0]), s) for s in slots)
+        whole = next((targets[s] for s in slots if targets[s].rows is None), None)
+        overlap = whole is not None or any(b[0][0] < a[0][1] for a, b in zip(spans, spans[1:]))
+        if not overlap:
+            continue
+        if whole is not None:
+            start, stop, merged = 0, whole.shape[0], whole
+        else:
+            start, stop = min(targets[s].rows[0] for s in slots), max(targets[s].rows[1] for s in slots)
+            t0 = targets[slots[0]]
+            merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]))
+        placed = []
+        for s in slots:
+            rows = targets[s].rows or (start, stop)
+            for c in contributions.pop(s):
+                a = c.adapter if rows == (start, stop) else place_rows(c.adapter, (rows[0] - start, rows[1] - start), stop - start)
+                placed.append(replace(c, adapter=a))
+            del targets[s]
+        slot = slot_of(merged)
+        targets[slot] = merged
+        contributions[slot] = placed
 
 
 def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:
