@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import pytest
+
+from tests.fixtures.browser import require
 from safetensors.torch import load_file
 
 from tests.ui.files import lora_folder, write_demo_lora, write_lora
 from tests.ui.serving import start_serve, stop
 
 pytest.importorskip("gradio", reason="the web UI needs gradio: pip install 'lora-engine[ui]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need playwright: pip install playwright")
-CHROMIUM = os.environ.get("LORA_ENGINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip("browser tests need Chromium: apt-get install -y chromium", allow_module_level=True)
+sync_api, CHROMIUM, ARGS = require()
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 SECRET = b"root:$6$TOPSECRET:19000:0:99999:7:::\n"
 # Records every progress element gradio shows (3.41 and current both use these classes).
 OBSERVE = """() => { window.__progress = []; new MutationObserver(() => {

@@ -1,7 +1,7 @@
 """`lora-engine extract BASE TUNED -o OUT --rank R`: a LoRA from the difference of two checkpoints."""
 from __future__ import annotations
 
-from .tool_common import add_device, add_overwrite, add_precision, add_threads, Bar, claim_output, dtype_arg
+from .tool_common import add_svd_method, add_writer_options, Bar, claim_output, dtype_arg
 
 
 def register(sub) -> None:
@@ -11,17 +11,12 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--rank", type=int, required=True, help="rank (the cap for dynamic methods)")
     p.add_argument("--conv-rank", type=int, help="rank for k×k convs (default: --rank)")
-    p.add_argument("--method", default="fixed", choices=["fixed", "sv_ratio", "sv_fro", "sv_cumulative"])
-    p.add_argument("--param", type=float)
+    add_svd_method(p)
     p.add_argument("--min-diff", type=float, default=0.0, help="skip modules whose max |ΔW| is at most this")
     p.add_argument("--unet-naming", default="auto", choices=["auto", "diffusers", "sgm"],
                    help="UNet module names (auto: diffusers for SD1/SD2, sgm for SDXL, as sd-scripts)")
-    add_precision(p, "default: the checkpoint's dtype")
-    add_overwrite(p)
-    p.add_argument("--quiet", action="store_true")
-    add_device(p)
-    add_threads(p)
-    p.set_defaults(func=run, cancelled="nothing written")
+    add_writer_options(p, "default: the checkpoint's dtype")
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:

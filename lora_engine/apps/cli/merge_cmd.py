@@ -3,7 +3,7 @@ ranks) or SVD-compressed to rank R (fixed or dynamic)."""
 from __future__ import annotations
 
 from ...syntax.file_weights import split_weights
-from .tool_common import add_device, add_overwrite, add_precision, add_threads, Bar, claim_output, dtype_arg
+from .tool_common import add_svd_method, add_writer_options, Bar, claim_output, dtype_arg
 
 
 def register(sub) -> None:
@@ -11,16 +11,11 @@ def register(sub) -> None:
     p.add_argument("loras", nargs="+", metavar="FILE[:W]", help="LoRA file and its weight (default 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--rank", type=int, help="SVD-compress to this rank (a cap for dynamic methods); default: exact")
-    p.add_argument("--method", default="fixed", choices=["fixed", "sv_ratio", "sv_fro", "sv_cumulative"])
-    p.add_argument("--param", type=float, help="parameter of the dynamic method")
+    add_svd_method(p, 'parameter of the dynamic method')
     p.add_argument("--force", action="store_true",
                    help="merge LoRAs made for different model families anyway (refused by default)")
-    add_precision(p, "default: the inputs' dtype")
-    add_overwrite(p)
-    p.add_argument("--quiet", action="store_true")
-    add_device(p)
-    add_threads(p)
-    p.set_defaults(func=run, cancelled="nothing written")
+    add_writer_options(p, "default: the inputs' dtype")
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 with the retained Frobenius-norm fraction of every module."""
 from __future__ import annotations
 
-from .tool_common import add_device, add_overwrite, add_precision, add_threads, Bar, claim_output, dtype_arg
+from .tool_common import add_svd_method, add_writer_options, Bar, claim_output, dtype_arg
 
 
 def register(sub) -> None:
@@ -11,14 +11,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--rank", type=int, required=True, help="new rank (the cap for dynamic methods)")
     p.add_argument("--conv-rank", type=int, help="cap for k×k conv modules (default: --rank)")
-    p.add_argument("--method", default="fixed", choices=["fixed", "sv_ratio", "sv_fro", "sv_cumulative"])
-    p.add_argument("--param", type=float, help="sv_ratio: max/min singular-value ratio; sv_fro, sv_cumulative: fraction")
-    add_precision(p, "default: the input's dtype")
-    add_overwrite(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-module lines")
-    add_device(p)
-    add_threads(p)
-    p.set_defaults(func=run, cancelled="nothing written")
+    add_svd_method(p, 'sv_ratio: max/min singular-value ratio; sv_fro, sv_cumulative: fraction')
+    add_writer_options(p, "default: the input's dtype")
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:

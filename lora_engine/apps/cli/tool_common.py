@@ -86,3 +86,23 @@ def claim_output(path: str | None, overwrite: bool) -> None:
 
     if path and os.path.lexists(path) and not overwrite:
         raise OutputExistsError(path)
+
+
+SVD_METHODS = ["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]
+
+
+def add_svd_method(p, param_help: str = "parameter of the dynamic method") -> None:
+    """``--method``/``--param`` of the commands that factor by SVD (merge, resize, extract)."""
+    p.add_argument("--method", default="fixed", choices=SVD_METHODS)
+    p.add_argument("--param", type=float, help=param_help)
+
+
+def add_writer_options(p, precision_default: str) -> None:
+    """What every command that writes a LoRA takes: precision, ``--overwrite``, ``--quiet``, device, threads;
+    a cancel leaves nothing written."""
+    add_precision(p, precision_default)
+    add_overwrite(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (and no per-module lines)")
+    add_device(p)
+    add_threads(p)
+    p.set_defaults(cancelled="nothing written")

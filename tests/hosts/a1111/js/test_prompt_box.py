@@ -15,24 +15,19 @@ against another script (see ``server.py``).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need playwright: pip install playwright")
-CHROMIUM = os.environ.get("LORA_ENGINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip("browser tests need Chromium: apt-get install -y chromium", allow_module_level=True)
+from tests.fixtures.browser import require
+
+sync_api, CHROMIUM, ARGS = require()
 
 from extension.controller import Controller  # noqa: E402
 from tests.hosts.a1111.js.server import serve  # noqa: E402
 from tests.hosts.a1111.standin import Opts  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 PROMPT = "#txt2img_prompt > label > textarea"
 LIST = ".lora-engine-complete"
 
