@@ -29,4 +29,4 @@ def test_bench_header_runs_against_a_baseline_revision():
     out = _run("bench/bench_header.py", "--cases", "deep", "--repeat", "1", "--baseline", "HEAD")
     rows = [line for line in out.splitlines() if line.startswith("| deep |")]
     assert [r.split("|")[3].strip() for r in rows] == ["HEAD", "this tree"], out
-    assert all("nested deeper than 8 levels" in r for r in rows), out
+    assert all("nested deeper than" in r for r in rows), out
