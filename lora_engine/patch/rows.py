@@ -23,13 +23,8 @@ from ..adapters.lora import LoRA
 _SHAPE_ONLY = ("lora", "loha", "lokr", "full", "norm")  # delta reads only W₀'s shape
 
 
-@dataclass(frozen=True)
-class RowsOf:
-    """Rows ``[start, stop)`` of another adapter's delta."""
-
-    source: object
-    start: int
-    stop: int
+class _OfSource:
+    """Type, scale and checks are those of the wrapped adapter (``source``)."""
 
     @property
     def kind(self) -> str:
@@ -41,6 +36,15 @@ class RowsOf:
 
     def check(self) -> None:
         self.source.check()
+
+
+@dataclass(frozen=True)
+class RowsOf(_OfSource):
+    """Rows ``[start, stop)`` of another adapter's delta."""
+
+    source: object
+    start: int
+    stop: int
 
     def natural_shape(self) -> tuple[int, ...]:
         full = tuple(self.source.natural_shape())
@@ -54,24 +58,13 @@ class RowsOf:
 
 
 @dataclass(frozen=True)
-class PlacedRows:
+class PlacedRows(_OfSource):
     """Another adapter's delta at rows ``[start, stop)`` of a weight ``height`` rows high, zero elsewhere."""
 
     source: object
     start: int
     stop: int
     height: int
-
-    @property
-    def kind(self) -> str:
-        return self.source.kind
-
-    @property
-    def scale(self) -> float:
-        return self.source.scale
-
-    def check(self) -> None:
-        self.source.check()
 
     def delta(self, base: torch.Tensor) -> Delta:
         d = self.source.delta(base[self.start:self.stop])
