@@ -1,5 +1,5 @@
 """Apply / change-one-weight / restore / on-the-fly overhead / extra RAM of LoRA stacks, ours against
-diffusers+PEFT and against the memory-bound limit, in one run on one machine (issue 3).
+diffusers+PEFT and against the memory-bound limit, in one run on one machine.
 
     python bench/bench_apply.py [--models sd15,sdxl] [--stacks 1,3,5] [--rank 32] [--quick] [--threads 2]
                                 [--reps 3] [--no-diffusers] [--no-onthefly] [--no-merged] [--dir D]

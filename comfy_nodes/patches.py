@@ -16,27 +16,22 @@ and ComfyUI's fp32 working copy on CPU this is bit for bit the engine's merged w
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from lora_engine.finite import nonfinite
 from lora_engine.patch import build_plan
-from lora_engine.patch.delta import summed_delta
+from lora_engine.patch.delta import summed_bias, summed_delta
 from lora_engine.patch.plan import LoraReport
 
-# Adapter fields that carry a bias delta (LoRA ``up_bias``, full ``diff_b``, norm ``b_norm``); a
-# DoRA's bias is its inner adapter's. Only slots with one of these get a bias patch.
-_BIAS_FIELDS = ("up_bias", "diff_b", "b_norm")
-
-
-def _inner(adapter):
-    return getattr(adapter, "inner", adapter)
+log = logging.getLogger("lora_engine")
 
 
 def has_bias_delta(contributions) -> bool:
-    return any(getattr(_inner(c.adapter), f, None) is not None for c in contributions for f in _BIAS_FIELDS)
+    return any(c.adapter.has_bias_delta for c in contributions)
 
 
 class EngineWeightMath:
@@ -55,25 +50,39 @@ class EngineWeightMath:
         """fp32 ``Σ m_k ΔW_k`` (or ``Σ m_k Δb_k``) for the working tensor ``current``."""
         if self.part == "weight":
             return summed_delta(self.contributions, current)[0]
-        zero = torch.zeros(self.weight_shape, device=current.device)
-        bias_only = [dataclasses.replace(c, adapter=_inner(c.adapter)) for c in self.contributions]
-        return summed_delta(bias_only, zero)[1]
+        return summed_bias(self.contributions, current.device)
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None, *args, **kwargs):
-        """ComfyUI's ``WeightAdapterBase.calculate_weight`` signature; updates ``weight`` in place."""
+        """ComfyUI's ``WeightAdapterBase.calculate_weight`` signature; updates ``weight`` in place.
+
+        ComfyUI calls this while it loads the model for sampling, where an exception would stop the
+        run: a failing adapter, or a result that is not finite, leaves ``weight`` as ComfyUI passed
+        it, with one warning line per LoRA file and cause."""
         if strength == 0.0:
             return weight
+        try:
+            new = self._patched(weight, strength, function)
+        except Exception as e:  # noqa: BLE001 - any failure of the math must not reach ComfyUI's sampler
+            _warn_once(self.contributions, key, f"cannot be applied ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            return weight
+        if new is None:
+            return weight
+        if nonfinite(new) and not nonfinite(weight):
+            _warn_once(self.contributions, key, "gives a weight that is not finite")
+            return weight
+        weight.copy_(new)
+        return weight
+
+    def _patched(self, weight, strength, function) -> torch.Tensor | None:
+        """cast(fp32(W) + function(s · Σ m ΔW)), or None when no term changes the weight."""
         d = self.delta(weight)
         if d is None:
-            return weight
-        if function is None:
-            function = _identity
+            return None
         d = d.reshape(weight.shape)
         if strength != 1.0:
             d = float(strength) * d
-        weight.copy_((weight.to(torch.float32) + function(d)).to(weight.dtype))
-        return weight
+        return (weight.to(torch.float32) + (function or _identity)(d)).to(weight.dtype)
 
     def __repr__(self) -> str:
         names = ", ".join(sorted({c.lora_id.rsplit("/", 1)[-1] for c in self.contributions}))
@@ -82,6 +91,19 @@ class EngineWeightMath:
 
 def _identity(t):
     return t
+
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_once(contributions, key, what: str) -> None:
+    """``lora-engine: <LoRA>: <what>; ComfyUI's weight kept (<key>)``, once per LoRA and cause."""
+    loras = ", ".join(sorted({c.lora_id for c in contributions}))
+    if (loras, what) in _WARNED:
+        return
+    _WARNED.add((loras, what))
+    log.warning("lora-engine: %s: %s on %s; ComfyUI's weight was kept (further weights of it are not listed)",
+                loras, what, key if isinstance(key, str) else key[0])
 
 
 @functools.lru_cache(maxsize=None)

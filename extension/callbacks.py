@@ -49,7 +49,8 @@ def before_ui() -> None:
         log.info("lora-engine: <lora> tags handed to the built-in Lora (setting lora_engine_handover)")
     extra_networks.register_extra_network(ours)  # every activation decides handover at run time
     extra_networks.register_extra_network_alias(ours, "lyco")
-    if not (c.settings().handover and c.builtin is not None):
+    c.builtin_cards = c.settings().handover and c.builtin is not None
+    if not c.builtin_cards:
         page.register(c)
 
 

@@ -20,16 +20,18 @@ Denoiser rows (A1111 ``CFGDenoiser.forward``): for each image i, ``repeats[i]`` 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import torch
 
-from lora_engine.engine import LoraEngine, Mode as EngineMode, shapes_of
-from lora_engine.keymap import build_keymap
+from lora_engine.engine import LoraEngine, Mode as EngineMode
+from lora_engine.errors import LoraEngineError
 
 from .batch import BatchStacks
 
 
+log = logging.getLogger("lora_engine")
 _AND_RE = re.compile(r"\bAND\b")
 
 
@@ -72,8 +74,8 @@ class ModelRuntime:
         self.sd_model = sd_model
         # --lowvram / --medvram (A1111 marks the model ``lowvram``): leave the LoRA tensors in host memory
         # rather than holding a copy on the GPU while they are in the stack
-        self.engine = LoraEngine(sd_model, build_keymap(shapes_of(sd_model)), EngineMode.MERGED, backup_device,
-                                 device_factors=not getattr(sd_model, "lowvram", False))
+        self.engine = LoraEngine.for_model(sd_model, mode=EngineMode.MERGED, backup_device=backup_device,
+                                           device_factors=not getattr(sd_model, "lowvram", False))
         self.batch: BatchStacks | None = None
         self.merged_first_image = False
         self.notes: list[str] = []
@@ -84,38 +86,37 @@ class ModelRuntime:
 
     # ---- applying a batch -------------------------------------------------------------------
     def apply(self, batch: BatchStacks, mode: EngineMode) -> list[str]:
-        """Put ``batch`` on the model in ``mode``; returns warnings (unmatched keys, merged limits)."""
+        """Put ``batch`` on the model in ``mode``; returns warnings (unmatched keys, merged limits).
+        When the stack cannot be applied (a LoRA's math fails on this model) the model and this
+        runtime keep their last good state and the one-line reason is the only warning."""
+        notes = []
+        merged_first_image = mode is EngineMode.MERGED and not batch.uniform and bool(batch.variants)
+        if merged_first_image:
+            notes.append("merged mode applies the first image's prompt LoRAs to the whole batch; "
+                         "per-image and negative-prompt LoRAs need 'on the fly' or 'automatic' mode")
+        previous, previous_mode = self.engine.stack, self.engine.mode
+        try:
+            if mode is not self.engine.mode:
+                self.engine.restore()
+                self.engine.set_mode(mode)
+            self.engine.set_stack(_merged_stack(batch, 0, 1) if mode is EngineMode.MERGED else batch.stack())
+        except LoraEngineError as e:
+            if self.engine.mode is not previous_mode:  # the last good stack, in its mode (it applied before)
+                self.engine.set_mode(previous_mode)
+                self.engine.set_stack(previous)
+            return [f"{e}; this generation keeps the LoRAs of the last one that applied"]
         self._remove_hooks()
-        self.notes = []
-        if mode is not self.engine.mode:
-            self.engine.restore()
-            self.engine.set_mode(mode)
+        self.notes = notes
         self.batch = batch
         self._merged_active = None
-        if mode is EngineMode.MERGED:
-            self.merged_first_image = not batch.uniform and bool(batch.variants)
-            if self.merged_first_image:
-                self.notes.append("merged mode applies the first image's prompt LoRAs to the whole batch; "
-                                  "per-image and negative-prompt LoRAs need 'on the fly' or 'automatic' mode")
-            self.engine.set_stack(self._merged_stack(0, 1))
-        else:
-            self.engine.set_stack(batch.stack())
+        self.merged_first_image = merged_first_image
+        if mode is EngineMode.ONTHEFLY:
             for v in batch.variants:
                 self.engine.set_factor(v.ident, 1.0)
             if not batch.uniform:
                 self._install_hooks()
                 self.notes.extend(batch.te_conflicts())
         return self.notes + self.engine.warnings()
-
-    def _merged_stack(self, step_index: int, total_steps: int) -> list:
-        """Image 0's positive stack; a LoRA outside its steps keeps its TE part and drops its UNet part."""
-        out = []
-        for v in self.batch.variants:
-            if not any(u.image == 0 and not u.negative for u in v.uses):
-                continue
-            on = v.unet_on(0, False, step_index, total_steps)
-            out.append(v.entry if on else dataclasses.replace(v.entry, unet=0.0))
-        return out
 
     def clear(self) -> None:
         """Remove every LoRA effect (weights restored bit-exactly, hooks removed)."""
@@ -141,8 +142,11 @@ class ModelRuntime:
             if b.scheduled:
                 active = tuple((v.ident, v.unet_on(0, False, step_index, total_steps)) for v in b.variants)
                 if active != self._merged_active:
-                    self.engine.set_stack(self._merged_stack(step_index, total_steps))
                     self._merged_active = active
+                    try:
+                        self.engine.set_stack(_merged_stack(b, step_index, total_steps))
+                    except LoraEngineError as e:  # the weights stay at the previous step's stack
+                        log.warning("lora-engine: %s", e)
             return
         if b.uniform:
             return
@@ -219,6 +223,17 @@ class ModelRuntime:
                      "negative": any(u.negative for u in v.uses)} for v in b.variants],
                 "merged_slots": len(getattr(self.engine._patcher, "backups", {})),
                 "hooked_modules": len(getattr(self.engine._patcher, "hooks", {}))}
+
+
+def _merged_stack(batch: BatchStacks, step_index: int, total_steps: int) -> list:
+    """Image 0's positive stack; a LoRA outside its steps keeps its TE part and drops its UNet part."""
+    out = []
+    for v in batch.variants:
+        if not any(u.image == 0 and not u.negative for u in v.uses):
+            continue
+        on = v.unet_on(0, False, step_index, total_steps)
+        out.append(v.entry if on else dataclasses.replace(v.entry, unet=0.0))
+    return out
 
 
 def _squash(text) -> str:

@@ -31,13 +31,17 @@ OPTIONS = (
     Option("lora_engine_cache_mb", 2048, "LoRA file cache size (MB of tensors kept in RAM)", "number"),
     Option("lora_engine_folders", "", "Extra LoRA folders (separated by ;), in addition to --lora-dir and "
            "--lyco-dir-backcompat"),
-    Option("lora_engine_default_weight", 1.0, "Weight inserted by a card click when the LoRA has no preferred weight",
-           "slider", (-2.0, 2.0, 0.05)),
+    Option("lora_engine_default_weight", 1.0, "Weight a card click or prompt autocomplete inserts when the LoRA has "
+           "no preferred weight", "slider", (-2.0, 2.0, 0.05)),
     Option("lora_engine_warnings", True, "Show LoRA warnings (unknown names, failed files, unmatched keys) "
            "under the image", "checkbox"),
     Option("lora_engine_backups", "host memory", "Where merged mode keeps the original weights", "radio", BACKUPS,
            "GPU memory: faster LoRA switches, costs VRAM equal to the weights the LoRAs touch (SD1.5 ~0.4 GB, "
            "SDXL ~2-4 GB in fp16); takes effect at the next generation"),
+    Option("lora_engine_force_foreign", False, "Apply LoRAs made for another model family (only the modules "
+           "whose names and shapes happen to fit)", "checkbox",
+           info="off: such a LoRA (e.g. SDXL on an SD1.5 model) is skipped with a warning naming its family"),
+    Option("lora_engine_max_strength", 100.0, "Warn about LoRA strengths beyond ± this value", "number"),
     Option("lora_engine_handover", False, "Hand <lora:...> tags back to the built-in Lora extension", "checkbox",
            info="takes effect at the next generation; our patches are removed first"),
 )
@@ -53,6 +57,8 @@ class Settings:
     warnings: bool = True
     handover: bool = False
     backups: str = "host memory"
+    force_foreign: bool = False
+    max_strength: float = 100.0
 
     @property
     def backup_device(self) -> str:
@@ -68,9 +74,14 @@ class Settings:
         mode = str(get("lora_engine_mode"))
         folders = tuple(f.strip() for f in str(get("lora_engine_folders")).split(";") if f.strip())
         backups = str(get("lora_engine_backups"))
+        try:
+            max_strength = abs(float(get("lora_engine_max_strength"))) or DEFAULTS["lora_engine_max_strength"]
+        except (TypeError, ValueError):
+            max_strength = DEFAULTS["lora_engine_max_strength"]
         return cls(mode if mode in MODES else "automatic", float(get("lora_engine_cache_mb")), folders,
                    float(get("lora_engine_default_weight")), bool(get("lora_engine_warnings")),
-                   bool(get("lora_engine_handover")), backups if backups in BACKUPS else "host memory")
+                   bool(get("lora_engine_handover")), backups if backups in BACKUPS else "host memory",
+                   bool(get("lora_engine_force_foreign")), max_strength)
 
 
 def a1111_folders(cmd_opts, models_path: str | None) -> list[str]:

@@ -1,7 +1,7 @@
 """The engine a host holds per model: the current stack, the mode, and the patcher.
 
-    engine = LoraEngine(root, build_keymap(shapes_of(root)), mode=Mode.MERGED)
-    engine.set_stack([StackEntry(cache.get(path), te=0.8, unet=1.0)])
+    engine = LoraEngine.for_model(root, mode=Mode.MERGED)
+    engine.set_stack([StackEntry(cache.get(path), te=0.8, unet=1.0)])   # or Loras(folders).entries(tags)
     ...
     engine.restore()
 
@@ -15,6 +15,7 @@ import enum
 import torch
 
 from .patch import MergedPatcher, OnTheFlyPatcher, PatchPlan, StackEntry, build_plan
+from .patch.plan import MAX_STRENGTH
 
 
 class Mode(str, enum.Enum):
@@ -36,19 +37,32 @@ def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 class LoraEngine:
     def __init__(self, root: torch.nn.Module, keymap, mode: Mode | str = Mode.MERGED, backup_device: str = "cpu",
-                 device_factors: bool = True):
+                 device_factors: bool = True, force_foreign: bool = False, max_strength: float = MAX_STRENGTH):
         """``backup_device``: "cpu" or "same" (the weight's device) for merged mode's originals.
         ``device_factors``: keep the stack's LoRA tensors on a GPU model's device while they are in the
-        stack (about each LoRA's file size of GPU memory) instead of copying them over at every change."""
+        stack (about each LoRA's file size of GPU memory) instead of copying them over at every change.
+        ``force_foreign``: apply the fitting part of LoRAs made for another model family (default: none
+        of them, with the diagnosis in ``warnings()``). ``max_strength``: |strength| warned about."""
         self.root = root
         self.keymap = keymap
         self.mode = Mode(mode)
         self.backup_device = backup_device
         self.device_factors = device_factors
+        self.force_foreign = force_foreign
+        self.max_strength = max_strength
         self.stack: list[StackEntry] = []
         self.plan = PatchPlan()
         self._resolved: dict = {}  # build_plan's per-file lookups, for the files in the stack
         self._patcher = self._make_patcher()
+
+    @classmethod
+    def for_model(cls, root: torch.nn.Module, **options) -> "LoraEngine":
+        """The engine of a model: its key map is derived from the model's own parameter names and shapes
+        (diffusers, A1111 ldm/sgm or ComfyUI trees). ``options``: ``mode``, ``backup_device``,
+        ``device_factors``."""
+        from .keymap import build_keymap
+
+        return cls(root, build_keymap(shapes_of(root)), **options)
 
     def _make_patcher(self):
         if self.mode is Mode.MERGED:
@@ -66,8 +80,9 @@ class LoraEngine:
         self.set_stack(stack)
 
     def set_stack(self, stack: list[StackEntry]):
-        """Apply the wanted stack; returns the plan (with per-LoRA reports)."""
-        plan = build_plan(stack, self.keymap, self._resolved)
+        """Apply the wanted stack; returns the plan (with per-LoRA reports). All or nothing: on a
+        ``PatchError`` the model and the engine are as they were before the call."""
+        plan = build_plan(stack, self.keymap, self._resolved, self.force_foreign, self.max_strength)
         self._patcher.apply(plan)
         self.stack, self.plan = list(stack), plan
         return plan

@@ -5,18 +5,42 @@ attention-processor form), PEFT folders, ComfyUI-native keys, and legacy pickles
 ``torch.load(weights_only=True)`` only). Every key is either consumed into a module's
 adapter or listed in ``LoraFile.unknown_keys``; modules whose tensors do not make sense
 are listed in ``LoraFile.problems`` with a one-line reason.
+
+Every malformed input ends in one :class:`LoraFileError` (or a subclass) whose message is one
+line naming the file and the problem; nothing else escapes. The checks:
+
+- the path exists; a folder is a PEFT folder (``adapter_model.safetensors``/``.bin``);
+- a safetensors file passes every header check of :mod:`.safetensors_file` (listed there);
+- a pickle (``.pt``, ``.ckpt``, ``.bin``, ``.pth``) is not empty, loads with
+  ``torch.load(weights_only=True)`` (one that would call code is :class:`UnsafeFileError`),
+  holds a dict of tensors (or ``{"state_dict": ...}``), and every tensor is dense, real-valued
+  and of a dtype a safetensors file could hold (:mod:`.legacy`);
+- a PEFT folder's ``adapter_config.json`` is at most 4 MB of UTF-8 JSON, an object, with
+  ``lora_alpha``/``alpha`` finite numbers and ``alpha_pattern`` an object of regular
+  expressions to finite numbers (:mod:`.peft_folder`); a diffusers ``lora_adapter_metadata``
+  entry that fails the same checks is ignored with a warning (alpha = rank);
+- the file holds at least one tensor;
+- per module (a problem in ``LoraFile.problems``, the module skipped; the file is refused
+  with :class:`AdapterShapeError` only when no module is left): NaN/Inf in its tensors (unless
+  ``check_finite=False``); ``alpha``/``scale``/``on_input`` of exactly one element; factors
+  (``down``, ``up``, ``mid``, ``hada_*``, ``lokr_*``, GLoRA's ``a1``..``b2``) with at least two
+  dimensions, every other tensor with at least one; OFT blocks of 3 or 4 dimensions; factors
+  that chain (LoRA up/down/mid, LoHa, LoKr); a complete set of tensors for its adapter type;
+  any other error while building the adapter (:func:`lora_engine.adapters.build_adapter`);
+- at least one key is a known adapter tensor ("not a LoRA" otherwise).
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from ..adapters import AlphaSpec, build_adapter
+from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
+from ..finite import nonfinite as _nonfinite
 from .keys import ModuleKey, parse_key, te_prefix_for
 from .legacy import read_pickled
 from .peft_folder import PeftAlpha, diffusers_metadata_configs, folder_config, folder_weights, is_peft_folder
@@ -33,7 +57,7 @@ class ModuleAdapter:
 
     name: str
     dotted: str | None
-    adapter: object
+    adapter: Adapter
 
     @property
     def kind(self) -> str:
@@ -110,16 +134,6 @@ def _detect_format(keys: list[str], roles: set[str], peft_config: dict) -> str:
     return "unknown"
 
 
-def _nonfinite(t: torch.Tensor) -> bool:
-    """Any NaN/Inf? A finite fp32 sum proves every element finite (one fast pass; CPU ``isfinite`` on
-    fp16 is ~20× slower); a non-finite sum (NaN/Inf, or a huge-value overflow) is confirmed exactly."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return False
-    if math.isfinite(float(t.float().sum())):
-        return False
-    return not bool(torch.isfinite(t).all())
-
-
 def lora_from_tensors(
     path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], peft_config: dict | None = None,
     check_finite: bool = True,
@@ -146,6 +160,8 @@ def lora_from_tensors(
     fmt = _detect_format(list(tensors), all_roles, peft_config)
     comp_cfgs = diffusers_metadata_configs(metadata)
     lf = LoraFile(path, fmt, metadata, {}, unknown, peft_config=peft_config)
+    if not comp_cfgs and str(metadata.get("lora_adapter_metadata") or "").strip() not in ("", "{}"):
+        lf.warnings.append(f"{path}: lora_adapter_metadata is not a usable LoRA config; alpha = rank assumed")
 
     nonfinite = [k for k, t in tensors.items() if _nonfinite(t)] if check_finite else []
     if nonfinite:

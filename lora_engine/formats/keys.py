@@ -66,7 +66,7 @@ SUFFIX_ROLES: dict[str, str] = {
     "oft_diag": "oft_diag",
     "rescale": "rescale",
 }
-_SUFFIXES = sorted(SUFFIX_ROLES, key=len, reverse=True)
+_SUFFIX_PARTS = max(s.count(".") for s in SUFFIX_ROLES) + 1  # the longest suffix has this many dotted parts
 
 # The oldest diffusers attention-processor form: "<attn>.processor.to_q_lora.down.weight".
 _PROCESSOR_RE = re.compile(
@@ -113,10 +113,14 @@ class ModuleKey:
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
-    """``"a.b.lora_up.weight"`` -> ``("a.b", "up")``; None if no known suffix."""
-    for suffix in _SUFFIXES:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], SUFFIX_ROLES[suffix]
+    """``"a.b.lora_up.weight"`` -> ``("a.b", "up")``; None if no known suffix. The longest suffix wins; a suffix
+    matches whole dotted parts after a ".", so trying the last 3, 2, 1 parts (three dict lookups) finds it."""
+    parts = key.rsplit(".", _SUFFIX_PARTS)
+    for k in range(min(_SUFFIX_PARTS, len(parts) - 1), 0, -1):
+        suffix = ".".join(parts[-k:])
+        role = SUFFIX_ROLES.get(suffix)
+        if role is not None:
+            return key[: -len(suffix) - 1], role
     return None
 
 
@@ -134,6 +138,8 @@ def _xlabs_form(key: str) -> tuple[str, str] | None:
 
 
 def _processor_form(key: str) -> tuple[str, str] | None:
+    if not key.endswith(("_lora.down.weight", "_lora.up.weight")):  # what the regex needs; skips it for most keys
+        return None
     m = _PROCESSOR_RE.match(key)
     if not m:
         return None

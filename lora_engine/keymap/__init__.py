@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ..families import BY_NAME, Family
 from .architecture import detect_architecture
 from .clip import clip_entries
-from .diagnose import diagnose_unmatched, foreign_dit
+from .diagnose import diagnose_unmatched, foreign_family
 from .dit import dit_entries, hf_entries
 from .openclip import openclip_entries
 from .roots import Root, find_roots
@@ -101,10 +101,9 @@ class KeyMap:
         """One line saying why these names matched nothing (wrong family, wrong encoder, ...)."""
         return diagnose_unmatched(self, unmatched_names)
 
-    def refuses(self, unmatched_names: list[str]) -> bool:
-        """Whether a LoRA whose unmatched names are these belongs to another family and this map or the
-        LoRA is a diffusion transformer's: such a LoRA is applied not at all rather than in part."""
-        return foreign_dit(self, unmatched_names)
+    def foreign_family(self, unmatched_names: list[str]) -> str | None:
+        """The other model family these names were made for (``"SDXL"`` on an SD1.x model), or None."""
+        return foreign_family(self, unmatched_names)
 
     def __len__(self) -> int:
         return len(self._names)

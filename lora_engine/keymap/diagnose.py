@@ -61,12 +61,18 @@ def _matches_model(family: str, arch: str) -> bool:
 _DIT_LABELS = {f.label for f in FAMILIES} | {"Flux.1/SD3"}
 
 
-def foreign_dit(keymap, names: list[str]) -> bool:
-    """The names say another family than the model's, and one of the two is a diffusion transformer."""
+def foreign_family(keymap, names: list[str]) -> str | None:
+    """The family a LoRA was made for when its unmatched names point to one other than the model's
+    (e.g. ``"SDXL"`` on an SD1.x model, "Flux.1" on SD3), else None. A diffusion transformer on either
+    side is always told; otherwise a model of unrecognised architecture is never called foreign."""
     family = lora_family(list(names))
     if family is None or _matches_model(family, keymap.architecture):
-        return False
-    return keymap.family is not None or family in _DIT_LABELS
+        return None
+    if getattr(keymap, "family", None) is not None or family in _DIT_LABELS:
+        return family
+    if keymap.architecture not in LABELS or keymap.architecture == "unknown":
+        return None
+    return family
 
 
 def diagnose_unmatched(keymap, names: list[str]) -> str:

@@ -6,16 +6,25 @@ sequence of stacks followed by ``restore()`` gives back the original bits. On a 
 live weight still holds W₀ and is read directly (the backup on another device is not copied back);
 later writes read the backup. The adapters' tensors are moved to a GPU weight's device once per LoRA
 (``DeviceFactors``), not at every write.
+
+An ``apply`` is all or nothing. A slot's value is a deterministic function of W₀ and its contributions,
+so a failure halfway is undone by recomputing every slot touched so far from the previous plan (the same
+bits; no copy of the pre-apply values is held). A written weight that is not finite (an fp32 sum that
+overflowed, or a finite sum beyond fp16's range) is refused: that slot keeps its previous value, checked
+by one fp32 sum of the written weight (see ``finite``). ``restore`` walks the backups, not the plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
-from .delta import merged_weight
+from ..errors import PatchError
+from ..finite import nonfinite
+from .delta import merged_weight, summed_delta
 from .device_factors import DeviceFactors, plan_adapters
-from .plan import PatchPlan, changed_slots
+from .plan import PatchPlan, changed_slots, failure_line, keeping, refuse
 
 
 @dataclass
@@ -44,40 +53,44 @@ def _param(root: torch.nn.Module, key: str) -> torch.Tensor:
     return p
 
 
-def _region(t: torch.Tensor, rows):
-    return t if rows is None else t[rows[0]:rows[1]]
-
-
 def _plus(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """base + delta in fp32, into ``delta`` (a fresh tensor from ``summed_delta``) when shapes allow:
     the same bits as ``base + delta``, without allocating another full-size buffer."""
     return delta.add_(base) if delta.shape == base.shape else base + delta
 
 
+class Backup(NamedTuple):
+    """A slot's original weight (and bias) region, and the target that locates it in the model."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: object
+
+
 @dataclass
 class MergedPatcher:
     root: torch.nn.Module
     backup_device: str = "cpu"  # "cpu" or "same"
-    plan: PatchPlan = field(default_factory=PatchPlan)
-    backups: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    plan: PatchPlan = field(default_factory=PatchPlan)  # what is on the model (refused slots as they were)
+    backups: dict[str, Backup] = field(default_factory=dict)
     stats: PatchStats = field(default_factory=PatchStats)
     device_factors: bool = True  # keep the stack's adapter tensors on a GPU weight's device
     adapters_on_device: DeviceFactors = field(default_factory=DeviceFactors, repr=False)
     _scratch: torch.Tensor | None = field(default=None, repr=False)
     _scratch_size: int = field(default=0, repr=False)
 
-    def _backup(self, slot: str, target) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _backup(self, slot: str, target) -> Backup:
         if slot not in self.backups:
             dev = None if self.backup_device == "same" else torch.device(self.backup_device)
-            w = _region(_param(self.root, target.weight_key), target.rows).detach()
+            w = target.region(_param(self.root, target.weight_key)).detach()
             b = None
             if target.bias_key is not None:
                 try:
-                    b = _region(_param(self.root, target.bias_key), target.rows).detach()
+                    b = target.region(_param(self.root, target.bias_key)).detach()
                 except (KeyError, AttributeError):
                     b = None
-            self.backups[slot] = (w.to(dev, copy=True) if dev else w.clone(),
-                                  None if b is None else (b.to(dev, copy=True) if dev else b.clone()))
+            self.backups[slot] = Backup(w.to(dev, copy=True) if dev else w.clone(),
+                                        None if b is None else (b.to(dev, copy=True) if dev else b.clone()), target)
         return self.backups[slot]
 
     def _scratch_for(self, w: torch.Tensor) -> torch.Tensor:
@@ -92,10 +105,12 @@ class MergedPatcher:
         return buf[:n].view(w.shape)
 
     @torch.no_grad()
-    def _write(self, slot: str, target, contributions) -> None:
+    def _write(self, slot: str, target, contributions) -> bool:
+        """W = cast(W₀ + Σ m·ΔW) (and b likewise) into the model; False when the result is not finite
+        (the slot then holds garbage until the caller puts its previous value back)."""
         first = slot not in self.backups
-        w0, b0 = self._backup(slot, target)
-        w = _region(_param(self.root, target.weight_key), target.rows)
+        w0, b0, _ = self._backup(slot, target)
+        w = target.region(_param(self.root, target.weight_key))
         if first and (w0.device != w.device or w.dtype != torch.float32):
             w0 = w.detach()  # still W₀: read it where it is (its sum goes through the scratch buffer)
         else:
@@ -109,49 +124,144 @@ class MergedPatcher:
         else:
             out = self._scratch_for(w)
         new, db = merged_weight(contributions, w0, out=out)
+        finite = True
         if new is not None:
             if new is not w:
                 w.copy_(new)  # copy_ casts with the same rounding as .to(w.dtype)
+            finite = not _worse(w, self.backups[slot].weight)  # checked after the cast: fp16 overflows at 65504
             self.stats.bytes_written += w.numel() * w.element_size()
         if db is not None and target.bias_key is not None:
             try:
-                b = _region(_param(self.root, target.bias_key), target.rows)
+                b = target.region(_param(self.root, target.bias_key))
             except (KeyError, AttributeError):
                 b = None
             if b is not None:
                 b.copy_(_plus(db, b0.to(b.device, torch.float32)))
+                finite = finite and not _worse(b, b0)
         self.stats.slots_written += 1
+        return finite
 
     @torch.no_grad()
-    def _restore_slot(self, slot: str) -> None:
-        target = self.plan.targets.get(slot)
-        w0, b0 = self.backups.pop(slot)
-        if target is None:
-            return
-        _region(_param(self.root, target.weight_key), target.rows).copy_(w0)
+    def _put_back(self, slot: str) -> None:
+        """Copy a slot's originals into the model (the backup is kept)."""
+        w0, b0, target = self.backups[slot]
+        target.region(_param(self.root, target.weight_key)).copy_(w0)
         if b0 is not None:
-            _region(_param(self.root, target.bias_key), target.rows).copy_(b0)
-        self.stats.slots_restored += 1
+            target.region(_param(self.root, target.bias_key)).copy_(b0)
+
+    def _previous(self, slot: str, old: PatchPlan) -> None:
+        """Give a slot the value ``old`` gave it: cast(W₀ + Σ_old), recomputed bit for bit from the
+        backup (the same inputs through the same code), or W₀."""
+        if slot in old.contributions:
+            self._write(slot, old.targets[slot], old.contributions[slot])
+        elif slot in self.backups:
+            self._put_back(slot)
 
     def apply(self, new_plan: PatchPlan) -> PatchStats:
-        """Move the model from the current plan to ``new_plan``, touching only changed slots."""
+        """Move the model from the current plan to ``new_plan``, touching only changed slots.
+
+        All or nothing: on any exception every slot touched so far gets its value from before the call
+        back and a ``PatchError`` names the LoRA file and module. A slot whose new value is not finite
+        keeps its previous value (noted in the LoRAs' reports); the others are applied."""
         self.stats = PatchStats()
-        changed = changed_slots(self.plan, new_plan)
+        old = self.plan
+        # restores first: a slot written next may cover the same rows of a fused weight and back them up
+        changed = sorted(changed_slots(old, new_plan), key=lambda s: (s in new_plan.contributions, s))
         self._scratch_size = max((int(torch.Size(new_plan.targets[s].shape).numel()) for s in changed
                                   if s in new_plan.contributions), default=0)
-        for slot in sorted(changed, key=lambda s: s in new_plan.contributions):  # restores first: a slot
-            if slot not in new_plan.contributions:  # written next may cover the same rows and back them up
-                if slot in self.backups:
-                    self._restore_slot(slot)
-            else:
-                self._write(slot, new_plan.targets[slot], new_plan.contributions[slot])
-        # keep targets of removed slots out, of current slots in
-        self.plan = new_plan
-        self._scratch = None  # held for one apply only: steady RAM stays the backups
+        touched: list[str] = []
+        fresh, refused = set(), set()  # slots first backed up by this call; slots left as they were
+        try:
+            for slot in changed:
+                touched.append(slot)
+                if slot not in new_plan.contributions:
+                    if slot in self.backups:
+                        self._put_back(slot)
+                    continue
+                if slot not in self.backups:
+                    fresh.add(slot)
+                if not self._write(slot, new_plan.targets[slot], new_plan.contributions[slot]):
+                    refused.add(slot)
+                    refuse(new_plan, slot, "the merged weight would not be finite",
+                           self._overflowing(slot, new_plan.contributions[slot]))
+                    self._previous(slot, old)
+        except BaseException as e:
+            message = self._failure(new_plan, touched[-1], e) if isinstance(e, Exception) and touched else None
+            self._roll_back(touched, fresh, old)
+            if message is None:
+                raise
+            raise PatchError(message) from e
+        finally:
+            self._scratch = None  # held for one apply only: steady RAM stays the backups
+        for slot in touched:  # commit: slots that left the plan (or were refused on first write) lose their backup
+            if slot not in new_plan.contributions or (slot in refused and slot not in old.contributions):
+                if self.backups.pop(slot, None) is not None and slot not in refused:
+                    self.stats.slots_restored += 1
+        self.plan = keeping(old, new_plan, refused)
         if len(self.adapters_on_device):
-            self.adapters_on_device.retain(plan_adapters(new_plan))  # LoRAs that left the stack leave the device
+            self.adapters_on_device.retain(plan_adapters(self.plan))  # LoRAs that left the stack leave the device
         return self.stats
 
+    def _overflowing(self, slot: str, contributions) -> list:
+        """The contributions that alone make the slot's weight non-finite (all of them when only their
+        sum does). Runs only for a refused slot."""
+        if len(contributions) == 1:
+            return list(contributions)
+        w0 = self.backups[slot].weight
+        alone = [c for c in contributions
+                 if (w := merged_weight([c], w0)[0]) is not None and nonfinite(w.to(w0.dtype))]
+        return alone or list(contributions)
+
+    def _roll_back(self, touched: list[str], fresh: set, old: PatchPlan) -> None:
+        """Every slot in ``touched`` back to its value under ``old``; backups made for them dropped."""
+        lost = []
+        for slot in reversed(touched):
+            try:
+                self._previous(slot, old)
+            except Exception:  # cannot recompute it (e.g. out of memory): the original is the safe value
+                if slot in self.backups:
+                    self._put_back(slot)
+                    lost.append(slot)
+            if slot in fresh or slot in lost:
+                self.backups.pop(slot, None)
+        if lost:
+            self.plan = PatchPlan(old.targets, {s: c for s, c in old.contributions.items() if s not in lost},
+                                  old.reports)
+        if len(self.adapters_on_device):
+            self.adapters_on_device.retain(plan_adapters(self.plan))
+
+    def _failure(self, plan: PatchPlan, slot: str, error: Exception) -> str:
+        """One line: the LoRA file and module that failed on ``slot``, and why."""
+        contributions = plan.contributions.get(slot, ())
+        culprit = _culprit(contributions, self.backups.get(slot)) if len(contributions) > 1 else None
+        named = [culprit] if culprit is not None else list(contributions)
+        return failure_line(plan, slot, named, error, f"cannot be merged into {slot}")
+
+    @torch.no_grad()
     def restore(self) -> PatchStats:
-        """Put every touched weight back, bit for bit, and forget the plan."""
-        return self.apply(PatchPlan())
+        """Put every backed-up weight back, bit for bit, whatever the plan says, and forget the plan."""
+        self.stats = PatchStats()
+        for slot in list(self.backups):
+            self._put_back(slot)
+            del self.backups[slot]
+            self.stats.slots_restored += 1
+        self.plan = PatchPlan()
+        self.adapters_on_device.clear()
+        return self.stats
+
+
+def _worse(t: torch.Tensor, original: torch.Tensor | None) -> bool:
+    """Whether writing made ``t`` non-finite (a base that already held NaN/Inf does not count)."""
+    return nonfinite(t) and not nonfinite(original)
+
+
+def _culprit(contributions, backup: Backup | None):
+    """The first contribution whose delta fails on its own (None when none does)."""
+    if backup is None:
+        return None
+    for c in contributions:
+        try:
+            summed_delta([c], backup.weight)
+        except Exception:
+            return c
+    return None

@@ -9,6 +9,8 @@ stacks and step schedules change nothing but a number.
 Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers) get the summed
 dense delta swapped in for the duration of the forward (pre-hook) and the original Parameter
 put back right after (post-hook); the stored weight is never modified. Those take a scalar factor.
+Installing is all or nothing: each term's math runs before any hook changes (a broken adapter fails in
+``apply``, never inside a forward), and a failure puts every hook back as it was.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from ..errors import LoraEngineError
+from ..errors import LoraEngineError, PatchError
 from ..adapters.lora import LoRA
+from ..finite import nonfinite
 from .delta import summed_delta
 from .device_factors import DeviceFactors, plan_adapters
 from .lowrank_side import FusedLowRank
 from .merged import _param
-from .plan import Contribution, PatchPlan, changed_slots
+from .plan import Contribution, PatchPlan, changed_slots, failure_line, keeping, refuse
 from .rows import place_rows
 
 
@@ -64,6 +67,31 @@ class _ModuleHook:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def prepare(self, term: _Term) -> str | None:
+        """Do the term's math before it is hooked, so a broken adapter fails here and not inside a
+        forward: a dense ΔW is computed now (and kept for the layer's dtype), a low-rank term's side
+        path factors are built. Returns why the term must not be used (what the side path would
+        multiply by is not finite in the layer's dtype), or None."""
+        c = term.contribution
+        w = self.patcher.original(term.target)
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
+        if isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)) and self._is_lowrank(term):
+            f = c.adapter.factors()
+            m = f.scale * c.strength
+            parts = (f.up * m, f.down, f.mid, None if f.bias is None else f.bias * m)
+        elif isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)):
+            dw, db = summed_delta([unit], w)
+            term.cache[(dtype, w.device)] = (dw.to(device=w.device, dtype=dtype),
+                                             None if db is None else db.to(device=w.device, dtype=dtype))
+            parts = (c.strength * dw, None if db is None else c.strength * db)
+        else:
+            dw = term.cache["swap"] = summed_delta([unit], w)[0]
+            parts = (c.strength * dw,)
+        if any(nonfinite(p.to(dtype)) for p in parts if p is not None):
+            return "the side path's factors are not finite"
+        return None
 
     # ---- Linear / Conv2d: add the side path ---------------------------------------------------
     def _lowrank(self, term: _Term, x: torch.Tensor) -> torch.Tensor:
@@ -255,29 +283,73 @@ class OnTheFlyPatcher:
         return w if target.rows is None else w[target.rows[0]:target.rows[1]]
 
     def apply(self, new_plan: PatchPlan) -> int:
-        """Update hooks for changed slots only; returns the number of slots updated."""
-        changed = changed_slots(self.plan, new_plan)
-        for slot in changed:
-            target = new_plan.targets.get(slot) or self.plan.targets[slot]
-            path = hook_path(self.root, target.weight_key)
+        """Update hooks for changed slots only; returns the number of slots updated.
+
+        All or nothing: every term's math is done before it is hooked, and on any exception the hooks
+        are put back as they were (hooks added by this call removed) and a ``PatchError`` names the
+        LoRA file and module. A slot whose factors are not finite keeps its previous terms (noted in
+        the LoRAs' reports)."""
+        old = self.plan
+        changed = sorted(changed_slots(old, new_plan))
+        before: dict[str, dict | None] = {}  # module path -> its hook's terms before this call (None: no hook)
+        refused: set[str] = set()
+        slot, current = None, ()
+        try:
+            for slot in changed:
+                current = ()
+                target = new_plan.targets.get(slot) or old.targets[slot]
+                path = hook_path(self.root, target.weight_key)
+                hook = self.hooks.get(path)
+                if path not in before:
+                    before[path] = None if hook is None else dict(hook.terms)
+                contribs = new_plan.contributions.get(slot)
+                if contribs:
+                    if hook is None:
+                        hook = self.hooks[path] = _ModuleHook(self, path, self.root.get_submodule(path))
+                    terms = _terms(hook.module, target, contribs)
+                    why = None
+                    for term in terms:
+                        current = (term.contribution,)
+                        why = hook.prepare(term)
+                        if why is not None:
+                            break
+                    if why is not None:
+                        refused.add(slot)
+                        refuse(new_plan, slot, why, current)
+                        continue
+                    hook.terms[slot] = terms
+                elif hook is not None:
+                    hook.terms.pop(slot, None)
+                if hook is not None:
+                    hook.fused_cache = {}
+        except BaseException as e:
+            self._roll_back(before)
+            if not isinstance(e, Exception) or slot is None:
+                raise
+            raise PatchError(failure_line(new_plan, slot, current or new_plan.contributions.get(slot, ()), e,
+                                          f"cannot be hooked on {slot}")) from e
+        for path in before:  # commit: a module left without terms loses its hook
             hook = self.hooks.get(path)
-            contribs = new_plan.contributions.get(slot)
-            if contribs:
-                if hook is None:
-                    hook = self.hooks[path] = _ModuleHook(self, path, self.root.get_submodule(path))
-                hook.terms[slot] = _terms(hook.module, target, contribs)
-                hook.fused_cache = {}
-            elif hook is not None:
-                hook.terms.pop(slot, None)
-                hook.fused_cache = {}
-                if not hook.terms:
-                    hook.remove()
-                    del self.hooks[path]
-        self.plan = new_plan
+            if hook is not None and not hook.terms:
+                hook.remove()
+                del self.hooks[path]
+        self.plan = keeping(old, new_plan, refused)
         if len(self.adapters_on_device):
             placed = [t.contribution.adapter for h in self.hooks.values() for ts in h.terms.values() for t in ts]
-            self.adapters_on_device.retain(plan_adapters(new_plan) + placed)
+            self.adapters_on_device.retain(plan_adapters(self.plan) + placed)
         return len(changed)
+
+    def _roll_back(self, before: dict) -> None:
+        for path, terms in before.items():
+            hook = self.hooks.get(path)
+            if hook is None:
+                continue
+            if terms is None:
+                hook.remove()
+                del self.hooks[path]
+            else:
+                hook.terms = terms
+                hook.fused_cache = {}
 
     def restore(self) -> None:
         for hook in self.hooks.values():

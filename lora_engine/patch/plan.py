@@ -6,10 +6,13 @@ stacks touches only what changed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from ..adapters.base import Adapter
 from ..formats import LoraFile
+from ..keymap.target import TargetMap
 from .rows import place_rows, take_rows
 
 
@@ -37,7 +40,7 @@ class Contribution:
     lora_id: str
     module_name: str
     strength: float
-    adapter: object = field(compare=False, hash=False)
+    adapter: Adapter = field(compare=False, hash=False)
 
     @property
     def signature(self) -> tuple:
@@ -47,25 +50,34 @@ class Contribution:
 @dataclass
 class LoraReport:
     name: str
-    touched: int = 0
+    touched: int = 0  # modules that fit this model
     unmatched: list[str] = field(default_factory=list)  # no such module, or a module of another shape
     wrong_shape: list[str] = field(default_factory=list)
     diagnosis: str = ""
     problems: list[str] = field(default_factory=list)
+    path: str = ""  # the LoRA file
+    foreign: str | None = None  # the model family it was made for, when not this model's
+    skipped: bool = False  # foreign and not forced: nothing of it was applied
+    refused: list[str] = field(default_factory=list)  # "module: why" left unchanged (non-finite result)
+    notes: list[str] = field(default_factory=list)  # e.g. a strength outside the sane range
 
     def line(self) -> str | None:
-        """One warning line, or None when everything matched."""
-        if not self.unmatched and not self.problems:
-            return None
+        """One warning line, or None when everything matched and applied."""
         parts = []
         if self.unmatched:
             part = f"{len(self.unmatched)} module(s) matched nothing in this model: {self.diagnosis}"
             if self.wrong_shape:
                 part += f" ({len(self.wrong_shape)} have the name but another shape, e.g. {self.wrong_shape[0]})"
             parts.append(part)
+        if self.skipped:
+            parts.append(f"nothing of it was applied (made for {self.foreign}; forcing it applies the "
+                         f"{self.touched} module(s) that fit)")
         if self.problems:
             parts.append(f"{len(self.problems)} module(s) unusable ({self.problems[0]})")
-        return f"{self.name}: " + "; ".join(parts)
+        if self.refused:
+            parts.append(f"{len(self.refused)} module(s) left as they were ({self.refused[0]})")
+        parts.extend(self.notes)
+        return f"{self.name}: " + "; ".join(parts) if parts else None
 
 
 @dataclass
@@ -89,38 +101,6 @@ def _truncate(adapter, dyn: int | None):
     return adapter
 
 
-def misfit(adapter, shape: tuple[int, ...]) -> str | None:
-    """Why this adapter cannot apply to a weight of ``shape`` (from tensor shapes only), or None."""
-    import math
-
-    from ..adapters.dora import dora_axis
-
-    inner = getattr(adapter, "inner", adapter)
-    natural = getattr(inner, "natural_shape", None)
-    if natural is not None:
-        try:
-            ns = tuple(natural())
-        except (RuntimeError, ValueError, IndexError):
-            return "its tensors do not chain"
-        if math.prod(ns) != math.prod(shape):
-            return f"delta {list(ns)} vs weight {list(shape)}"
-    if inner.kind == "ia3" and inner.weight.numel() not in shape[:2]:
-        return f"ia3 vector of {inner.weight.numel()} vs weight {list(shape)}"
-    if inner.kind == "oft" and not inner.is_butterfly and inner.blocks.shape[0] * inner.blocks.shape[-1] != shape[0]:
-        return f"oft blocks {list(inner.blocks.shape)} vs weight {list(shape)}"
-    if adapter is not inner:  # DoRA magnitude
-        try:
-            dora_axis(tuple(adapter.magnitude.shape), tuple(shape))
-        except ValueError as e:
-            return str(e)
-    return None
-
-
-def _has_bias_delta(adapter) -> bool:
-    inner = getattr(adapter, "inner", adapter)
-    return any(getattr(inner, f, None) is not None for f in ("up_bias", "diff_b", "b_norm"))
-
-
 def _targets(keymap, name: str, dotted: str | None) -> tuple:
     find = getattr(keymap, "resolve", None)
     if find is not None:
@@ -133,11 +113,10 @@ def _split(ma, target, height: int | None):
     """(the module's adapter for this target, why it does not fit or None). A target with
     ``delta_rows`` takes those rows of the module's delta."""
     if target.delta_rows is None:
-        return ma, misfit(ma.adapter, target.shape)
-    natural = getattr(getattr(ma.adapter, "inner", ma.adapter), "natural_shape", None)
-    if natural is not None and height is not None:
+        return ma, ma.adapter.misfit(tuple(target.shape))
+    if height is not None:
         try:
-            rows = tuple(natural())[0]
+            rows = (ma.adapter.natural_shape() or (None,))[0]
         except (RuntimeError, ValueError, IndexError):
             rows = None
         if rows is not None and rows != height:
@@ -147,10 +126,10 @@ def _split(ma, target, height: int | None):
     except ValueError as e:
         return ma, str(e)
     split = replace(ma, adapter=part)
-    return split, misfit(part, target.shape)
+    return split, part.misfit(tuple(target.shape))
 
 
-def resolve(lora: LoraFile, keymap) -> tuple:
+def resolve(lora: LoraFile, keymap: TargetMap) -> tuple:
     """Per module of a LoRA file and target it reaches: (name, its ``ModuleAdapter`` — for a target with
     ``delta_rows``, the part of it that lands there —, the keymap target or None, why the adapter does
     not fit that target or None). Depends on the file and the model only, not on the stack's weights,
@@ -169,7 +148,7 @@ def resolve(lora: LoraFile, keymap) -> tuple:
     return tuple(rows)
 
 
-def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
+def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     if cache is None:
         return resolve(lora, keymap)
     hit = cache.get(id(lora))
@@ -178,49 +157,60 @@ def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
     return hit[2]
 
 
-def _foreign(keymap, unmatched: list[str]) -> bool:
-    """A LoRA for another diffusion-transformer family (or a DiT LoRA on an SD model, or the reverse) is
-    refused whole: the few names two families share (``final_layer.linear``) would otherwise patch
-    layers the LoRA was not trained for."""
-    refuses = getattr(keymap, "refuses", None)
-    return bool(unmatched) and refuses is not None and refuses(unmatched)
+MAX_STRENGTH = 100.0  # |strength| above this is almost surely a typo (``<lora:x:1e308>``): warned about
 
 
-def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None) -> PatchPlan:
+def _strength_note(entry: StackEntry, max_strength: float) -> str | None:
+    odd = [f"{part} {w:g}" for part, w in (("te", entry.te), ("unet", entry.unet))
+           if not math.isfinite(w) or abs(w) > max_strength]
+    if not odd:
+        return None
+    return f"strength {', '.join(odd)} is outside ±{max_strength:g} (weights may overflow)"
+
+
+def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None = None, force_foreign: bool = False,
+               max_strength: float = MAX_STRENGTH) -> PatchPlan:
     """The plan for a wanted stack. ``resolved``: a dict the caller keeps between calls, holding
-    ``resolve`` of each LoRA file (pruned to the stack's files here)."""
+    ``resolve`` of each LoRA file (pruned to the stack's files here). A LoRA whose unmatched names say
+    it was made for another model family (an SDXL LoRA on SD1) contributes nothing unless
+    ``force_foreign``: the modules whose names and shapes happen to fit would change the model into
+    neither. A strength beyond ``±max_strength`` is applied, with a note in the report."""
     plan = PatchPlan()
     contributions: dict[str, list[Contribution]] = {}
     for entry in stack:
         lf = entry.lora
-        report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems)))
-        unmatched = []
-        rows = _resolved(lf, keymap, resolved)
-        refused = _foreign(keymap, [name for name, _, target, why in rows if target is None or why is not None])
-        for name, ma, target, why in rows:
+        report = plan.reports.setdefault(entry.ident, LoraReport(lf.name, problems=list(lf.problems), path=lf.path))
+        if (note := _strength_note(entry, max_strength)) is not None:
+            report.notes.append(note)
+        unmatched, mine = [], []
+        for name, ma, target, why in _resolved(lf, keymap, resolved):
             if target is None:
                 unmatched.append(name)
                 continue
-            if why is not None or refused:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
+            if why is not None:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
                 unmatched.append(name)
-                if why is not None:
-                    report.wrong_shape.append(f"{name}: {why}")
+                report.wrong_shape.append(f"{name}: {why}")
                 continue
             strength = entry.te if target.component == "te" else entry.unet
             if entry.block_multiplier is not None:
                 strength *= float(entry.block_multiplier(name))
             report.touched += 1
-            if target.bias_key is None and _has_bias_delta(ma.adapter):
+            if target.bias_key is None and ma.adapter.has_bias_delta:
                 report.problems.append(f"{name}: has a bias delta but the layer has no bias (bias part skipped)")
             if strength == 0.0:
                 continue
-            slot = slot_of(target)
-            plan.targets[slot] = target
-            contributions.setdefault(slot, []).append(
-                Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn)))
+            mine.append((target, Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn))))
         report.unmatched = unmatched = list(dict.fromkeys(unmatched))
         if unmatched:
             report.diagnosis = keymap.diagnose(unmatched)
+            report.foreign = keymap.foreign_family(unmatched)
+            report.skipped = report.foreign is not None and not force_foreign
+        if report.skipped:
+            continue
+        for target, c in mine:
+            slot = slot_of(target)
+            plan.targets[slot] = target
+            contributions.setdefault(slot, []).append(c)
     _merge_overlaps(plan.targets, contributions)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
     if resolved is not None:
@@ -267,3 +257,39 @@ def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:
     """Slots whose effective delta differs between two plans (added, removed or re-weighted)."""
     slots = set(old.contributions) | set(new.contributions)
     return {s for s in slots if old.signature(s) != new.signature(s)}
+
+
+def keeping(old: PatchPlan, new: PatchPlan, kept) -> PatchPlan:
+    """What is on the model after applying ``new`` with the slots in ``kept`` left as ``old`` had them
+    (a patcher's own record, so the next change is diffed against the truth)."""
+    kept = set(kept)
+    if not kept:
+        return new
+    contributions = {s: c for s, c in new.contributions.items() if s not in kept}
+    targets = dict(new.targets)
+    for s in kept:
+        if s in old.contributions:
+            contributions[s] = old.contributions[s]
+            targets[s] = old.targets[s]
+    return PatchPlan(targets, contributions, new.reports)
+
+
+def refuse(plan: PatchPlan, slot: str, why: str, culprits=None) -> None:
+    """Record in the reports of the LoRAs ``culprits`` (default: every contribution on ``slot``) that
+    the slot was left as it was, and why."""
+    for c in plan.contributions.get(slot, ()) if culprits is None else culprits:
+        report = plan.reports.get(c.lora_id)
+        if report is not None:
+            report.refused.append(f"{c.module_name}: {why}")
+
+
+def failure_line(plan: PatchPlan, slot: str, contributions, error: Exception, what: str) -> str:
+    """One line for a slot that could not be patched: ``<LoRA file>: module <name>: <what> (<cause>)``."""
+    who = ", ".join(f"{_file_of(plan, c)}: module {c.module_name}" for c in contributions) or slot
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{who}: {what} ({cause}); the model was left as it was"
+
+
+def _file_of(plan: PatchPlan, c: Contribution) -> str:
+    report = plan.reports.get(c.lora_id)
+    return report.path if report is not None and report.path else c.lora_id

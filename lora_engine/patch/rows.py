@@ -16,39 +16,57 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..adapters.base import Delta
+from ..adapters.base import Adapter, AdapterBase, Delta
 from ..adapters.dora import DoRA, dora_axis
 from ..adapters.lora import LoRA
 
 _SHAPE_ONLY = ("lora", "loha", "lokr", "full", "norm")  # delta reads only W₀'s shape
 
 
-class _OfSource:
-    """Type, scale and checks are those of the wrapped adapter (``source``)."""
+class _Moved(AdapterBase):
+    """What a moved adapter keeps from its source: type, scale, rank, label."""
+
+    source: Adapter
 
     @property
     def kind(self) -> str:
         return self.source.kind
 
     @property
+    def label(self) -> str:
+        return self.source.label
+
+    @property
     def scale(self) -> float:
         return self.source.scale
+
+    @property
+    def rank(self) -> int | None:
+        return self.source.rank
+
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.source.has_bias_delta
+
+
+@dataclass(frozen=True)
+class RowsOf(_Moved):
+    """Rows ``[start, stop)`` of another adapter's delta."""
+
+    source: Adapter
+    start: int
+    stop: int
 
     def check(self) -> None:
         self.source.check()
 
-
-@dataclass(frozen=True)
-class RowsOf(_OfSource):
-    """Rows ``[start, stop)`` of another adapter's delta."""
-
-    source: object
-    start: int
-    stop: int
-
     def natural_shape(self) -> tuple[int, ...]:
         full = tuple(self.source.natural_shape())
         return (self.stop - self.start, *full[1:])
+
+    def bias_delta(self) -> torch.Tensor | None:
+        b = self.source.bias_delta()
+        return None if b is None else b.reshape(-1)[self.start:self.stop]
 
     def delta(self, base: torch.Tensor) -> Delta:
         full = torch.empty(self.source.natural_shape(), device="meta")
@@ -58,13 +76,28 @@ class RowsOf(_OfSource):
 
 
 @dataclass(frozen=True)
-class PlacedRows(_OfSource):
+class PlacedRows(_Moved):
     """Another adapter's delta at rows ``[start, stop)`` of a weight ``height`` rows high, zero elsewhere."""
 
-    source: object
+    source: Adapter
     start: int
     stop: int
     height: int
+
+    def natural_shape(self) -> tuple[int, ...] | None:
+        own = self.source.natural_shape()
+        return None if own is None else (self.height, *tuple(own)[1:])
+
+    def bias_delta(self) -> torch.Tensor | None:
+        b = self.source.bias_delta()
+        if b is None:
+            return None
+        out = torch.zeros(self.height, dtype=torch.float32, device=b.device)
+        out[self.start:self.stop] = b.reshape(-1)
+        return out
+
+    def check(self) -> None:
+        self.source.check()
 
     def delta(self, base: torch.Tensor) -> Delta:
         d = self.source.delta(base[self.start:self.stop])
@@ -88,7 +121,7 @@ def take_rows(adapter, rows: tuple[int, int]):
         if axis != 0:
             raise ValueError("DoRA normalised per input column spans the whole fused weight; it cannot be split by rows")
         return DoRA(take_rows(adapter.inner, rows), adapter.magnitude[a:b], adapter.axis)
-    if adapter.kind not in _SHAPE_ONLY or not hasattr(adapter, "natural_shape"):
+    if adapter.kind not in _SHAPE_ONLY or adapter.natural_shape() is None:
         raise ValueError(f"a {adapter.kind} delta depends on the whole fused weight; it cannot be split by rows")
     return RowsOf(adapter, a, b)
 

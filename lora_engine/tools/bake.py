@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ToolError
+from ..errors import OutputExistsError, ToolError
+from ..finite import nonfinite
 from ..formats import load_lora
 from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic_file
 from ..keymap import build_keymap
@@ -52,7 +53,7 @@ def _bias_slot(plan: PatchPlan, slot: str, ckpt: Checkpoint) -> bool:
     """Whether the slot's bias is rewritten: it exists and some contribution carries a Δb."""
     target = plan.targets[slot]
     return bool(target.bias_key and target.bias_key in ckpt
-                and any(_has_bias(c.adapter) for c in plan.contributions[slot]))
+                and any(c.adapter.has_bias_delta for c in plan.contributions[slot]))
 
 
 class _Deltas:
@@ -67,7 +68,7 @@ class _Deltas:
         if slot not in self.memo:
             target = self.plan.targets[slot]
             if weight_region is None:
-                weight_region = _region(self.ckpt.read(target.weight_key), target.rows)
+                weight_region = target.region(self.ckpt.read(target.weight_key))
             w0 = weight_region.to(self.device, torch.float32)
             fresh = w0.data_ptr() != weight_region.data_ptr()
             # the new weight W₀ + ΔW exactly as the merged patcher computes it (same GEMM, same bits)
@@ -82,20 +83,6 @@ class _Deltas:
         return entry[0] if role == "weight" else entry[1]
 
 
-def _region(t: torch.Tensor, rows):
-    return t if rows is None else t[rows[0]:rows[1]]
-
-
-BIAS_FIELDS = ("up_bias", "diff_b", "b_norm")  # the adapter fields that make a Δb
-
-
-def _has_bias(adapter) -> bool:
-    if any(getattr(adapter, f, None) is not None for f in BIAS_FIELDS):
-        return True
-    inner = getattr(adapter, "inner", None)
-    return inner is not None and _has_bias(inner)
-
-
 def _tasks(plan: PatchPlan, ckpt: Checkpoint) -> dict[str, list[tuple[str, str]]]:
     """{tensor key: [(slot, "weight"|"bias")]} for every tensor the plan changes."""
     tasks: dict[str, list[tuple[str, str]]] = {}
@@ -106,18 +93,23 @@ def _tasks(plan: PatchPlan, ckpt: Checkpoint) -> dict[str, list[tuple[str, str]]
     return tasks
 
 
-def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas) -> torch.Tensor:
+def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas, warnings: list[str]) -> torch.Tensor:
     t = ckpt.read(key)
     for slot, role in jobs:
         target = deltas.plan.targets[slot]
-        region = _region(t, target.rows)
+        region = target.region(t)
         d = deltas.get(slot, role, region if role == "weight" else None)  # read before this region is written
         if d is None:
             continue
-        if role == "weight":  # W₀ + ΔW in fp32, one cast (copy_ rounds like .to)
-            region.copy_(d.reshape(region.shape))
+        if role == "weight":  # W₀ + ΔW in fp32, one cast (.to rounds like copy_)
+            new = d.reshape(region.shape).to(region.dtype)
         else:  # b₀ + Δb; Δb is not used again
-            region.copy_(d.reshape(region.shape).add_(region))
+            new = d.reshape(region.shape).add_(region).to(region.dtype)
+        if nonfinite(new) and not nonfinite(region):
+            modules = ", ".join(c.module_name for c in deltas.plan.contributions[slot])
+            warnings.append(f"{key}: the baked {role} would not be finite; kept as in the checkpoint ({modules})")
+            continue
+        region.copy_(new)
     return t
 
 
@@ -130,7 +122,7 @@ def _write_part(ckpt, part: Part, tasks, deltas, fh, ticker, result, extra_meta)
         ticker.check()
         full = part.prefix + e.key
         if full in tasks:
-            w.write(e.key, _baked(ckpt, full, tasks[full], deltas))
+            w.write(e.key, _baked(ckpt, full, tasks[full], deltas, result.warnings))
             result.touched += 1
         else:
             ti = info[e.key]
@@ -141,13 +133,15 @@ def _write_part(ckpt, part: Part, tasks, deltas, fh, ticker, result, extra_meta)
     w.close()
 
 
-def plan_for(ckpt: Checkpoint, loras: list[BakeLora]) -> tuple[PatchPlan, list[str]]:
+def plan_for(ckpt: Checkpoint, loras: list[BakeLora], force: bool = False) -> tuple[PatchPlan, list[str]]:
+    """The plan of ``loras`` on this checkpoint; a LoRA made for another model family is left out
+    unless ``force`` (then the modules that fit are baked)."""
     keymap = build_keymap(ckpt.shapes())
     stack = [StackEntry(load_lora(l.path), te=l.te, unet=l.unet, key=f"{i}:{l.path}") for i, l in enumerate(loras)]
-    plan = build_plan(stack, keymap)
+    plan = build_plan(stack, keymap, force_foreign=force)
     warnings = [line for r in plan.reports.values() if (line := r.line())]
     if not plan.targets:
-        raise ToolError(f"{ckpt.path}: no LoRA module matched this checkpoint ({keymap.architecture}); "
+        raise ToolError(f"{ckpt.path}: no LoRA module applies to this checkpoint ({keymap.architecture}); "
                         + ("; ".join(warnings) or "all strengths are 0"))
     return plan, warnings
 
@@ -157,9 +151,10 @@ def _bake_meta(loras: list[BakeLora]) -> dict[str, str]:
                                              for l in loras])}
 
 
-def bake_single(src: str, loras: list[BakeLora], out: str, progress=None, cancel=None, device=None) -> BakeResult:
+def bake_single(src: str, loras: list[BakeLora], out: str, progress=None, cancel=None, device=None,
+                force: bool = False) -> BakeResult:
     ckpt = open_checkpoint(src)
-    plan, warnings = plan_for(ckpt, loras)
+    plan, warnings = plan_for(ckpt, loras, force)
     result = BakeResult(out, warnings=warnings)
     part = ckpt.parts[0]
     ticker = Ticker(len(part.file.info), progress, cancel)
@@ -170,7 +165,7 @@ def bake_single(src: str, loras: list[BakeLora], out: str, progress=None, cancel
 
 
 def bake_diffusers(src: str, loras: list[BakeLora], out: str, overwrite: bool = False,
-                   progress=None, cancel=None, device=None) -> BakeResult:
+                   progress=None, cancel=None, device=None, force: bool = False) -> BakeResult:
     result = BakeResult(out)
     variants = diffusers_weight_files(src)
     if not variants:
@@ -178,7 +173,7 @@ def bake_diffusers(src: str, loras: list[BakeLora], out: str, overwrite: bool = 
     jobs = []
     for variant in variants:
         ckpt = open_checkpoint(src, variant)
-        plan, warnings = plan_for(ckpt, loras)
+        plan, warnings = plan_for(ckpt, loras, force)
         result.warnings.extend(w for w in warnings if w not in result.warnings)
         jobs.append((ckpt, plan))
     rewritten = {p.rel for ckpt, _ in jobs for p in ckpt.parts}
@@ -205,16 +200,18 @@ def _copy_tree(src: str, dst: str, skip: set[str]) -> None:
 
 
 def bake(src: str | os.PathLike, loras: list[BakeLora], out: str | os.PathLike, overwrite: bool = False,
-         progress=None, cancel=None, device=None) -> BakeResult:
+         progress=None, cancel=None, device=None, force: bool = False) -> BakeResult:
     """Bake ``loras`` into the checkpoint ``src`` (single .safetensors file or diffusers folder) → ``out``.
-    ``device``: where the deltas are computed (e.g. "cuda"); the sum and cast happen on the CPU."""
+    ``device``: where the deltas are computed (e.g. "cuda"); the sum and cast happen on the CPU.
+    ``force``: bake the fitting modules of a LoRA made for another model family (default: none of it,
+    with the diagnosis in the warnings). A weight whose baked value is not finite keeps its value."""
     src, out = os.fspath(src), os.fspath(out)
     if not loras:
         raise ToolError("bake needs at least one --lora")
     if os.path.abspath(src) == os.path.abspath(out):
         raise ToolError(f"{out}: output must differ from the input checkpoint")
     if os.path.isdir(src):
-        return bake_diffusers(src, loras, out, overwrite, progress, cancel, device)
+        return bake_diffusers(src, loras, out, overwrite, progress, cancel, device, force)
     if os.path.exists(out) and not overwrite:
-        raise ToolError(f"{out}: exists (pass --overwrite to replace it)")
-    return bake_single(src, loras, out, progress, cancel, device)
+        raise OutputExistsError(out)
+    return bake_single(src, loras, out, progress, cancel, device, force)

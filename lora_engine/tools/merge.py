@@ -11,21 +11,29 @@ Per module, the wanted delta is ΔW = Σ_k w_k · s_k · up_k @ down_k (s_k = α
   a truncated SVD (``tools.lowrank``): error² = the discarded singular values' energy.
 
 A module present in only some inputs takes only their terms. DoRA/IA3/OFT/GLoRA modules depend on
-the base weights and are refused with a clear error.
+the base weights and are refused with a clear error. Inputs made for different model families (an SDXL
+and an SD1.x LoRA, told by ``library.summary.lora_architecture``) are refused unless forced.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ToolError
+from ..finite import nonfinite
 from ..formats import LoraFile, load_lora
-from ..formats.writer import LoraTensors, write_kohya
+from ..formats.writer import BuiltLora, LoraTensors, write_kohya
+from ..keymap.diagnose import LABELS
+from ..library.summary import lora_architecture
+from ..patch.plan import MAX_STRENGTH
 from .lowrank import adapter_bias, dense_delta, factor, factor_product, locon_factors
-from .naming import unify_te_names
+from .naming import titled, unify_te_names
 from .progress import Ticker
+
+FAMILY_LABELS = {**LABELS, "other": "a DiT family (SD3/Flux/...)"}
 
 
 @dataclass(frozen=True)
@@ -39,14 +47,6 @@ class ModuleReport:
     name: str
     rank: int
     retained_fro: float | None = None  # None: exact
-
-
-@dataclass
-class MergeResult:
-    modules: dict[str, LoraTensors]
-    reports: list[ModuleReport] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _target_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -115,25 +115,50 @@ def _default_dtype(inputs: list[MergeInput]) -> torch.dtype:
     return torch.float32
 
 
+def mixed_families(inputs: list[MergeInput]) -> str | None:
+    """One line when the inputs were made for different model families (each file's family and what
+    says so), else None. Files whose family cannot be told are not counted."""
+    seen: dict[str, tuple[str, str]] = {}
+    for inp in inputs:
+        arch, source = lora_architecture(inp.lora)
+        if arch != "unknown":
+            seen.setdefault(arch, (os.path.basename(inp.lora.path), source))
+    if len(seen) < 2:
+        return None
+    return "inputs made for different model families: " + ", ".join(
+        f"{file} is {FAMILY_LABELS.get(arch, arch)} ({source})" for arch, (file, source) in seen.items())
+
+
 def merge_loras(inputs: list[MergeInput], rank: int | None = None, method: str = "fixed", param: float | None = None,
-                dtype: torch.dtype | None = None, device=None, progress=None, cancel=None) -> MergeResult:
-    """``rank=None`` → exact (concatenated ranks); else SVD to ``rank`` (a cap for dynamic methods)."""
+                dtype: torch.dtype | None = None, device=None, progress=None, cancel=None, force: bool = False,
+                max_weight: float = MAX_STRENGTH) -> BuiltLora:
+    """``rank=None`` → exact (concatenated ranks); else SVD to ``rank`` (a cap for dynamic methods).
+    Inputs made for different model families are refused unless ``force``; a module whose merged
+    factors are not finite is left out; |weight| > ``max_weight`` is warned about."""
     if not inputs:
         raise ToolError("merge needs at least one LoRA")
+    mixed = mixed_families(inputs)
+    if mixed is not None and not force:
+        raise ToolError(f"{mixed}; nothing merged (forcing it merges them anyway)")
     dtype = dtype or _default_dtype(inputs)
     terms = _collect(inputs)
-    result = MergeResult({})
+    result = BuiltLora({}, warnings=[] if mixed is None else [f"{mixed}; merged as forced"])
+    result.warnings += [f"{os.path.basename(i.lora.path)}: weight {i.weight:g} is outside ±{max_weight:g}"
+                        for i in inputs if not math.isfinite(i.weight) or abs(i.weight) > max_weight]
     ticker = Ticker(len(terms), progress, cancel)
     for name, module_terms in terms.items():
         ticker.check()
         if any(adapter_bias(a) is not None for _, a in module_terms):
             result.warnings.append(f"{name}: bias delta dropped (kohya LoRA files cannot store a bias)")
         if rank is None:
-            result.modules[name] = _exact_module(name, module_terms, dtype)
-            result.reports.append(ModuleReport(name, result.modules[name].rank))
+            module, kept = _exact_module(name, module_terms, dtype), None
         else:
-            result.modules[name], kept = _svd_module(name, module_terms, dtype, rank, method, param, device)
-            result.reports.append(ModuleReport(name, result.modules[name].rank, kept))
+            module, kept = _svd_module(name, module_terms, dtype, rank, method, param, device)
+        if nonfinite(module.up) or nonfinite(module.down):
+            result.warnings.append(f"{name}: merged factors are not finite; module left out")
+        else:
+            result.modules[name] = module
+            result.reports.append(ModuleReport(name, module.rank, kept))
         ticker.tick(name)
     result.metadata = _merge_metadata(inputs, rank, method, param)
     return result
@@ -150,9 +175,9 @@ def _merge_metadata(inputs: list[MergeInput], rank, method, param) -> dict[str, 
     return meta
 
 
-def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs) -> MergeResult:
+def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs) -> BuiltLora:
     """Load ``(path, weight)`` pairs, merge (see :func:`merge_loras`), write ``out`` atomically."""
     inputs = [MergeInput(load_lora(p), w) for p, w in specs]
     result = merge_loras(inputs, **kwargs)
-    result.metadata = write_kohya(out, result.modules, result.metadata)
+    result.metadata = write_kohya(out, result.modules, titled(result.metadata, out))
     return result

@@ -167,6 +167,46 @@ def test_api_loras_answers_like_a1111(tmp_path):
     assert json.dumps(api.list_loras(c))  # JSON-serialisable, as FastAPI needs
 
 
+def test_prompt_names_are_what_the_cards_insert(tmp_path):
+    """Autocomplete's list (``/lora-engine/v1/names``): the card's name (sub-folder path when stems
+    collide), its weight (preferred weight, else our default-weight setting) and the alias to search by."""
+    for sub in ("bench", "other"):
+        (tmp_path / sub).mkdir()
+        _file(tmp_path / sub / "lc_r1b.safetensors")
+    _file(tmp_path / "moon.safetensors", {"ss_output_name": "Moonlight"})
+    (tmp_path / "moon.json").write_text(json.dumps({"preferred weight": 0.6}))
+    c, _ = make_network(tmp_path, lora_engine_default_weight=0.7, extra_networks_default_multiplier=0.9)
+    names = api.prompt_names(c)
+    assert names == [{"name": "moon", "alias": "Moonlight", "weight": "0.6"},
+                     {"name": "bench/lc_r1b", "alias": "lc_r1b", "weight": "0.7"},
+                     {"name": "other/lc_r1b", "alias": "lc_r1b", "weight": "0.7"}]
+    lib = c.get_library()
+    for n, e in zip(names, lib.entries):
+        assert card_fields(e, lib.preferred_name(e), c.settings().default_weight, None)["tag"] == \
+            f"<lora:{n['name']}:{n['weight']}>"
+    c.builtin_cards = True  # tags handed to the built-in Lora: its cards insert alias/stem, A1111's multiplier
+    assert [(n["name"], n["weight"]) for n in api.prompt_names(c)] == [("Moonlight", "0.6"), ("lc_r1b", "0.9"),
+                                                                      ("lc_r1b", "0.9")]
+    c.opts.values["lora_preferred_name"] = "Filename"
+    assert api.prompt_names(c)[0]["name"] == "moon"
+    assert json.dumps(names)
+
+
+def test_editor_hash_row_shows_the_hash_once_a_generation_computed_it(tmp_path):
+    from extension.metadata_editor import table_rows
+
+    _file(tmp_path / "h.safetensors")
+    c, _ = make_network(tmp_path)
+    e = c.entry("h")
+    item = {"filename": e.path, "shorthash": ""}
+    a1111_rows = [("Filename: ", "h.safetensors"), ("Hash: ", ""), ("Modified: ", "2024-01-01 00:00")]
+    assert dict(table_rows(c, item, list(a1111_rows)))["Hash: "] == ""  # listing cards never hashes files
+    _, _, short = c.resolve("h")  # what a generation with <lora:h> does
+    rows = dict(table_rows(c, item, list(a1111_rows)))
+    assert rows["Hash: "] == short and len(short) == 12 and item["shorthash"] == short
+    assert rows["Alias: "] == "h" and rows["Filename: "] == "h.safetensors"
+
+
 def test_settings_defaults_and_bad_values():
     s = Settings.from_opts(Opts({"lora_engine_mode": "bogus", "lora_engine_folders": " a ; ;b"}))
     assert s.mode == "automatic" and s.folders == ("a", "b") and s.warnings and not s.handover

@@ -1,6 +1,6 @@
 """lora-engine against A1111's built-in Lora inside a real, running AUTOMATIC1111 1.10 (API on).
 
-Set-up (see README § AUTOMATIC1111, "Comparing with the built-in in a real A1111"): this repo in
+Set-up (README.md, "Comparing with the built-in Lora in a real A1111"): this repo in
 ``extensions/lora-engine``, ``probe_extension/`` copied to ``extensions/lora-engine-probe``, models from
 ``make_models.py`` in A1111's ``models/`` and the matching checkpoint loaded. Then
 
