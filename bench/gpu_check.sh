@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's GPU figures in one call on a lent GPU machine: bench_apply (merged apply / change / restore /
+# The GPU figures of bench/README.md in one call on a lent GPU machine: bench_apply (merged apply / change / restore /
 # memory / on-the-fly forward, ours against diffusers+PEFT and the memory-bound limit) and bench_sidepath
 # (on-the-fly overhead layer by layer), both on CUDA. Everything it prints is also written to $OUT.
 #

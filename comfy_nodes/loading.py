@@ -3,26 +3,28 @@
 - :data:`CACHE`: lora-engine's :class:`~lora_engine.library.parsed.LoraCache` (keyed by real path, size and
   mtime), so a node re-run with another strength reads and parses no file, and a file re-saved
   under the same name is read again (ComfyUI's own loader keeps the old tensors).
-- :func:`library`: lora-engine's :class:`~lora_engine.library.index.LoraLibrary` over ComfyUI's
-  ``loras`` folders, the one resolver for ``<lora:NAME>`` tag names (stem, ``sub/stem``, alias,
-  hash prefix); rescanned when ComfyUI's file list changes.
+- :data:`LORAS`: lora-engine's :class:`~lora_engine.loras.Loras` over ComfyUI's ``loras`` folders and
+  that cache, the one path from a ``<lora:NAME>`` tag to a stack entry (names by stem, ``sub/stem``,
+  alias, hash prefix); rescanned when ComfyUI's file list changes and once for a name not found.
 """
 from __future__ import annotations
 
 import os
 import threading
 
-from lora_engine.syntax.blocks import ModuleMultiplier, resolve_lbw
-from lora_engine.library.parsed import LoraCache
 from lora_engine.errors import LoraEngineError
 from lora_engine.formats import LoraFile
 from lora_engine.library.index import LoraEntry, LoraLibrary
+from lora_engine.library.parsed import LoraCache
+from lora_engine.loras import Loras
 from lora_engine.patch import StackEntry
+from lora_engine.syntax.blocks import lbw_ratios
 
 from . import folders
 
 CACHE = LoraCache()
-_library: tuple[tuple, LoraLibrary] | None = None
+LORAS = Loras(cache=CACHE, library_cache=True)
+_listed: tuple | None = None  # ComfyUI's (folders, file names) at the last scan
 _lock = threading.Lock()
 
 
@@ -52,20 +54,10 @@ def tag_signature(name: str) -> str:
         return f"missing:{name}"
 
 
-def block_ratio(block_weights: str | None):
-    """Per-module ratio from an LBW vector or preset (``"1,0,0,…"``, ``"INS"``); None when empty.
-
-    Raises :class:`ValueError` with the reason for a malformed string."""
-    if not block_weights or not block_weights.strip():
-        return None
-    spec = resolve_lbw(block_weights.strip())
-    return ModuleMultiplier(1.0, 1.0, spec.resolve(1.0))
-
-
 def stack_entry(name: str, te: float, unet: float, block_weights: str | None = None) -> StackEntry:
     """A stack entry for a listed LoRA name at these strengths (negative allowed)."""
     try:
-        ratio = block_ratio(block_weights)
+        ratio = lbw_ratios(block_weights)
     except ValueError as e:
         raise LoraEngineError(f"{name}: block weights {block_weights!r}: {e}") from None
     return StackEntry(load_named(name), te=float(te), unet=float(unet), block_multiplier=ratio, key=name)
@@ -73,17 +65,17 @@ def stack_entry(name: str, te: float, unet: float, block_weights: str | None = N
 
 def library() -> LoraLibrary:
     """The library over the current ``loras`` folders, rescanned when ComfyUI's list changes."""
-    global _library
-    names = tuple(folders.lora_names())
-    roots = tuple(folders.lora_folders())
+    global _listed
+    listed = (tuple(folders.lora_folders()), tuple(folders.lora_names()))
     with _lock:
-        if _library is None or _library[0] != (roots, names):
-            lib = LoraLibrary(roots, hash_files=False)
-            lib.scan()
-            _library = ((roots, names), lib)
-        return _library[1]
+        LORAS.set_folders(listed[0])
+        if _listed is not None and _listed != listed:
+            LORAS.rescan()
+        _listed = listed
+        return LORAS.library
 
 
 def resolve(name: str) -> LoraEntry:
     """The library entry a tag name means; :class:`~lora_engine.errors.NameResolutionError` otherwise."""
-    return library().resolve(name)
+    library()
+    return LORAS.resolve(name)

@@ -16,7 +16,6 @@ and ComfyUI's fp32 working copy on CPU this is bit for bit the engine's merged w
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -25,22 +24,14 @@ import torch
 
 from lora_engine.finite import nonfinite
 from lora_engine.patch import build_plan
-from lora_engine.patch.delta import summed_delta
+from lora_engine.patch.delta import summed_bias, summed_delta
 from lora_engine.patch.plan import LoraReport
 
 log = logging.getLogger("lora_engine")
 
-# Adapter fields that carry a bias delta (LoRA ``up_bias``, full ``diff_b``, norm ``b_norm``); a
-# DoRA's bias is its inner adapter's. Only slots with one of these get a bias patch.
-_BIAS_FIELDS = ("up_bias", "diff_b", "b_norm")
-
-
-def _inner(adapter):
-    return getattr(adapter, "inner", adapter)
-
 
 def has_bias_delta(contributions) -> bool:
-    return any(getattr(_inner(c.adapter), f, None) is not None for c in contributions for f in _BIAS_FIELDS)
+    return any(c.adapter.has_bias_delta for c in contributions)
 
 
 class EngineWeightMath:
@@ -60,9 +51,7 @@ class EngineWeightMath:
         """fp32 ``Σ m_k ΔW_k`` (or ``Σ m_k Δb_k``) for the working tensor ``current``."""
         if self.part == "weight":
             return summed_delta(self.contributions, current)[0]
-        zero = torch.zeros(self.weight_shape, device=current.device)
-        bias_only = [dataclasses.replace(c, adapter=_inner(c.adapter)) for c in self.contributions]
-        return summed_delta(bias_only, zero)[1]
+        return summed_bias(self.contributions, current.device)
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None, *args, **kwargs):

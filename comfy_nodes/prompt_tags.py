@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from lora_engine.syntax.blocks import ModuleMultiplier, module_multiplier
 from lora_engine.errors import LoraEngineError
 from lora_engine.patch import StackEntry
 from lora_engine.syntax.prompt import LoraTag, parse_prompt
@@ -20,21 +19,13 @@ from lora_engine.syntax.prompt import LoraTag, parse_prompt
 from . import common, loading
 from .apply import apply_stack, keymap_for
 from .patches import build_patches
-from .schedule import attach, hook_group, keyframes, tag_window
-
-
-def _ratio(tag: LoraTag):
-    if tag.lbw is None and not tag.elements:
-        return None
-    m = module_multiplier(tag)
-    return ModuleMultiplier(1.0, 1.0, m.ratios, m.directives)
+from .schedule import attach, hook_group, keyframes
 
 
 def entry_for(tag: LoraTag) -> StackEntry:
     """Resolve and load a tag's LoRA (cached). Raises lora-engine errors naming the tag's file."""
-    path = loading.resolve(tag.name).path
-    return StackEntry(loading.CACHE.get(path), te=tag.te, unet=tag.unet, block_multiplier=_ratio(tag),
-                      dyn=tag.dyn, key=path)
+    loading.library()
+    return loading.LORAS.entry(tag)
 
 
 @dataclass
@@ -53,13 +44,13 @@ def plan_tags(tags, steps: int, hooks_available: bool) -> TagPlan:
         except LoraEngineError as e:
             out.warnings.append(f"{tag.raw}: {e}; tag skipped")
             continue
-        if tag.start is None and tag.stop is None:
+        if tag.window.always:
             out.static.append(entry)
             continue
         try:
-            frames = keyframes(*tag_window(tag, steps))
+            frames = keyframes(*tag.window.fractions(steps))
         except ValueError as e:
-            out.warnings.append(f"{tag.raw}: {e}; applied to every step")
+            out.warnings.append(f"{tag.raw}: {e}: set the node's 'steps' input; applied to every step")
             out.static.append(entry)
             continue
         if not hooks_available:

@@ -8,8 +8,8 @@ only when the keyframe changes; our adapter is linear in that strength.
 
 Steps to percent: ComfyUI keyframes start at a fraction of the sampling schedule; step N
 (1-based) of T starts at ``(N−1)/T``. A tag's ``start=``/``stop=`` (:class:`lora_engine.syntax.prompt.StepPoint`)
-is converted with the node's ``steps``; without it a fraction f is used as is and whole step
-numbers cannot be placed (the caller warns).
+is converted with the node's ``steps`` by :meth:`lora_engine.syntax.prompt.StepWindow.fractions`;
+without it a fraction f is used as is and whole step numbers cannot be placed (the caller warns).
 """
 from __future__ import annotations
 
@@ -25,20 +25,6 @@ def keyframes(start: float | None, stop: float | None) -> list[tuple[float, floa
     if s < e < 1.0:
         out.append((0.0, e))
     return out
-
-
-def tag_window(tag, steps: int) -> tuple[float | None, float | None]:
-    """``(start_percent, stop_percent)`` of a parsed tag; ``ValueError`` when a whole step number
-    is given but ``steps`` is 0 (unknown)."""
-    def pct(point):
-        if point is None:
-            return None
-        if steps > 0:
-            return (point.step(steps) - 1) / steps
-        if point.is_fraction:
-            return point.value
-        raise ValueError(f"step number {point.text()} needs the node's 'steps' input (it is 0)")
-    return pct(tag.start), pct(tag.stop)
 
 
 def hook_group(model_patches: dict, clip_patches: dict, frames: list[tuple[float, float]], previous=None):

@@ -21,26 +21,18 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lora_engine.syntax.blocks import module_multiplier
 from lora_engine.errors import LoraEngineError
+from lora_engine.loras import stack_entry
 from lora_engine.patch import StackEntry
-from lora_engine.syntax.prompt import LoraTag, StepPoint, parse_prompt
+from lora_engine.syntax.blocks import block_ratios
+from lora_engine.syntax.prompt import LoraTag, StepWindow, parse_prompt
 
 
 @dataclass(frozen=True)
 class Use:
     image: int
     negative: bool
-    start: StepPoint | None = None
-    stop: StepPoint | None = None
-
-    def active_at(self, step_index: int, total_steps: int) -> bool:
-        """On from 1-based step ``start``, off from step ``stop`` (LBW's convention)."""
-        if self.start is not None and step_index < self.start.step(total_steps) - 1:
-            return False
-        if self.stop is not None and step_index >= self.stop.step(total_steps) - 1:
-            return False
-        return True
+    window: StepWindow = StepWindow()
 
 
 @dataclass
@@ -52,7 +44,7 @@ class Variant:
     uses: list[Use] = field(default_factory=list)
 
     def unet_on(self, image: int, uncond: bool, step_index: int, total_steps: int) -> bool:
-        return any(u.image == image and (uncond or not u.negative) and u.active_at(step_index, total_steps)
+        return any(u.image == image and (uncond or not u.negative) and u.window.active_at(step_index, total_steps)
                    for u in self.uses)
 
     def te_on(self, image: int, negative_prompt: bool) -> bool:
@@ -69,7 +61,7 @@ class BatchStacks:
 
     @property
     def scheduled(self) -> bool:
-        return any(u.start is not None or u.stop is not None for v in self.variants for u in v.uses)
+        return any(not u.window.always for v in self.variants for u in v.uses)
 
     @property
     def uniform(self) -> bool:
@@ -140,15 +132,6 @@ def _variant_ident(file_id: str, tag: LoraTag, ratios) -> str:
     return f"{file_id}|te={tag.te!r}|unet={tag.unet!r}|dyn={tag.dyn}|blocks={ratios}|elements={tag.elements}"
 
 
-def _entry(lf, tag: LoraTag, ident: str, rng: random.Random) -> tuple[StackEntry, object]:
-    mult = None
-    if tag.lbw is not None or tag.elements:
-        mult = module_multiplier(tag, rng)
-    entry = StackEntry(lf, te=tag.te, unet=tag.unet, block_multiplier=None if mult is None else mult.ratio,
-                       dyn=tag.dyn, key=ident)
-    return entry, (None if mult is None else mult.ratios)
-
-
 class _Builder:
     def __init__(self, resolve: Resolver, rng: random.Random):
         self.resolve, self.rng = resolve, rng
@@ -165,11 +148,11 @@ class _Builder:
             self.failed.add(tag.name)
             self.warnings.append(f"{tag.raw or tag.name}: {e}; skipped")
             return
-        probe = module_multiplier(tag, random.Random(0)).ratios if tag.lbw is not None else None
+        probe = block_ratios(tag, random.Random(0)).ratios if tag.lbw is not None else None
         key = _variant_ident(file_id, tag, probe)
         v = self.variants.get(key)
         if v is None:
-            entry, ratios = _entry(lf, tag, key, self.rng)
+            entry = stack_entry(lf, tag, key=key, rng=self.rng)
             v = self.variants[key] = Variant(key, entry, tag.name, short)
             for p in getattr(lf, "problems", [])[:1]:
                 self.warnings.append(f"{tag.name}: {p}")
@@ -179,7 +162,7 @@ class _Builder:
         parsed = parse_prompt(text or "")
         self.warnings.extend(parsed.warnings)
         for tag in parsed.tags:
-            self.add(tag, Use(image, negative, tag.start, tag.stop))
+            self.add(tag, Use(image, negative, tag.window))
         return parsed.cleaned_text
 
 

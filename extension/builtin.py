@@ -1,4 +1,4 @@
-"""Living next to A1111's built-in Lora extension (a1111.md §5.7, option B).
+"""Living next to A1111's built-in Lora extension: it stays installed, we take over its tags (docs/hosts.md).
 
 We register ``lora``/``lyco`` after the built-in, so its ``ExtraNetworkLora`` is never activated and
 its class-level forward patches see an empty ``networks.loaded_networks`` (they then touch

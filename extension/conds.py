@@ -3,7 +3,7 @@
 A1111 caches ``c``/``uc`` in class attributes of ``StableDiffusionProcessing``
 (``cached_c``, ``cached_uc``) and of ``StableDiffusionProcessingTxt2Img`` (``cached_hr_c``,
 ``cached_hr_uc``), each ``[params, conds]``, keyed on the prompts and the first prompt's extra
-network arguments only (a1111.md §3.7). A LoRA change that is not in that key (another image's
+network arguments only (``processing.get_conds_with_caching``). A LoRA change that is not in that key (another image's
 tags, negative-prompt tags, a file rewritten on disk, a mode switch) would reuse stale conds.
 """
 from __future__ import annotations

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import Mode as EngineMode
-from lora_engine.errors import NameResolutionError
 from lora_engine.library.hashes import hash_file
 from lora_engine.library.index import LoraLibrary
+from lora_engine.library.parsed import LoraCache
+from lora_engine.loras import Loras
 
 from .conds import CondGuard
 from .runtime import ModelRuntime
@@ -49,13 +49,14 @@ class Controller:
         self.opts = opts
         self.base_folders = [os.fspath(f) for f in folders]
         self.cache_path = cache_path
-        self.cache = LoraCache(int(self.settings().cache_mb * 1024 ** 2))
-        self.library: LoraLibrary | None = None
+        self.loras = Loras(cache=LoraCache(int(self.settings().cache_mb * 1024 ** 2)),
+                           library_cache=cache_path if cache_path is not None else True)
         self.runtime: ModelRuntime | None = None
         self.modes = ModeChooser()
         self.cond_guard = CondGuard()
         self.builtin = None  # the built-in Lora's extra network, when it exists
         self.network = None  # our extra network object, once registered (``callbacks.before_ui``)
+        self.builtin_cards = False  # the built-in Lora's cards are shown instead of ours (tags handed over)
         self.builtin_dirty = True  # the built-in may have merged something we must undo first
         self.last_warnings: list[str] = []
         self._hashes: dict[tuple[str, int], str] = {}
@@ -67,16 +68,18 @@ class Controller:
         return list(dict.fromkeys(self.base_folders + list(self.settings().folders)))
 
     # ---- library --------------------------------------------------------------------------------
+    @property
+    def cache(self) -> LoraCache:
+        return self.loras.cache
+
     def get_library(self) -> LoraLibrary:
-        folders = [os.path.abspath(f) for f in self.folders()]
-        if self.library is None or self.library.folders != folders:
-            self.library = LoraLibrary(folders, cache_path=self.cache_path, hash_files=False)
-            self.library.scan()
-        self.cache.max_bytes = int(self.settings().cache_mb * 1024 ** 2)
-        return self.library
+        self.loras.set_folders(self.folders())
+        self.loras.cache.max_bytes = int(self.settings().cache_mb * 1024 ** 2)
+        return self.loras.library
 
     def refresh(self):
-        return self.get_library().scan()
+        self.get_library()
+        return self.loras.rescan()
 
     def short_hash(self, entry) -> str | None:
         """A1111's 12-hex shorthash; computed on first use (a listing never reads whole files)."""
@@ -92,12 +95,9 @@ class Controller:
         return entry.short_hash or self._hashes.get((entry.path, entry.mtime_ns))
 
     def entry(self, name: str):
-        lib = self.get_library()
-        try:
-            return lib.resolve(name)
-        except NameResolutionError:
-            lib.scan()  # a file added since the last scan
-            return lib.resolve(name)
+        """The library entry of a tag name (the folders are rescanned once for a name not found)."""
+        self.get_library()
+        return self.loras.resolve(name)
 
     def resolve(self, name: str):
         """``batch.Resolver``: (LoraFile, identity incl. mtime, short hash); raises LoraEngineError."""

@@ -29,6 +29,19 @@ def updated(user_metadata: dict, activation: str, weight: float, negative: str, 
     return out
 
 
+def table_rows(controller, item: dict, rows: list) -> list:
+    """The editor's file table: A1111's rows with "Hash:" filled in once the short hash is known (a
+    generation computes it; listing the cards never reads whole files), then format, architecture, alias."""
+    entry = next((e for e in controller.get_library().entries if e.path == item.get("filename")), None)
+    if entry is None:
+        return rows
+    short = controller.known_short_hash(entry)
+    if short:
+        item["shorthash"] = short  # kept in the page item for the next opening
+        rows = [(label, short if label == "Hash: " else value) for label, value in rows]
+    return rows + [("Format: ", entry.format), ("Architecture: ", entry.architecture), ("Alias: ", entry.alias)]
+
+
 def make_editor(controller, ui, tabname, page):
     """Instantiate the editor (A1111 only)."""
     import gradio as gr
@@ -43,13 +56,7 @@ def make_editor(controller, ui, tabname, page):
             self.edit_version = gr.Radio(label="SD version", choices=list(SD_VERSIONS))
 
         def get_metadata_table(self, name):
-            rows = super().get_metadata_table(name)
-            item = self.page.items.get(name, {})
-            entry = next((e for e in controller.get_library().entries if e.path == item.get("filename")), None)
-            if entry is not None:
-                rows += [("Format: ", entry.format), ("Architecture: ", entry.architecture),
-                         ("Alias: ", entry.alias)]
-            return rows
+            return table_rows(controller, self.page.items.get(name, {}), super().get_metadata_table(name))
 
         def put_values_into_components(self, name):
             return (*super().put_values_into_components(name), *extra_values(self.get_user_metadata(name)))

@@ -1,6 +1,6 @@
 """The "Lora" extra-networks page (cards) for our library, replacing the built-in's page.
 
-Item fields follow ``modules.ui_extra_networks.ExtraNetworksPage`` (a1111.md §4.1, §5.4): ``prompt``
+Item fields follow ``modules.ui_extra_networks.ExtraNetworksPage`` (docs/hosts.md): ``prompt``
 is a JavaScript expression; a click inserts ``<lora:NAME:W>`` with the user metadata's
 "preferred weight" (else our default-weight setting) plus its "activation text". A card whose
 architecture does not match the loaded checkpoint gets a badge line in its description.
@@ -23,13 +23,19 @@ def model_architecture(sd_model) -> str | None:
     return None
 
 
+def card_weight(entry, default_weight: float) -> float:
+    """The weight a card (and prompt autocomplete) inserts: the user metadata's "preferred weight",
+    0 or missing meaning ``default_weight``."""
+    try:
+        return float((entry.sidecars.user_metadata or {}).get("preferred weight") or 0) or default_weight
+    except (TypeError, ValueError):
+        return default_weight
+
+
 def card_fields(entry, name: str, default_weight: float, model_arch: str | None) -> dict:
     """Host-free part of a card: the tag a click inserts, description with badge, search terms."""
     user = entry.sidecars.user_metadata or {}
-    try:
-        weight = float(user.get("preferred weight") or 0) or default_weight
-    except (TypeError, ValueError):
-        weight = default_weight
+    weight = card_weight(entry, default_weight)
     activation = str(user.get("activation text") or "").strip()
     badge = ""
     if model_arch and entry.architecture not in (model_arch, "unknown", "other"):
@@ -56,6 +62,8 @@ def make_page(controller):
     from modules import shared, ui_extra_networks
 
     class LoraEnginePage(ui_extra_networks.ExtraNetworksPage):
+        lora_engine = True  # tells our page from the built-in's, which has the same name (``one_lora_page``)
+
         def __init__(self):
             super().__init__("Lora")
             self.allow_negative_prompt = True
@@ -73,7 +81,7 @@ def make_page(controller):
             f = card_fields(entry, shown, controller.settings().default_weight, model_architecture(shared.sd_model))
             path = os.path.splitext(entry.path)[0]
             return {
-                "name": shown, "filename": entry.path, "shorthash": entry.short_hash or "",
+                "name": shown, "filename": entry.path, "shorthash": controller.known_short_hash(entry) or "",
                 "preview": self.find_preview(path), "description": f["description"],
                 "search_terms": f["search_terms"], "local_preview": f"{path}.{shared.opts.samples_format}",
                 "metadata": entry.metadata, "sort_keys": {"default": index or 0, **self.get_sort_keys(entry.path)},
@@ -104,3 +112,22 @@ def register(controller) -> None:
 
     ui_extra_networks.extra_pages[:] = [p for p in ui_extra_networks.extra_pages if p.name != "lora"]
     ui_extra_networks.register_page(make_page(controller))
+
+
+def one_lora_page(pages: list, builtin_cards: bool) -> list:
+    """``pages`` with one "Lora" page left: ours, or the other one (the built-in's) while its cards are
+    shown instead of ours. Unchanged when that one is missing."""
+    lora = [p for p in pages if p.name == "lora"]
+    keep = [p for p in lora if getattr(p, "lora_engine", False) != builtin_cards][:1]
+    if not keep or len(lora) == 1:
+        return list(pages)
+    return [p for p in pages if p.name != "lora" or p is keep[0]]
+
+
+def take_back(controller) -> int:
+    """Leave one "Lora" page in A1111's list (:func:`one_lora_page`); returns how many were dropped."""
+    from modules import ui_extra_networks
+
+    before = len(ui_extra_networks.extra_pages)
+    ui_extra_networks.extra_pages[:] = one_lora_page(ui_extra_networks.extra_pages, controller.builtin_cards)
+    return before - len(ui_extra_networks.extra_pages)

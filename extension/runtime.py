@@ -25,9 +25,8 @@ import re
 
 import torch
 
-from lora_engine.engine import LoraEngine, Mode as EngineMode, shapes_of
+from lora_engine.engine import LoraEngine, Mode as EngineMode
 from lora_engine.errors import LoraEngineError
-from lora_engine.keymap import build_keymap
 
 from .batch import BatchStacks
 
@@ -75,8 +74,8 @@ class ModelRuntime:
         self.sd_model = sd_model
         # --lowvram / --medvram (A1111 marks the model ``lowvram``): leave the LoRA tensors in host memory
         # rather than holding a copy on the GPU while they are in the stack
-        self.engine = LoraEngine(sd_model, build_keymap(shapes_of(sd_model)), EngineMode.MERGED, backup_device,
-                                 device_factors=not getattr(sd_model, "lowvram", False))
+        self.engine = LoraEngine.for_model(sd_model, mode=EngineMode.MERGED, backup_device=backup_device,
+                                           device_factors=not getattr(sd_model, "lowvram", False))
         self.batch: BatchStacks | None = None
         self.merged_first_image = False
         self.notes: list[str] = []

@@ -31,8 +31,8 @@ OPTIONS = (
     Option("lora_engine_cache_mb", 2048, "LoRA file cache size (MB of tensors kept in RAM)", "number"),
     Option("lora_engine_folders", "", "Extra LoRA folders (separated by ;), in addition to --lora-dir and "
            "--lyco-dir-backcompat"),
-    Option("lora_engine_default_weight", 1.0, "Weight inserted by a card click when the LoRA has no preferred weight",
-           "slider", (-2.0, 2.0, 0.05)),
+    Option("lora_engine_default_weight", 1.0, "Weight a card click or prompt autocomplete inserts when the LoRA has "
+           "no preferred weight", "slider", (-2.0, 2.0, 0.05)),
     Option("lora_engine_warnings", True, "Show LoRA warnings (unknown names, failed files, unmatched keys) "
            "under the image", "checkbox"),
     Option("lora_engine_backups", "host memory", "Where merged mode keeps the original weights", "radio", BACKUPS,

@@ -1,5 +1,5 @@
 """A :class:`~lora_engine.train.host.TrainHost` over the checkpoint A1111 has loaded (ldm ``LatentDiffusion``
-or sgm ``DiffusionEngine``), using the model's own modules and calling conventions (a1111.md §5.6):
+or sgm ``DiffusionEngine``), using the model's own modules and calling conventions (docs/hosts.md):
 
 - ``root`` = ``sd_model``: its parameter names (``model.diffusion_model.*``, ``cond_stage_model.*`` /
   ``conditioner.embedders.N.*``, with or without the hijack's ``.wrapped``) are what the engine's key

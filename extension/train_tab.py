@@ -1,8 +1,8 @@
-"""The top-level "LoRA Training" tab (a1111.md §5.5): the web UI's Train page
+"""The top-level "LoRA Training" tab (``on_ui_tabs``; docs/hosts.md): the web UI's Train page
 (:func:`lora_engine.apps.ui.train_page.build_train_page`) with a host factory that trains the checkpoint A1111
 has loaded, plus a preset chooser and a samples gallery.
 
-- host: :func:`.train_host.a1111_train_host` over ``shared.sd_model`` (the form's "Base model" is ignored);
+- host: :func:`.train_host.a1111_train_host` over ``shared.sd_model`` (the form has no base model field here);
 - lock: ``modules.call_queue.queue_lock``, held by the job for the whole run, so no generation (which
   takes the same lock in ``wrap_gradio_gpu_call``) overlaps it; inside it the run is ``shared.state``'s
   job (``begin``/``end``, :func:`.train_host.queue_job`);
@@ -89,7 +89,7 @@ def _engine_of(sd_model):
 
 
 def _restore_builtin_lora() -> None:
-    """The built-in Lora restores its merged deltas lazily; unload its networks first (a1111.md §5.5)."""
+    """The built-in Lora restores its merged deltas lazily (at a layer's next forward); unload its networks first."""
     try:
         import networks  # extensions-builtin/Lora, on sys.path in A1111
         networks.load_networks([])
@@ -133,7 +133,7 @@ def _ui_context():
 
     c = controller()
     folders = tuple(c.folders())
-    config = UiConfig(lora_dirs=folders, output_dir=folders[0] if folders else None, hash_files=False)
+    config = UiConfig(lora_dirs=folders, output_dir=folders[0] if folders else None, hash_files=False, confine=False)
     return UiContext(config, library=c.get_library())  # output lands in the Lora folder our cards list
 
 
@@ -144,7 +144,7 @@ def on_ui_tabs():
     gr = gradio()
     tab = _a1111_tab()
     with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.Markdown("Trains a LoRA on the checkpoint loaded in the WebUI (the Base model field is ignored); "
+        gr.Markdown("Trains a LoRA on the checkpoint loaded in the WebUI; "
                     "generation waits while a run holds the queue. A preset fills the form; its other settings "
                     "(optimizer, schedule, min-SNR, LoCon, flip...) apply under the form's values.")
         with gr.Row():

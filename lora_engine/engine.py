@@ -1,7 +1,7 @@
 """The engine a host holds per model: the current stack, the mode, and the patcher.
 
-    engine = LoraEngine(root, build_keymap(shapes_of(root)), mode=Mode.MERGED)
-    engine.set_stack([StackEntry(cache.get(path), te=0.8, unet=1.0)])
+    engine = LoraEngine.for_model(root, mode=Mode.MERGED)
+    engine.set_stack([StackEntry(cache.get(path), te=0.8, unet=1.0)])   # or Loras(folders).entries(tags)
     ...
     engine.restore()
 
@@ -54,6 +54,15 @@ class LoraEngine:
         self.plan = PatchPlan()
         self._resolved: dict = {}  # build_plan's per-file lookups, for the files in the stack
         self._patcher = self._make_patcher()
+
+    @classmethod
+    def for_model(cls, root: torch.nn.Module, **options) -> "LoraEngine":
+        """The engine of a model: its key map is derived from the model's own parameter names and shapes
+        (diffusers, A1111 ldm/sgm or ComfyUI trees). ``options``: ``mode``, ``backup_device``,
+        ``device_factors``."""
+        from .keymap import build_keymap
+
+        return cls(root, build_keymap(shapes_of(root)), **options)
 
     def _make_patcher(self):
         if self.mode is Mode.MERGED:

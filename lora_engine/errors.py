@@ -35,8 +35,20 @@ class NameResolutionError(LoraEngineError):
     """A LoRA name could not be resolved to exactly one file in the library."""
 
 
+class PathRefusedError(LoraEngineError):
+    """A typed path that would leave the folders a front-end may read or write (absolute, ``..``, a link out)."""
+
+
 class ToolError(LoraEngineError):
     """A LoRA tool (merge, resize, extract, convert, bake) cannot do what was asked; the message says why."""
+
+
+class OutputExistsError(ToolError):
+    """An output file or folder exists and replacing it was not asked for (the one rule of every writing command)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path} exists; pass --overwrite to replace it")
 
 
 class OperationCancelled(LoraEngineError):
@@ -58,3 +70,8 @@ class ModelFolderError(LoraEngineError):
         self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -22,7 +22,7 @@ from .norm import Norm
 from .oft import OFT
 
 __all__ = ["Delta", "LowRankFactors", "LoRA", "LoHa", "LoKr", "IA3", "GLoRA", "Full", "Norm", "OFT", "DoRA",
-           "build_adapter", "AlphaSpec"]
+           "build_adapter", "check_roles", "AlphaSpec"]
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,34 @@ REGISTRY = [
 ]
 
 
+# Roles read as one number (``.item()``), and roles that are matrices or conv kernels (indexed by shape[0] and
+# shape[1]). Every other role is a vector or more (at least one dimension).
+SCALAR_ROLES = ("alpha", "scale", "on_input")
+MATRIX_ROLES = frozenset({"down", "up", "mid", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                          "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                          "a1", "a2", "b1", "b2"})
+
+
+def check_roles(roles: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` naming the first tensor whose number of elements or dimensions no adapter can use: a
+    multi-element or empty ``alpha``, a 0-d or 1-d factor, a 0-d vector."""
+    for role, t in roles.items():
+        if role in SCALAR_ROLES:
+            if t.numel() != 1:
+                raise ValueError(f"{role} has shape {list(t.shape)}: expected a single number")
+        elif t.ndim < (2 if role in MATRIX_ROLES else 1):
+            raise ValueError(f"{role} has shape {list(t.shape)}: expected "
+                             + ("a matrix or conv kernel" if role in MATRIX_ROLES else "at least one dimension"))
+
+
 def build_adapter(roles: dict[str, torch.Tensor], ext: AlphaSpec = AlphaSpec(), dora_axis: int | None = None):
     """Pick and build the adapter for one module. Returns ``(adapter, leftover_roles)``.
 
-    Raises ``ValueError`` (with a short reason) when the tensors are incomplete or do not chain.
+    Raises ``ValueError`` (with a short reason) when the tensors are incomplete, malformed (:func:`check_roles`)
+    or do not chain. Any other exception from a builder on tensors that passed those checks is reported the
+    same way, so a malformed file never lets a torch/indexing error out.
     """
+    check_roles(roles)
     r = dict(roles)
     for ident, builder in REGISTRY:
         if ident == ("up", "down"):
@@ -127,12 +150,18 @@ def build_adapter(roles: dict[str, torch.Tensor], ext: AlphaSpec = AlphaSpec(), 
             hit = any(k in r for k in ident)
         if not hit:
             continue
+        kind = builder.__name__[1:]
         try:
             adapter = builder(r, ext)
+            adapter.check()
+            if "dora_scale" in r:
+                adapter = DoRA(adapter, r.pop("dora_scale"), dora_axis)
         except KeyError as e:
-            raise ValueError(f"incomplete {builder.__name__[1:]} tensors (missing {e.args[0]})") from None
-        adapter.check()
-        if "dora_scale" in r:
-            adapter = DoRA(adapter, r.pop("dora_scale"), dora_axis)
+            raise ValueError(f"incomplete {kind} tensors (missing {e.args[0]})") from None
+        except ValueError:
+            raise
+        except (ArithmeticError, IndexError, RuntimeError, TypeError) as e:
+            why = (str(e).strip().splitlines() or [""])[0][:120]
+            raise ValueError(f"malformed {kind} tensors ({type(e).__name__}: {why})") from None
         return adapter, r
     raise ValueError(f"no adapter type has tensors {sorted(r)}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32
+from .base import Adapter, AdapterBase, Delta, f32
 
 
 def dora_axis(mag_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
@@ -30,8 +30,8 @@ def dora_axis(mag_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
 
 
 @dataclass(frozen=True)
-class DoRA:
-    inner: object  # an additive adapter (LoRA, LoHa, LoKr, ...)
+class DoRA(AdapterBase):
+    inner: Adapter  # an additive adapter (LoRA, LoHa, LoKr, ...)
     magnitude: torch.Tensor
     axis: int | None = None  # forced axis (PEFT files: 0); None = detect from shape
     kind = "dora"
@@ -40,8 +40,38 @@ class DoRA:
     def scale(self) -> float:
         return self.inner.scale
 
+    @property
+    def label(self) -> str:
+        return f"dora({self.inner.label})"
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def has_bias_delta(self) -> bool:
+        return self.inner.has_bias_delta
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return self.inner.bias_delta()
+
+    def natural_shape(self) -> tuple[int, ...] | None:
+        return self.inner.natural_shape()
+
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        return self.inner.layer_widths()
+
     def check(self) -> None:
         self.inner.check()
+
+    def misfit(self, shape: tuple[int, ...]) -> str | None:
+        why = self.inner.misfit(shape)
+        if why is None:
+            try:
+                dora_axis(tuple(self.magnitude.shape), tuple(shape))
+            except ValueError as e:
+                why = str(e)
+        return why
 
     def delta(self, base: torch.Tensor) -> Delta:
         w = f32(base)

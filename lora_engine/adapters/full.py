@@ -5,15 +5,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32, fit
+from .base import AdapterBase, Delta, f32, fit
 
 
 @dataclass(frozen=True)
-class Full:
+class Full(AdapterBase):
     diff: torch.Tensor
     diff_b: torch.Tensor | None = None
     scale: float = 1.0
     kind = "full"
+    bias_field, bias_scaled = "diff_b", False  # Δb = diff_b, unscaled
 
     def check(self) -> None:
         pass
@@ -22,5 +23,4 @@ class Full:
         return tuple(self.diff.shape)
 
     def delta(self, base: torch.Tensor) -> Delta:
-        b = None if self.diff_b is None else f32(self.diff_b)
-        return Delta(fit(self.scale * f32(self.diff), base.shape, "full"), b)
+        return Delta(fit(self.scale * f32(self.diff), base.shape, "full"), self.bias_delta())

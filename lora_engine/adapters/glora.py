@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32, fit
+from .base import AdapterBase, Delta, f32, fit
 
 
 def _mat(t: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def _mat(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class GLoRA:
+class GLoRA(AdapterBase):
     a1: torch.Tensor
     a2: torch.Tensor
     b1: torch.Tensor
@@ -31,6 +31,11 @@ class GLoRA:
 
     def check(self) -> None:
         pass
+
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        # a1 (i, r), b1 (o, r) [LyCORIS >= 3]; a1 (r, i), b2 (o, r) [older]: r is the small side
+        current = self.a1.shape[1] <= self.a1.shape[0]
+        return int((self.b1 if current else self.b2).shape[0]), int(max(self.a1.shape[0], self.a1.shape[1]))
 
     def _is_old_layout(self, out_dim: int) -> bool:
         return self.b2.shape[0] == out_dim and self.b1.shape[0] != out_dim

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32
+from .base import AdapterBase, Delta, f32
 
 
 @dataclass(frozen=True)
-class IA3:
+class IA3(AdapterBase):
     weight: torch.Tensor
     on_input: bool
     scale: float = 1.0
@@ -21,6 +21,14 @@ class IA3:
 
     def check(self) -> None:
         pass
+
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        n = int(self.weight.numel())  # one scale per output row, or per input column with on_input
+        return (None, n) if self.on_input else (n, None)
+
+    def misfit(self, shape: tuple[int, ...]) -> str | None:
+        n = self.weight.numel()
+        return None if n in tuple(shape)[:2] else f"ia3 vector of {n} vs weight {list(shape)}"
 
     def delta(self, base: torch.Tensor) -> Delta:
         w = f32(self.weight).flatten()

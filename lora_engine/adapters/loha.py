@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, cp_rebuild, f32, fit
+from .base import AdapterBase, Delta, cp_rebuild, f32, fit
 
 
 @dataclass(frozen=True)
-class LoHa:
+class LoHa(AdapterBase):
     w1a: torch.Tensor
     w1b: torch.Tensor
     w2a: torch.Tensor

@@ -11,17 +11,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import Delta, LowRankFactors, f32, fit
+from .base import AdapterBase, Delta, LowRankFactors, f32, fit
 
 
 @dataclass(frozen=True)
-class LoRA:
+class LoRA(AdapterBase):
     down: torch.Tensor
     up: torch.Tensor
     scale: float
     mid: torch.Tensor | None = None
     up_bias: torch.Tensor | None = None
     kind = "lora"
+    bias_field = "up_bias"
 
     @property
     def rank(self) -> int:
@@ -57,9 +58,7 @@ class LoRA:
         return up @ down.reshape(down.shape[0], -1)
 
     def delta(self, base: torch.Tensor) -> Delta:
-        w = fit(self.dense(), base.shape, "lora")
-        b = None if self.up_bias is None else self.scale * f32(self.up_bias)
-        return Delta(w, b)
+        return Delta(fit(self.dense(), base.shape, "lora"), self.bias_delta())
 
     def factors(self) -> LowRankFactors:
         return LowRankFactors(f32(self.down), f32(self.up), f32(self.mid), self.scale, f32(self.up_bias))

@@ -5,15 +5,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32, fit
+from .base import AdapterBase, Delta, f32, fit
 
 
 @dataclass(frozen=True)
-class Norm:
+class Norm(AdapterBase):
     w_norm: torch.Tensor
     b_norm: torch.Tensor | None = None
     scale: float = 1.0
     kind = "norm"
+    bias_field = "b_norm"
 
     def check(self) -> None:
         pass
@@ -22,5 +23,4 @@ class Norm:
         return tuple(self.w_norm.shape)
 
     def delta(self, base: torch.Tensor) -> Delta:
-        b = None if self.b_norm is None else self.scale * f32(self.b_norm)
-        return Delta(fit(self.scale * f32(self.w_norm), base.shape, "norm"), b)
+        return Delta(fit(self.scale * f32(self.w_norm), base.shape, "norm"), self.bias_delta())

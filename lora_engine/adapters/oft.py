@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Delta, f32
+from .base import AdapterBase, Delta, f32
 
 
 def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _butterfly(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class OFT:
+class OFT(AdapterBase):
     blocks: torch.Tensor  # (n, b, b) diag-OFT, (m, n, b, b) BOFT, or R itself when is_rotation
     constraint_alpha: float
     rescale: torch.Tensor | None = None
@@ -50,8 +50,23 @@ class OFT:
     kind = "oft"
 
     def check(self) -> None:
+        if self.blocks.ndim not in (3, 4):
+            raise ValueError(f"oft blocks {list(self.blocks.shape)}: expected (n, b, b) or (m, n, b, b)")
         if self.blocks.shape[-1] != self.blocks.shape[-2]:
             raise ValueError(f"oft blocks {list(self.blocks.shape)} are not square")
+
+    @property
+    def scale(self) -> float:
+        """A rotation has no scale of its own (α constrains the blocks, see ``rotation``)."""
+        return 1.0
+
+    def layer_widths(self) -> tuple[int | None, int | None]:
+        return int(self.blocks.shape[-3] * self.blocks.shape[-1]), None  # rotations of n·b output rows
+
+    def misfit(self, shape: tuple[int, ...]) -> str | None:
+        if self.blocks.shape[-3] * self.blocks.shape[-1] != shape[0]:  # n blocks of b rows (each BOFT stage too)
+            return f"oft blocks {list(self.blocks.shape)} vs weight {list(shape)}"
+        return None
 
     @property
     def is_butterfly(self) -> bool:

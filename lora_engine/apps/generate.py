@@ -12,20 +12,24 @@ through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleane
 weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
 (as A1111 does), so one image of a batch can be reproduced alone.
 
+The model is a diffusers Stable Diffusion (XL) folder, or the built-in demo model (``"demo"`` or a demo
+base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's own sampler.
+
 diffusers is an optional dependency (the ``models`` extra); it is imported only here.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from ..errors import LoraEngineError, ModelFolderError
+from ..errors import LoraEngineError, ModelFolderError, first_line
 
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+DEMO_SCALE = 4  # the demo model draws 32x32 pixels; images are saved 4x larger, each pixel a block
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class GenerateOptions:
     width: int | None = None  # None: the pipeline's default size
     height: int | None = None
     seed: int = 0
-    cfg: float = 7.0
+    cfg: float | None = None  # None: the model's default (7 for Stable Diffusion, 3 for the demo model)
     count: int = 1
 
 
@@ -67,8 +71,39 @@ def pipeline_class(model_dir: str) -> str:
     return name
 
 
+class DemoPipeline:
+    """The demo model (:mod:`lora_engine.apps.demo`) where generate wants a pipeline: ``root`` is the module
+    tree the key map reads, ``render`` draws with the demo's DDIM sampler."""
+
+    default_cfg = 3.0
+
+    def __init__(self, spec: str):
+        from .demo.base import load_demo
+
+        self.model, self.path = load_demo(spec)
+        self.root = self.model
+
+    def render(self, prompt: str, opts: "GenerateOptions", progress=None) -> list:
+        from .demo.diffusion import sample
+        from .demo.grid import to_pil
+        from .demo.model import RESOLUTION
+
+        for what, v in (("width", opts.width), ("height", opts.height)):
+            if v not in (None, RESOLUTION):
+                raise LoraEngineError(f"generate: the demo model draws {RESOLUTION}x{RESOLUTION} pixels ({what} {v} "
+                                      "asked); leave --width/--height out")
+        tick = None if progress is None else (lambda i: progress(i + 1, opts.steps))
+        images = sample(self.model, [prompt] * opts.count, opts.seed, opts.steps, opts.cfg, tick, opts.negative)
+        return [to_pil(im, DEMO_SCALE) for im in images]
+
+
 def load_pipeline(model_dir: str):
-    """``StableDiffusion(XL)Pipeline.from_pretrained`` on a local folder (fp32), never downloading."""
+    """``StableDiffusion(XL)Pipeline.from_pretrained`` on a local folder (fp32), never downloading; the
+    demo model (``"demo"`` or a demo base file) as a :class:`DemoPipeline`."""
+    from .demo.base import is_demo_base
+
+    if is_demo_base(model_dir):
+        return DemoPipeline(model_dir)
     try:
         import diffusers
     except ImportError as e:
@@ -79,7 +114,7 @@ def load_pipeline(model_dir: str):
     try:
         pipe = cls.from_pretrained(model_dir, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFolderError(model_dir, f"cannot load the pipeline ({type(e).__name__}: {_first_line(e)})") from None
+        raise ModelFolderError(model_dir, f"cannot load the pipeline ({type(e).__name__}: {first_line(e)})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -93,41 +128,6 @@ def pipeline_root(pipe) -> torch.nn.Module:
         if isinstance(mod, torch.nn.Module):
             setattr(root, name, mod)
     return root
-
-
-class PromptLoras:
-    """Tags -> stack entries: resolves names in the library and reads files through the cache.
-    Problems become warnings (the generation still runs without that LoRA)."""
-
-    def __init__(self, lora_dirs, cache=None):
-        from ..library.parsed import LoraCache
-        from ..library.index import LoraLibrary
-
-        self.library = LoraLibrary(list(lora_dirs), use_cache=False, hash_files=False)
-        if lora_dirs:
-            self.library.scan()
-        self.cache = cache or LoraCache()
-
-    def stack(self, tags) -> tuple[list, list[str]]:
-        from ..syntax.blocks import module_multiplier
-        from ..patch import StackEntry
-
-        entries, warnings = [], []
-        for t in tags:
-            try:
-                lora = self.cache.get(self.library.resolve(t.name).path)
-            except LoraEngineError as e:
-                warnings.append(f"{t.raw or t.name}: {_first_line(e)}; LoRA skipped")
-                continue
-            if t.start is not None or t.stop is not None:
-                warnings.append(f"{t.raw}: step scheduling is not supported by generate; applied for all steps")
-            blocks = module_multiplier(t).ratio if (t.lbw is not None or t.elements) else None
-            entries.append(StackEntry(lora, te=t.te, unet=t.unet, block_multiplier=blocks, dyn=t.dyn, key=t.name))
-        return entries, warnings
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _step_callback(progress: Callable[[int, int], None] | None, total: int):
@@ -161,31 +161,35 @@ def _check(opts: GenerateOptions) -> None:
 
 
 def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], None] | None = None,
-             loras: PromptLoras | None = None) -> GenerateResult:
+             loras=None) -> GenerateResult:
     """Apply the prompt's LoRAs, run the pipeline on the cleaned prompt, restore the weights.
 
     ``pipe`` reuses a loaded pipeline (default: load ``opts.model_dir``); ``progress(step, total)``
     is called after every denoising step."""
-    from ..engine import LoraEngine, shapes_of
-    from ..keymap import build_keymap
+    from ..engine import LoraEngine
+    from ..loras import Loras
     from ..syntax.prompt import parse_prompt
 
     _check(opts)
     pipe = pipe if pipe is not None else load_pipeline(opts.model_dir)
+    demo = isinstance(pipe, DemoPipeline)
+    if opts.cfg is None:
+        opts = replace(opts, cfg=DemoPipeline.default_cfg if demo else 7.0)
     parsed, negative = parse_prompt(opts.prompt), parse_prompt(opts.negative)
     warnings = list(parsed.warnings) + list(negative.warnings)
     if negative.tags:
         warnings.append("negative prompt: LoRA tags there are removed and not applied")
-    loras = loras or PromptLoras(opts.lora_dirs)
-    stack, stack_warnings = loras.stack(parsed.tags)
-    warnings += stack_warnings
-    root = pipeline_root(pipe)
-    engine = LoraEngine(root, build_keymap(shapes_of(root)), mode="merged")
+    loras = loras or Loras(opts.lora_dirs)
+    warnings += [f"{t.raw}: step scheduling is not supported by generate; applied for all steps"
+                 for t in parsed.tags if not t.window.always]
+    engine = LoraEngine.for_model(pipe.root if demo else pipeline_root(pipe), mode="merged")
     try:
-        engine.set_stack(stack)
-        warnings += engine.warnings()
-        clean = GenerateOptions(**{**opts.__dict__, "negative": negative.cleaned_text})
-        images = run_pipeline(pipe, parsed.cleaned_text, clean, progress)
+        warnings += loras.apply(engine, parsed.tags)
+        clean = replace(opts, negative=negative.cleaned_text)
+        if demo:
+            images = pipe.render(parsed.cleaned_text, clean, progress)
+        else:
+            images = run_pipeline(pipe, parsed.cleaned_text, clean, progress)
     finally:
         engine.restore()
     return GenerateResult(images, parsed.cleaned_text, tuple(warnings))

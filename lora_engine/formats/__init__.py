@@ -5,6 +5,29 @@ attention-processor form), PEFT folders, ComfyUI-native keys, and legacy pickles
 ``torch.load(weights_only=True)`` only). Every key is either consumed into a module's
 adapter or listed in ``LoraFile.unknown_keys``; modules whose tensors do not make sense
 are listed in ``LoraFile.problems`` with a one-line reason.
+
+Every malformed input ends in one :class:`LoraFileError` (or a subclass) whose message is one
+line naming the file and the problem; nothing else escapes. The checks:
+
+- the path exists; a folder is a PEFT folder (``adapter_model.safetensors``/``.bin``);
+- a safetensors file passes every header check of :mod:`.safetensors_file` (listed there);
+- a pickle (``.pt``, ``.ckpt``, ``.bin``, ``.pth``) is not empty, loads with
+  ``torch.load(weights_only=True)`` (one that would call code is :class:`UnsafeFileError`),
+  holds a dict of tensors (or ``{"state_dict": ...}``), and every tensor is dense, real-valued
+  and of a dtype a safetensors file could hold (:mod:`.legacy`);
+- a PEFT folder's ``adapter_config.json`` is at most 4 MB of UTF-8 JSON, an object, with
+  ``lora_alpha``/``alpha`` finite numbers and ``alpha_pattern`` an object of regular
+  expressions to finite numbers (:mod:`.peft_folder`); a diffusers ``lora_adapter_metadata``
+  entry that fails the same checks is ignored with a warning (alpha = rank);
+- the file holds at least one tensor;
+- per module (a problem in ``LoraFile.problems``, the module skipped; the file is refused
+  with :class:`AdapterShapeError` only when no module is left): NaN/Inf in its tensors (unless
+  ``check_finite=False``); ``alpha``/``scale``/``on_input`` of exactly one element; factors
+  (``down``, ``up``, ``mid``, ``hada_*``, ``lokr_*``, GLoRA's ``a1``..``b2``) with at least two
+  dimensions, every other tensor with at least one; OFT blocks of 3 or 4 dimensions; factors
+  that chain (LoRA up/down/mid, LoHa, LoKr); a complete set of tensors for its adapter type;
+  any other error while building the adapter (:func:`lora_engine.adapters.build_adapter`);
+- at least one key is a known adapter tensor ("not a LoRA" otherwise).
 """
 from __future__ import annotations
 
@@ -15,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import AlphaSpec, build_adapter
+from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
 from ..finite import nonfinite as _nonfinite
 from .keys import ModuleKey, parse_key, te_prefix_for
@@ -33,7 +57,7 @@ class ModuleAdapter:
 
     name: str
     dotted: str | None
-    adapter: object
+    adapter: Adapter
 
     @property
     def kind(self) -> str:
@@ -97,6 +121,8 @@ def _detect_format(keys: list[str], roles: set[str], peft_config: dict) -> str:
     lyco = {"hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "a1", "diff", "w_norm", "oft_blocks", "oft_diag", "mid"}
     if any(k.startswith(("lora_unet_", "lora_te", "oft_unet_", "lycoris_")) for k in keys):
         return "lycoris" if roles & lyco else "kohya"
+    if any(".processor.qkv_lora" in k or ".processor.proj_lora" in k for k in keys):
+        return "xlabs"
     if any(".processor." in k or "_lora.down." in k or "_lora.up." in k for k in keys):
         return "diffusers-old"
     if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
@@ -134,6 +160,8 @@ def lora_from_tensors(
     fmt = _detect_format(list(tensors), all_roles, peft_config)
     comp_cfgs = diffusers_metadata_configs(metadata)
     lf = LoraFile(path, fmt, metadata, {}, unknown, peft_config=peft_config)
+    if not comp_cfgs and str(metadata.get("lora_adapter_metadata") or "").strip() not in ("", "{}"):
+        lf.warnings.append(f"{path}: lora_adapter_metadata is not a usable LoRA config; alpha = rank assumed")
 
     nonfinite = [k for k, t in tensors.items() if _nonfinite(t)] if check_finite else []
     if nonfinite:
@@ -180,6 +208,8 @@ def _alpha_for(mk: ModuleKey, peft_config: dict, comp_cfgs: dict[str, dict]) -> 
         comp = "unet"
         if mk.name.startswith("lora_te2_"):
             comp = "text_encoder_2"
+        elif mk.name.startswith("lora_te3_"):
+            comp = "text_encoder_3"
         elif mk.name.startswith(("lora_te_", "lora_te1_")):
             comp = "text_encoder"
         cfg = comp_cfgs.get(comp) or comp_cfgs.get("transformer") or comp_cfgs.get("")

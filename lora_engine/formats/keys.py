@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..families.flux import XLABS
+
 # Tensor suffix -> role. Longest suffix wins (see ``split_key``).
 SUFFIX_ROLES: dict[str, str] = {
     # kohya / LyCORIS LoRA
@@ -64,7 +66,7 @@ SUFFIX_ROLES: dict[str, str] = {
     "oft_diag": "oft_diag",
     "rescale": "rescale",
 }
-_SUFFIXES = sorted(SUFFIX_ROLES, key=len, reverse=True)
+_SUFFIX_PARTS = max(s.count(".") for s in SUFFIX_ROLES) + 1  # the longest suffix has this many dotted parts
 
 # The oldest diffusers attention-processor form: "<attn>.processor.to_q_lora.down.weight".
 _PROCESSOR_RE = re.compile(
@@ -84,6 +86,7 @@ DOTTED_COMPONENTS = {
     "diffusion_model.": "lora_unet_",
     "model.diffusion_model.": "lora_unet_",
     "text_encoder_2.": "lora_te2_",
+    "text_encoder_3.": "lora_te3_",  # SD3's T5
     "text_encoder.": "TE",
 }
 _STRIP_PREFIXES = ("base_model.model.",)
@@ -91,9 +94,14 @@ _STRIP_PREFIXES = ("base_model.model.",)
 # "base_model.model.encoder.layers.0.self_attn.q_proj..." (CLIPTextModelWithProjection keeps "text_model.");
 # canonical_module restores "text_model." so the kohya name is the usual one.
 _TE_ROOTS = ("text_model.", "text_projection")
-_BARE_TOP = ("text_projection", "conv_in", "conv_out")  # top-level modules: no dot in their path
+_DIT_TOP = ("img_in", "txt_in", "x_embedder", "context_embedder", "proj_out")  # Flux/SD3 top-level layers
+_BARE_TOP = ("text_projection", "conv_in", "conv_out", *_DIT_TOP)  # top-level modules: no dot in their path
 _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out",
-               "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.")
+               "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.",
+               # diffusion transformers (bare PEFT keys, e.g. DiffSynth): diffusers and native trees
+               "transformer_blocks.", "single_transformer_blocks.", "double_blocks.", "single_blocks.", "joint_blocks.",
+               "final_layer.", "norm_out.", "time_in.", "vector_in.", "guidance_in.", "time_text_embed.", "pos_embed.",
+               "t_embedder.", "y_embedder.", "x_embedder.", "distilled_guidance_layer.", *_DIT_TOP)
 
 
 @dataclass(frozen=True)
@@ -105,14 +113,33 @@ class ModuleKey:
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
-    """``"a.b.lora_up.weight"`` -> ``("a.b", "up")``; None if no known suffix."""
-    for suffix in _SUFFIXES:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], SUFFIX_ROLES[suffix]
+    """``"a.b.lora_up.weight"`` -> ``("a.b", "up")``; None if no known suffix. The longest suffix wins; a suffix
+    matches whole dotted parts after a ".", so trying the last 3, 2, 1 parts (three dict lookups) finds it."""
+    parts = key.rsplit(".", _SUFFIX_PARTS)
+    for k in range(min(_SUFFIX_PARTS, len(parts) - 1), 0, -1):
+        suffix = ".".join(parts[-k:])
+        role = SUFFIX_ROLES.get(suffix)
+        if role is not None:
+            return key[: -len(suffix) - 1], role
     return None
 
 
+# XLabs (x-flux) Flux LoRAs: "double_blocks.0.processor.qkv_lora1.down.weight" (no alpha: scale 1).
+_XLABS_RE = re.compile(r"^(?P<block>(?:diffusion_model\.)?(?:double|single)_blocks\.\d+)\.processor\."
+                       r"(?P<name>qkv_lora[12]?|proj_lora[12]?)\.(?P<ud>down|up)\.weight$")
+
+
+def _xlabs_form(key: str) -> tuple[str, str] | None:
+    m = _XLABS_RE.match(key)
+    if not m:
+        return None
+    block = m.group("block").removeprefix("diffusion_model.")
+    return f"diffusion_model.{block}.{XLABS[m.group('name')]}", m.group("ud")
+
+
 def _processor_form(key: str) -> tuple[str, str] | None:
+    if not key.endswith(("_lora.down.weight", "_lora.up.weight")):  # what the regex needs; skips it for most keys
+        return None
     m = _PROCESSOR_RE.match(key)
     if not m:
         return None
@@ -167,7 +194,7 @@ def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
 
 def parse_key(key: str, te_prefix: str) -> tuple[ModuleKey, str] | None:
     """Split a raw key into (module, role), or None when the key is not understood."""
-    proc = _processor_form(key)
+    proc = _xlabs_form(key) or _processor_form(key)
     if proc is not None:
         module, role = proc
     else:

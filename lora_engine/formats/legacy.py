@@ -17,6 +17,9 @@ import zipfile
 import torch
 
 from ..errors import LoraFileError, UnsafeFileError
+from .safetensors_file import DTYPES
+
+_DENSE_DTYPES = frozenset(DTYPES.values())  # what a safetensors file can hold, the adapters can read
 
 # A pickle imports what it calls through these opcodes; torch's own rebuild helpers are expected.
 _IMPORTING_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST"}
@@ -86,4 +89,8 @@ def read_pickled(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise LoraFileError(path, "legacy file holds no tensors")
+    for k, t in tensors.items():
+        if t.layout != torch.strided or t.is_nested or t.is_meta or t.dtype not in _DENSE_DTYPES:
+            kind = "nested" if t.is_nested else "meta" if t.is_meta else f"{t.layout}, {t.dtype}".replace("torch.", "")
+            raise LoraFileError(path, f"tensor {k[:80]!r} is {kind}: only dense real-valued tensors are read")
     return tensors, {}

@@ -9,7 +9,9 @@ of the data region is the same whichever writer produced it).
 
 Atomicity: everything is written to a temporary name in the destination's folder and moved
 over the destination with ``os.replace`` only after a successful ``fsync``; any exception
-removes the temporary, so a failure never leaves a partial file under the final name.
+removes the temporary, so a failure never leaves a partial file under the final name. The
+temporaries get the modes an ordinary ``open``/``mkdir`` would give (0666/0777 less the umask), not the
+owner-only 0600/0700 of ``tempfile``.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoraFileError
+from ..errors import LoraFileError, OutputExistsError
 from .safetensors_file import DTYPES
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -74,6 +76,25 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def umask() -> int:
+    """The process umask, read without changing it where /proc says it (``os.umask`` sets it to read it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: str, folder: bool = False) -> None:
+    """Give a ``tempfile`` file/folder the mode ``open``/``mkdir`` would have: 0666/0777 less the umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yield an open binary file at a temporary name beside ``path``; on success fsync and
@@ -84,6 +105,7 @@ def atomic_file(path: str | os.PathLike):
         raise LoraFileError(path, "output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
     try:
+        ordinary_mode(tmp)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -101,9 +123,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     existing folder only with ``overwrite``), on any exception delete it."""
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
-        raise LoraFileError(path, "output folder exists (pass overwrite to replace it)")
+        raise OutputExistsError(path)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=os.path.dirname(path))
     try:
+        ordinary_mode(tmp, folder=True)
         yield tmp
         old = None
         if os.path.exists(path):

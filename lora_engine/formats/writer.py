@@ -7,7 +7,7 @@ kohya suffix (LyCORIS tensors passed through unchanged by ``convert``).
 kohya keys: ``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (0-d, in the
 down tensor's dtype), ``<name>.lora_mid.weight``, ``<name>.dora_scale``, ``<name>.<suffix>``.
 
-Hashes as sd-scripts' ``precalculate_safetensors_hashes`` computes them (formats_training.md §1.8):
+Hashes as sd-scripts' ``library/train_util.py`` ``precalculate_safetensors_hashes`` computes them:
 the tensors are serialised with only the ``ss_*`` metadata; ``sshs_model_hash`` = sha256 of that
 serialisation's data region (= the addnet hash of the file we then write, whose data region is
 identical), ``sshs_legacy_hash`` = first 8 hex of sha256 of its bytes [0x100000, 0x110000).
@@ -45,6 +45,17 @@ class LoraTensors:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+
+@dataclass
+class BuiltLora:
+    """A LoRA a tool made (merge, extract): its modules, one report per module (the tool's report type),
+    warnings, and the metadata to write with it."""
+
+    modules: dict[str, LoraTensors]
+    reports: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def alpha_tensor(alpha, like: torch.Tensor) -> torch.Tensor:
@@ -169,12 +180,15 @@ def peft_config(modules: dict[str, LoraTensors]) -> dict:
     }
 
 
-def write_peft_folder(folder: str | os.PathLike, modules: dict[str, LoraTensors], overwrite: bool = False) -> dict:
+def write_peft_folder(folder: str | os.PathLike, modules: dict[str, LoraTensors], overwrite: bool = False,
+                      metadata: dict[str, str] | None = None) -> dict:
     """A PEFT adapter folder (``PeftModel.from_pretrained`` loads it); modules keyed by dotted path
-    inside the target model. Written atomically as a folder. Returns the config."""
+    inside the target model. Written atomically as a folder. Returns the config. ``metadata`` (e.g. the
+    source's ``ss_*`` keys) goes into the weights file's header beside PEFT's ``format``."""
     cfg = peft_config(modules)
+    meta = dict(metadata or {}) | {"format": "pt"}
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        write_safetensors(os.path.join(tmp, PEFT_WEIGHTS), peft_tensors(modules, "base_model.model."), {"format": "pt"})
+        write_safetensors(os.path.join(tmp, PEFT_WEIGHTS), peft_tensors(modules, "base_model.model."), meta)
         with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(cfg, fh, indent=2, sort_keys=True)
     return cfg

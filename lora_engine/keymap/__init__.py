@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from ..families import BY_NAME, Family
 from .architecture import detect_architecture
 from .clip import clip_entries
 from .diagnose import diagnose_unmatched, foreign_family
+from .dit import dit_entries, hf_entries
 from .openclip import openclip_entries
 from .roots import Root, find_roots
 from .target import Target
@@ -24,7 +26,7 @@ __all__ = ["Target", "KeyMap", "build_keymap"]
 log = logging.getLogger("lora_engine")
 
 # Canonical prefix -> the slot it addresses. lora_te1_ is an alias of lora_te_.
-SLOTS = ("lora_unet_", "lora_te_", "lora_te2_")
+SLOTS = ("lora_unet_", "lora_te_", "lora_te2_", "lora_te3_")
 _ALIASES = {"lora_te1_": "lora_te_"}
 
 
@@ -43,20 +45,24 @@ def _slot(name: str) -> str | None:
 
 
 class KeyMap:
-    """Resolve canonical names (and dotted paths) to :class:`Target` s of one model."""
+    """Resolve canonical names (and dotted paths) to :class:`Target` s of one model.
 
-    def __init__(self, names: dict[str, Target], dotted: dict[tuple[str, str], Target],
-                 architecture: str, unet: Root | None, tes: list[Root], ambiguous: list[str]):
+    A name may reach several targets (a fused LoRA module on a model whose layers are separate, or
+    rows stored in another order); ``resolve`` gives all of them, ``lookup`` only single targets.
+    """
+
+    def __init__(self, names: dict, dotted: dict, architecture: str, unet: Root | None, tes: list[Root],
+                 ambiguous: list[str], family: Family | None = None):
         self._names = names
         self._dotted = dotted
         self.architecture = architecture
+        self.family = family
         self.unet_naming = unet.naming if unet else None
         self.te_namings = tuple(r.naming for r in tes)
         self.te_prefixes = tuple(r.prefix for r in tes)
         self.ambiguous = ambiguous
 
-    def lookup(self, name: str, dotted: str | None = None) -> Target | None:
-        """Target for a canonical kohya name; the dotted path, when given, is tried first."""
+    def _value(self, name: str, dotted: str | None):
         name = _normalise(name)
         if dotted is not None:
             hit = self._dotted.get((_slot(name), dotted))
@@ -64,13 +70,32 @@ class KeyMap:
                 return hit
         return self._names.get(name)
 
+    def lookup(self, name: str, dotted: str | None = None) -> Target | None:
+        """Target for a canonical kohya name; the dotted path, when given, is tried first. None when
+        the name reaches nothing or several targets (see ``resolve``)."""
+        hit = self._value(name, dotted)
+        return hit if isinstance(hit, Target) else None
+
+    def resolve(self, name: str, dotted: str | None = None) -> tuple[Target, ...]:
+        """Every target the name reaches (empty when none)."""
+        hit = self._value(name, dotted)
+        if hit is None:
+            return ()
+        return hit if isinstance(hit, tuple) else (hit,)
+
     def names(self) -> list[str]:
-        """Every canonical name the map accepts (lora_te_ spelling for the first text encoder)."""
-        return list(self._names)
+        """Every canonical name that reaches one target (lora_te_ spelling for the first text encoder)."""
+        return [n for n, v in self._names.items() if isinstance(v, Target)]
 
     def targets(self) -> list[Target]:
-        """Every distinct target, in build order."""
-        return list(dict.fromkeys([*self._names.values(), *self._dotted.values()]))
+        """Every distinct single target, in build order."""
+        return list(dict.fromkeys(v for v in [*self._names.values(), *self._dotted.values()] if isinstance(v, Target)))
+
+    def block_of(self, name: str) -> str | None:
+        """The family's block of a canonical ``lora_unet_`` name (``double_blocks.3``), or None."""
+        if self.family is None or not name.startswith("lora_unet_"):
+            return None
+        return self.family.block_of(name[len("lora_unet_"):])
 
     def diagnose(self, unmatched_names: list[str]) -> str:
         """One line saying why these names matched nothing (wrong family, wrong encoder, ...)."""
@@ -84,10 +109,42 @@ class KeyMap:
         return len(self._names)
 
 
-def _entries(unet: Root | None, tes: list[Root]):
+def _te_kind(root: Root) -> str:
+    """``t5``, ``clip_g`` (width 1280) or ``clip_l``."""
+    if root.naming == "t5":
+        return "t5"
+    for key in ("text_model.final_layer_norm.weight", "final_layer_norm.weight", "ln_final.weight"):
+        if key in root.shapes:
+            return "clip_g" if root.shapes[key][0] == 1280 else "clip_l"
+    return "clip_l"
+
+
+def _family_te_entries(family: Family, tes: list[Root]):
+    """Text encoders by kind, under every kohya prefix the family's writers use for them."""
+    for decl in family.text_encoders:
+        root = next((r for r in tes if _te_kind(r) == decl.kind), None)
+        if root is None:
+            continue
+        prefixes = tuple(dict.fromkeys(_normalise(p) for p in decl.kohya))
+        if decl.kind == "t5":
+            yield from hf_entries(root, prefixes)
+            continue
+        build = openclip_entries if root.naming == "openclip" else clip_entries
+        for prefix in prefixes:
+            for names, paths, target in build(root, prefix):
+                yield prefix, names, paths, target
+
+
+def _entries(unet: Root | None, tes: list[Root], family: Family | None):
+    if family is not None:
+        for names, paths, value in dit_entries(unet, family):
+            yield "lora_unet_", names, paths, value
+        yield from _family_te_entries(family, tes)
+        return
     if unet is not None:
         for names, paths, target in unet_entries(unet):
             yield "lora_unet_", names, paths, target
+    tes = [r for r in tes if r.naming != "t5"]
     for te, prefix in zip(tes, ("lora_te_", "lora_te2_")):
         build = openclip_entries if te.naming == "openclip" else clip_entries
         for names, paths, target in build(te, prefix):
@@ -104,7 +161,7 @@ class _OneToOne(dict):
         super().__init__()
         self.clashes: set = set()
 
-    def put(self, key, target: Target) -> None:
+    def put(self, key, target) -> None:
         if key in self.clashes:
             return
         if self.get(key, target) != target:
@@ -117,8 +174,9 @@ class _OneToOne(dict):
 def build_keymap(named_shapes: Mapping[str, tuple[int, ...]]) -> KeyMap:
     """Build the map from ``{parameter key: shape}`` of a root (a ``state_dict`` view)."""
     unet, tes = find_roots(named_shapes)
+    family = BY_NAME.get(unet.family) if unet is not None and unet.family else None
     names, dotted = _OneToOne(), _OneToOne()
-    for slot, kohya, paths, target in _entries(unet, tes):
+    for slot, kohya, paths, target in _entries(unet, tes, family):
         for name in kohya:
             names.put(name, target)
         for path in paths:
@@ -127,4 +185,5 @@ def build_keymap(named_shapes: Mapping[str, tuple[int, ...]]) -> KeyMap:
     if ambiguous:
         log.warning("key map: %d names reach more than one weight and were dropped (e.g. %s)",
                     len(ambiguous), ambiguous[0])
-    return KeyMap(dict(names), dict(dotted), detect_architecture(unet, tes), unet, tes, ambiguous)
+    arch = family.name if family is not None else detect_architecture(unet, [r for r in tes if r.naming != "t5"])
+    return KeyMap(dict(names), dict(dotted), arch, unet, tes, ambiguous, family)

@@ -2,9 +2,11 @@
 
 The family of a LoRA is guessed from names alone (shapes are the patcher's business):
 
-- Flux: ``double_blocks``/``single_blocks``; SD3: ``joint_blocks``;
+- the declared diffusion-transformer families (``lora_engine.families``) by their own name patterns (Flux.1:
+  ``double_blocks``/``single_blocks``/``single_transformer_blocks``; SD3: ``joint_blocks``); Flux.1/SD3 for
+  diffusers names both have (a top-level ``transformer_blocks`` with ``add_q_proj``, ``ff_context``...);
 - SDXL: a second text encoder (``lora_te2_``), ``label_emb``/``add_embedding``, transformer depth > 1
-  (``transformer_blocks_1``...), attention in the first up level (``up_blocks_0_attentions``,
+  (``…_0_transformer_blocks_1``...), attention in the first up level (``up_blocks_0_attentions``,
   ``output_blocks_0..2_1`` other than SD1's upsampler ``output_blocks_2_1_conv``);
 - SD1.x/SD2.x: a fourth level (``down_blocks_3``, ``up_blocks_3``, ``input_blocks_10/11``,
   ``output_blocks_9..11``) or attention in the first down level (``down_blocks_0_attentions``,
@@ -16,12 +18,18 @@ from __future__ import annotations
 
 import re
 
-LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unrecognised"}
+from ..families import FAMILIES
+
+LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unrecognised", **{f.name: f.label for f in FAMILIES}}
+# a LoRA for one of these fits a model of the other (same tree)
+_SAME_TREE = {"Chroma": "Flux.1", "Flux.1": "Chroma"}
 
 _FAMILY_RULES: tuple[tuple[str, re.Pattern], ...] = (
-    ("Flux", re.compile(r"^lora_(unet|transformer)_(double_blocks|single_blocks)_")),
-    ("SD3", re.compile(r"^lora_(unet|transformer)_joint_blocks_")),
-    ("SDXL", re.compile(r"^lora_te2_|^lora_unet_(label_emb|add_embedding)_|_transformer_blocks_[1-9]"
+    # declared diffusion-transformer families first: their names are never SD's
+    *((f.label, p) for f in FAMILIES if f.name != "chroma" for p in f.lora_patterns),
+    # diffusers names shared by Flux.1 and SD3 (a top-level transformer_blocks: SD's are nested)
+    ("Flux.1/SD3", re.compile(r"^lora_unet_transformer_blocks_\d+_(attn_add_|attn_to_add_out|ff_context|norm1_context)")),
+    ("SDXL", re.compile(r"^lora_te2_|^lora_unet_(label_emb|add_embedding)_|\d_transformer_blocks_[1-9]"
                         r"|^lora_unet_(up_blocks_0_attentions|output_blocks_[0-2]_1_(?!conv))")),
     ("SD1.x/SD2.x", re.compile(r"^lora_unet_(down_blocks_3|up_blocks_3|input_blocks_1[01]_|output_blocks_(9|10|11)_"
                                r"|down_blocks_0_attentions|input_blocks_[12]_1_)")),
@@ -33,7 +41,9 @@ _OPENCLIP_NATIVE = re.compile(r"^lora_te\d?_.*(resblocks|in_proj|_c_fc|_c_proj|l
 def lora_family(names: list[str]) -> str | None:
     """Best guess of the family a LoRA was made for, from its (unmatched) names: the family whose
     rule the most names fit (ties: the first rule)."""
-    hits = {family: sum(1 for n in names if rule.search(n)) for family, rule in _FAMILY_RULES}
+    hits: dict[str, int] = {}
+    for family, rule in _FAMILY_RULES:
+        hits[family] = hits.get(family, 0) + sum(1 for n in names if rule.search(n))
     best = max(hits, key=hits.get)
     if hits[best]:
         return best
@@ -44,17 +54,25 @@ def lora_family(names: list[str]) -> str | None:
 
 
 def _matches_model(family: str, arch: str) -> bool:
-    return LABELS.get(arch, "") in family.split("/")
+    label = LABELS.get(arch, "")
+    return label in family.split("/") or _SAME_TREE.get(label) in family.split("/")
+
+
+_DIT_LABELS = {f.label for f in FAMILIES} | {"Flux.1/SD3"}
 
 
 def foreign_family(keymap, names: list[str]) -> str | None:
     """The family a LoRA was made for when its unmatched names point to one other than the model's
-    (e.g. ``"SDXL"`` on an SD1.x model), else None. A model of unrecognised architecture is never
-    called foreign to anything."""
+    (e.g. ``"SDXL"`` on an SD1.x model, "Flux.1" on SD3), else None. A diffusion transformer on either
+    side is always told; otherwise a model of unrecognised architecture is never called foreign."""
+    family = lora_family(list(names))
+    if family is None or _matches_model(family, keymap.architecture):
+        return None
+    if getattr(keymap, "family", None) is not None or family in _DIT_LABELS:
+        return family
     if keymap.architecture not in LABELS or keymap.architecture == "unknown":
         return None
-    family = lora_family(list(names))
-    return family if family is not None and not _matches_model(family, keymap.architecture) else None
+    return family
 
 
 def diagnose_unmatched(keymap, names: list[str]) -> str:

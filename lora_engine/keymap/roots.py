@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..families import family_of, markers as family_markers
+
 # Parameter key suffix -> (component, naming). The prefix before it is the root.
 MARKERS: dict[str, tuple[str, str]] = {
     "time_embedding.linear_1.weight": ("unet", "diffusers"),
@@ -32,6 +34,9 @@ MARKERS: dict[str, tuple[str, str]] = {
     "text_model.final_layer_norm.weight": ("te", "hf_clip"),  # not token_embedding: A1111 wraps that one
     "embeddings.position_embedding.weight": ("te", "hf_clip_flat"),  # transformers>=5 CLIPTextModel
     "transformer.resblocks.0.attn.in_proj_weight": ("te", "openclip"),
+    "encoder.block.0.layer.0.SelfAttention.q.weight": ("te", "t5"),  # T5 encoder (Flux, SD3)
+    # diffusion transformers: the family declaration decides family and naming from the whole root
+    **{marker: ("unet", "dit") for marker in family_markers()},
 }
 # A flat CLIP marker also fits a CLIP *vision* tower (IP-Adapter image encoders): require a token embedding.
 CONFIRM: dict[str, tuple[str, ...]] = {
@@ -46,9 +51,10 @@ class Root:
     """One model inside the host's keys: ``keys`` are relative to ``prefix``."""
 
     component: str  # "unet" | "te"
-    naming: str  # "diffusers" | "ldm" | "hf_clip" | "hf_clip_flat" | "openclip"
+    naming: str  # "diffusers" | "ldm" | "native" (a DiT's original tree) | "hf_clip" | "hf_clip_flat" | "openclip" | "t5"
     prefix: str
     shapes: dict  # relative parameter key -> shape
+    family: str | None = None  # a declared DiT family ("flux", ...); None for the SD UNet and encoders
 
     def full(self, rel: str) -> str:
         return self.prefix + rel
@@ -85,7 +91,16 @@ def find_roots(named_shapes) -> tuple[Root | None, list[Root]]:
             if key.startswith(p):
                 buckets[p][key[len(p):]] = tuple(shape)
                 break
-    roots = [Root(found[p][0], found[p][1], p, buckets[p]) for p in prefixes]
+    roots = []
+    for p in prefixes:
+        component, naming = found[p]
+        family = None
+        if naming == "dit":
+            fam = family_of(buckets[p])
+            if fam is None:
+                continue
+            family, naming = fam.name, fam.naming(buckets[p])
+        roots.append(Root(component, naming, p, buckets[p], family))
     unets = sorted((r for r in roots if r.component == "unet"), key=lambda r: (-len(r.shapes), len(r.prefix)))
     tes = sorted((r for r in roots if r.component == "te"), key=lambda r: _te_order(r.prefix))
     return (unets[0] if unets else None), tes

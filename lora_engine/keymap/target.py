@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -12,7 +15,9 @@ class Target:
     from. ``rows`` is ``[start, stop)`` inside a fused weight (OpenCLIP's ``in_proj_weight``
     holds q, k, v stacked on dim 0) and applies to the bias the same way; else None.
     ``component`` is ``"unet"`` or ``"te"`` (which multiplier applies). ``shape`` is the
-    shape of the (sliced) weight.
+    shape of the (sliced) weight. ``delta_rows`` is ``[start, stop)`` of the LoRA's delta that
+    this region receives, when one LoRA module spans several of the model's weights (a fused
+    ``qkv`` LoRA on separate q/k/v layers) or stores rows in another order; else None.
     """
 
     weight_key: str
@@ -20,6 +25,25 @@ class Target:
     rows: tuple[int, int] | None
     component: str
     shape: tuple[int, ...]
+    delta_rows: tuple[int, int] | None = None  # rows of the LoRA's delta that land here (a fused LoRA split up)
+
+    def region(self, t: torch.Tensor) -> torch.Tensor:
+        """This target's rows of a weight or bias tensor (a view), or the tensor itself."""
+        return t if self.rows is None else t[self.rows[0]:self.rows[1]]
+
+
+class TargetMap(Protocol):
+    """What a plan needs from a model's key map (``keymap.KeyMap`` and every family's map provide it):
+    ``lookup`` gives the target of a LoRA module name (its dotted path when the file has one) or None,
+    ``diagnose`` one line on why names matched nothing (e.g. "SDXL LoRA on an SD1.x model"),
+    ``foreign_family`` the other family when the names say the LoRA was made for one."""
+
+    def lookup(self, name: str, dotted: str | None = None) -> Target | None: ...
+
+    def diagnose(self, unmatched_names: list[str]) -> str: ...
+
+    def foreign_family(self, unmatched_names: list[str]) -> str | None:
+        """The model family these names were made for when it is not this model's (e.g. "SDXL"), else None."""
 
 
 def module_target(root, module: str, component: str) -> Target:

@@ -1,4 +1,5 @@
-"""File hashes used to identify LoRAs (../shared/reference/a1111.md §4.5, formats_training.md §1.8).
+"""File hashes used to identify LoRAs (A1111 ``modules/hashes.py`` ``addnet_hash_safetensors``; sd-scripts
+``library/train_util.py`` ``precalculate_safetensors_hashes``).
 
 - ``sha256``: of the whole file (changes with any metadata edit; Civitai "AutoV2" = first 10 hex).
 - ``addnet`` (= kohya's ``sshs_model_hash``): sha256 of the bytes after the safetensors
@@ -62,7 +63,7 @@ def _data_offset(path: str, fh, size: int) -> int | None:
         raise LoraFileError(path, f"truncated: {size} bytes, too short for a safetensors header")
     (n,) = struct.unpack("<Q", head)
     if 8 + n > size:
-        raise LoraFileError(path, f"not a valid safetensors file: header claims {n} bytes but the file has {size}")
+        raise LoraFileError(path, f"not a valid safetensors file: header claims more bytes than the file's {size}")
     return 8 + n
 
 

@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 from ..errors import LoraEngineError, NameResolutionError, OperationCancelled
+from .confine import inside, normalise
 from .hashes import bogus_metadata_hash, hash_file, short_hash
+from ..text import clean_value
 from .sidecar import DEFAULT_CACHE_NAME, LibraryCache
 
 LORA_EXTS = (".safetensors", ".ckpt", ".pt")
@@ -67,6 +69,7 @@ class LoraEntry:
     sidecars: Sidecars
     problems: tuple[str, ...] = ()
     has_cover_image: bool = False  # ssmd_cover_images in the metadata (left out of ``metadata``)
+    unreadable: bool = False  # its header could not be read (``problems`` says why)
 
     @property
     def sd_version(self) -> str:
@@ -144,7 +147,8 @@ def read_file_record(path: str, hash_files: bool = True, summarize_files: bool =
             h = hash_file(path)
             record.update(sha256=h.sha256, addnet=h.addnet, legacy=h.legacy)
         except LoraEngineError as e:
-            problems.append(str(e))
+            if not meta_err:  # an unreadable header fails the hash too: one line per file
+                problems.append(str(e))
             meta_err = meta_err or str(e)
     fmt, arch, err = _summarize(path) if summarize_files else ("unknown", "unknown", None)
     record.update(format=fmt, architecture=arch, summarized=summarize_files)
@@ -170,11 +174,11 @@ def read_sidecars(folder: str, stem: str, siblings: set[str]) -> tuple[Sidecars,
         try:
             data = json.loads(_read_text(p))
             if isinstance(data, dict):
-                user = data
+                user = clean_value(data)  # "\ud800" escapes decode to text that cannot be printed
             else:
                 problems.append(f"{p}: user metadata is not a JSON object; ignored")
-        except (OSError, ValueError) as e:
-            problems.append(f"{p}: unreadable user metadata ({e}); ignored")
+        except (OSError, ValueError, RecursionError) as e:
+            problems.append(f"{p}: unreadable user metadata ({str(e)[:120]}); ignored")
     desc = None
     for n in (stem + ".txt", stem + ".description.txt"):
         if n in siblings:
@@ -193,22 +197,25 @@ def check_name(name: str) -> str:
     could leave the library folders."""
     if not isinstance(name, str) or not name.strip():
         raise NameResolutionError("empty LoRA name")
-    n = name.strip().replace("\\", "/")
-    if "\x00" in n or n.startswith("/") or re.match(r"[A-Za-z]:", n) or ".." in n.split("/"):
+    n = normalise(name)
+    if n is None:
         raise NameResolutionError(f"LoRA name {name!r} refused: it points outside the LoRA folders")
-    return "/".join(p for p in n.split("/") if p not in ("", "."))
+    return n
 
 
 class LoraLibrary:
     """LoRA files under ``folders`` (recursive, following symlinks, loops cut).
 
     ``cache_path``: the hash/metadata cache file (default: ``.lora-engine-cache.json`` in
-    the first folder; ``None`` with ``use_cache=False`` keeps it in memory only)."""
+    the first folder; ``None`` with ``use_cache=False`` keeps it in memory only).
+    ``within_folders``: skip (with a scan warning, unread) files and sub-folders whose real path,
+    symlinks resolved, lies outside the real paths of all ``folders`` (a web UI's confinement)."""
 
     def __init__(self, folders: Iterable[str | os.PathLike], *, include_hidden: bool = True,
                  cache_path: str | os.PathLike | None = None, use_cache: bool = True, hash_files: bool = True,
-                 summarize_files: bool = True):
+                 summarize_files: bool = True, within_folders: bool = False):
         self.folders = [os.path.abspath(os.fspath(f)) for f in folders]
+        self.within_folders = within_folders
         self.include_hidden = include_hidden
         self.hash_files = hash_files
         self.summarize_files = summarize_files
@@ -220,9 +227,13 @@ class LoraLibrary:
 
     # ---- scanning ----
 
-    def _walk(self) -> Iterable[tuple[str, str, str, str, set[str]]]:
+    def _outside(self, real: str, real_roots: list[str]) -> bool:
+        return self.within_folders and not any(inside(real, r) for r in real_roots)
+
+    def _walk(self, warnings: list[str]) -> Iterable[tuple[str, str, str, str, set[str]]]:
         """(root, folder, key prefix, filename, sibling names) for every LoRA file, in natural order."""
         seen: set[str] = set()
+        real_roots = [os.path.realpath(f) for f in self.folders]
         for root in self.folders:
             if not os.path.isdir(root):
                 continue
@@ -232,12 +243,20 @@ class LoraLibrary:
                     dirs[:] = []
                     continue
                 seen.add(real)
+                if self._outside(real, real_roots):
+                    warnings.append(f"{folder}: links outside the LoRA folders; skipped")
+                    dirs[:] = []
+                    continue
                 dirs[:] = sorted((d for d in dirs if self.include_hidden or not d.startswith(".")), key=_natural_key)
                 siblings = set(files)
                 rel = os.path.relpath(folder, root).replace(os.sep, "/")
                 prefix = "" if rel == "." else rel + "/"
                 for f in sorted(files, key=_natural_key):
                     if f.lower().endswith(LORA_EXTS) and (self.include_hidden or not f.startswith(".")):
+                        path = os.path.join(folder, f)
+                        if os.path.islink(path) and self._outside(os.path.realpath(path), real_roots):
+                            warnings.append(f"{path}: links outside the LoRA folders; skipped")
+                            continue
                         yield root, folder, prefix, f, siblings
 
     def scan(self, progress: Callable[[int, str], None] | None = None, cancel=None) -> ScanReport:
@@ -250,7 +269,7 @@ class LoraLibrary:
         warnings = list(self.cache.warnings)
         self.cache.warnings.clear()
         try:
-            for i, (root, folder, prefix, fname, siblings) in enumerate(self._walk()):
+            for i, (root, folder, prefix, fname, siblings) in enumerate(self._walk(warnings)):
                 path = os.path.join(folder, fname)
                 if cancel is not None and cancel.is_set():
                     raise OperationCancelled(f"library scan cancelled after {i} files")
@@ -298,7 +317,8 @@ class LoraLibrary:
         return LoraEntry(os.path.join(folder, fname), root, rel, stem, st.st_size, st.st_mtime_ns, meta, alias,
                          rec.get("sha256"), rec.get("addnet"), short_hash(rec.get("addnet"), meta), rec.get("legacy"),
                          rec.get("format", "unknown"), rec.get("architecture", "unknown"), sidecars,
-                         tuple(rec.get("problems") or ()) + tuple(side_problems), bool(rec.get("has_cover")))
+                         tuple(rec.get("problems") or ()) + tuple(side_problems), bool(rec.get("has_cover")),
+                         bool(rec.get("unreadable")))
 
     def _set_entries(self, entries: list[LoraEntry]) -> None:
         self.entries = entries

@@ -3,13 +3,19 @@ absolute path and valid only while the file's size and mtime (ns) are unchanged.
 
 Stored as one JSON file, written atomically (temporary file + ``os.replace``), so a
 crash never leaves a half-written cache; a cache that cannot be read is ignored (and
-rebuilt) with one warning, never an exception.
+rebuilt) with one warning, never an exception. It is written with ASCII escapes, so any
+Python string (a file name decoded with ``surrogateescape`` included) round-trips exactly;
+metadata read back goes through :func:`lora_engine.text.clean_value`, so a cache written by
+anything else cannot bring unprintable text into the library either.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+
+from ..text import clean_value
+from ..formats.safetensors_writer import ordinary_mode
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_NAME = ".lora-engine-cache.json"
@@ -30,13 +36,16 @@ class LibraryCache:
         try:
             with open(self.path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except (OSError, ValueError) as e:
-            self.warnings.append(f"{self.path}: hash cache unreadable ({e}); rebuilding it")
+        except (OSError, ValueError, RecursionError) as e:
+            self.warnings.append(f"{self.path}: hash cache unreadable ({str(e)[:120]}); rebuilding it")
             return
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
             self.warnings.append(f"{self.path}: hash cache has an unknown layout; rebuilding it")
             return
         self._entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+        for rec in self._entries.values():
+            if "metadata" in rec:
+                rec["metadata"] = clean_value(rec["metadata"])
 
     def get(self, path: str, size: int, mtime_ns: int) -> dict | None:
         rec = self._entries.get(path)
@@ -65,13 +74,15 @@ class LibraryCache:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".lora-engine-cache.", suffix=".tmp", dir=folder)
+            ordinary_mode(tmp)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"version": CACHE_VERSION, "entries": self._entries}, fh, ensure_ascii=False)
+                json.dump({"version": CACHE_VERSION, "entries": self._entries}, fh)
             os.replace(tmp, self.path)
             tmp = None
             self._dirty = False
-        except OSError as e:
-            self.warnings.append(f"{self.path}: cannot write hash cache ({e.strerror or e}); hashes will be recomputed")
+        except (OSError, ValueError) as e:  # ValueError: a value JSON cannot hold (nothing the library stores)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:120]
+            self.warnings.append(f"{self.path}: cannot write hash cache ({why}); hashes will be recomputed")
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)

@@ -1,27 +1,38 @@
 """One-screen diagnosis of a LoRA file: format, adapter types, rank/alpha per block,
-metadata, the base architecture it was made for, and what could not be interpreted."""
+metadata, the base architecture it was made for, and what could not be interpreted.
+
+Without metadata the architecture comes from keys and widths: the cross-attention context width
+(attn2 to_k/to_v input: 768 SD1, 1024 SD2, 2048 SDXL), the text encoder's width (768 CLIP-L, 1024
+OpenCLIP-H; its MLP 3072 / 4096), a second text encoder or a transformer depth above one (SDXL).
+Every adapter type gives the widths its tensors hold (:func:`layer_widths`): LoRA-like factors both,
+OFT the output rows, IA3 the axis it scales, GLoRA both. A folder of per-component PEFT folders
+(``unet/``, ``text_encoder/``…, as ``convert --to peft`` writes) is read as one LoRA."""
 from __future__ import annotations
 
 import json
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import LoraEngineError
+from ..families import FAMILIES
 from ..formats import LoraFile, load_lora
+from ..formats.peft_folder import component_folders, component_name
+from ..keymap.diagnose import lora_family
 
 ARCH_FROM_BASE_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2"}
 # Cross-attention context width (attn2 to_k/to_v input) and text-encoder width per architecture.
 CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TE_WIDTH = {768: "sd1", 1024: "sd2"}
+TE_MLP_WIDTH = {3072: "sd1", 4096: "sd2"}  # CLIP-L / OpenCLIP-H fc1 output, fc2 input
 
 
 @dataclass
 class Summary:
     path: str
     format: str
-    architecture: str  # "sd1" | "sd2" | "sdxl" | "other" | "unknown"
+    architecture: str  # "sd1" | "sd2" | "sdxl" | a declared DiT family ("flux", "sd3", "flux/sd3") | "other" | "unknown"
     architecture_source: str
     modules: int
     adapter_types: dict[str, int]
@@ -58,36 +69,42 @@ def _arch_from_metadata(meta: dict[str, str]) -> str | None:
     return None
 
 
-def _in_width(adapter) -> int | None:
-    inner = getattr(adapter, "inner", adapter)
-    shape = getattr(inner, "natural_shape", None)
-    if shape is None:
-        return None
-    try:
-        s = shape()
-    except (RuntimeError, ValueError):
-        return None
-    return int(s[1]) if len(s) > 1 else None
+def layer_widths(adapter) -> tuple[int | None, int | None]:
+    """``(output, input)`` width of the layer an adapter was made for, as far as its tensors tell."""
+    return adapter.layer_widths()
+
+
+# LoRA family label (keymap.diagnose) -> architecture name, for the declared DiT families
+_DIT_LABELS = {f.label: f.name for f in FAMILIES if f.name != "chroma"} | {"Flux.1/SD3": "flux/sd3"}
 
 
 def _arch_from_keys(lf: LoraFile) -> tuple[str, str]:
     names = list(lf.modules)
+    dit = _DIT_LABELS.get(lora_family([n for n in names if n.startswith("lora_unet_")]) or "")
+    if dit is not None:
+        return dit, "diffusion-transformer key names"
     if any(n.startswith("lora_te2_") for n in names):
         return "sdxl", "second text encoder keys"
-    if any(n.startswith(("lora_unet_joint_blocks", "lora_unet_double_blocks", "lora_unet_single_blocks")) for n in names):
-        return "other", "DiT (SD3/Flux) keys"
-    for n, m in lf.modules.items():
-        if n.startswith("lora_unet_") and re.search(r"attn2_to_[kv]$", n):
-            w = _in_width(m.adapter)
-            if w in CONTEXT_WIDTH:
-                return CONTEXT_WIDTH[w], f"cross-attention context width {w}"
-    for n, m in lf.modules.items():
-        if n.startswith(("lora_te_", "lora_te1_")) and re.search(r"(q_proj|k_proj|v_proj|fc1)$", n):
-            w = _in_width(m.adapter)
+    widths = {n: layer_widths(m.adapter) for n, m in lf.modules.items()}
+    for n, (_, w) in widths.items():
+        if n.startswith("lora_unet_") and re.search(r"attn2_to_[kv]$", n) and w in CONTEXT_WIDTH:
+            return CONTEXT_WIDTH[w], f"cross-attention context width {w}"
+    for n, (o, i) in widths.items():
+        layer = re.search(r"_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$", n)
+        if not (layer and n.startswith(("lora_te_", "lora_te1_"))):
+            continue
+        hidden, mlp = {"fc1": ((i,), o), "fc2": ((o,), i)}.get(layer.group(1), ((o, i), None))
+        for w in hidden:
             if w in TE_WIDTH:
                 return TE_WIDTH[w], f"text-encoder width {w}"
+        if mlp in TE_MLP_WIDTH:
+            return TE_MLP_WIDTH[mlp], f"text-encoder MLP width {mlp}"
+    if any(n.startswith("lora_unet_") and re.search(r"transformer_blocks_[1-9]", n) for n in names):
+        return "sdxl", "transformer depth above one (SDXL UNet layout)"
     if any(re.match(r"lora_unet_(input_blocks_[78]|output_blocks_[6-8]_1)", n) for n in names):
         return "sd1", "ldm block numbering"
+    if any(re.match(r"lora_unet_(down_blocks_0|up_blocks_3)_attentions", n) for n in names):
+        return "unknown", "SD1/SD2 UNet layout; no width that tells the two apart"
     return "unknown", "no metadata, no decisive key or shape"
 
 
@@ -100,11 +117,17 @@ def lora_architecture(lf: LoraFile) -> tuple[str, str]:
     return _arch_from_keys(lf)
 
 
+_DIT_BLOCK = re.compile(r"lora_unet_(double_blocks|single_blocks|joint_blocks|single_transformer_blocks|transformer_blocks)_(\d+)_")
+
+
 def block_of(name: str) -> str:
     """Group a canonical module name into a block label ("unet down_blocks_1", "te layers 0-11", ...)."""
     m = re.match(r"lora_unet_((?:down|up)_blocks_\d+|mid_block|(?:input|output)_blocks_\d+|middle_block)", name)
     if m:
         return "unet " + m.group(1)
+    m = _DIT_BLOCK.match(name)
+    if m:
+        return f"dit {m.group(1)}_{m.group(2)}"
     if name.startswith("lora_unet_"):
         return "unet other"
     m = re.match(r"lora_(te\d?)_", name)
@@ -118,30 +141,58 @@ def _blocks(lf: LoraFile) -> dict[str, dict]:
     for name, m in sorted(lf.modules.items()):
         b = out.setdefault(block_of(name), {"modules": 0, "ranks": set(), "alphas": set()})
         b["modules"] += 1
-        inner = getattr(m.adapter, "inner", m.adapter)
-        rank = getattr(inner, "rank", None)
+        rank = m.adapter.rank
         if rank:
             b["ranks"].add(int(rank))
-            b["alphas"].add(round(float(inner.scale) * rank, 4))
+            b["alphas"].add(round(float(m.adapter.scale) * rank, 4))
     return {k: {"modules": v["modules"], "ranks": sorted(v["ranks"]), "alphas": sorted(v["alphas"])} for k, v in out.items()}
 
 
 def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -> Summary:
     """Diagnose a file. Never raises for a bad file: the error is in ``Summary.error``.
-    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders."""
-    if isinstance(source, LoraFile):
-        lf = source
-    else:
-        try:
-            lf = load_lora(source, check_finite=check_finite)
-        except LoraEngineError as e:
-            return Summary(os.fspath(source), "unreadable", "unknown", "", 0, {}, {}, {}, error=str(e))
+    ``check_finite=False`` reads only headers and scalars (no NaN/Inf scan): for scanning folders.
+
+    Every malformed file is a :class:`LoraEngineError` from the loader; anything else escaping it would be a
+    bug, and is still reported here (with its type) rather than raised, so a folder scan always finishes."""
+    try:
+        return _summarize(source, check_finite)
+    except LoraEngineError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 - the contract above: one bad file never stops a caller
+        where = source.path if isinstance(source, LoraFile) else os.fspath(source)
+        error = f"{where}: internal error reading it ({type(e).__name__}: {str(e)[:160]})"
+    path = source.path if isinstance(source, LoraFile) else os.fspath(source)
+    return Summary(path, "unreadable", "unknown", "", 0, {}, {}, {}, error=error.replace("\n", " "))
+
+
+def _summarize(source: str | os.PathLike | LoraFile, check_finite: bool) -> Summary:
+    lf = source if isinstance(source, LoraFile) else _load(os.fspath(source), check_finite)
     arch, arch_src = lora_architecture(lf)
     kinds = Counter()
     for m in lf.modules.values():
-        kinds[m.kind if m.kind != "dora" else f"dora({m.adapter.inner.kind})"] += 1
+        kinds[m.adapter.label] += 1
     return Summary(lf.path, lf.format, arch, arch_src, len(lf.modules), dict(kinds), _blocks(lf), dict(lf.metadata),
                    list(lf.unknown_keys), list(lf.problems), list(lf.warnings))
+
+
+def _load(path: str, check_finite: bool) -> LoraFile:
+    """``load_lora``, or a folder of per-component PEFT folders read as one LoRA (module names as in a
+    kohya file of the whole LoRA; keys, problems and warnings prefixed by their component)."""
+    parts = component_folders(path)
+    if not parts:
+        return load_lora(path, check_finite=check_finite)
+    sdxl = any(c == "text_encoder_2" for _, c in parts)
+    whole = LoraFile(path, "peft", {}, {})
+    for sub, comp in parts:
+        lf = load_lora(sub, check_finite=check_finite)
+        for name, m in lf.modules.items():
+            new = component_name(name, comp, sdxl)
+            whole.modules[new] = replace(m, name=new)
+        whole.metadata.update(lf.metadata)
+        whole.unknown_keys += [f"{comp}/{k}" for k in lf.unknown_keys]
+        whole.problems += [f"{comp}: {p}" for p in lf.problems]
+        whole.warnings += lf.warnings
+    return whole
 
 
 def format_summary(s: Summary) -> str:

@@ -91,6 +91,19 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
     return (low if dw is None else low.add_(dw)), (bias if db is None else _accumulate(bias, db))
 
 
+def summed_bias(contributions, device: torch.device) -> torch.Tensor | None:
+    """Σ m_k·Δb_k in fp32 on ``device`` (None when no term has a Δb), without the base weight (Δb never
+    depends on it): the same bits as ``summed_delta``'s Δb, for hosts that patch a bias on its own."""
+    ordered = _ordered(contributions)
+    bias = _bias_terms([c for c in ordered if _lowrank(c)], device)
+    db = None
+    for c in ordered:
+        if not _lowrank(c) and c.adapter.has_bias_delta:
+            b = (c.adapter if device.type == "cpu" else on_device(c.adapter, device)).bias_delta()
+            db = _accumulate(db, c.strength * b.to(device).reshape(-1))
+    return bias if db is None else (db if bias is None else _accumulate(bias, db))
+
+
 def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(W₀ + ΔW, Δb) in fp32, the same bits as ``fp32(w0) + summed_delta(…)[0]`` (what ComfyUI's patch

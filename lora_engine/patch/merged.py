@@ -11,7 +11,7 @@ An ``apply`` is all or nothing. A slot's value is a deterministic function of W�
 so a failure halfway is undone by recomputing every slot touched so far from the previous plan (the same
 bits; no copy of the pre-apply values is held). A written weight that is not finite (an fp32 sum that
 overflowed, or a finite sum beyond fp16's range) is refused: that slot keeps its previous value, checked
-by one fp32 sum of the written weight (see ``finite``). ``restore`` walks the backups, not the plan.
+by one sum of the written weight in its dtype (see ``finite``). ``restore`` walks the backups, not the plan.
 """
 from __future__ import annotations
 
@@ -53,10 +53,6 @@ def _param(root: torch.nn.Module, key: str) -> torch.Tensor:
     return p
 
 
-def _region(t: torch.Tensor, rows):
-    return t if rows is None else t[rows[0]:rows[1]]
-
-
 def _plus(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """base + delta in fp32, into ``delta`` (a fresh tensor from ``summed_delta``) when shapes allow:
     the same bits as ``base + delta``, without allocating another full-size buffer."""
@@ -86,11 +82,11 @@ class MergedPatcher:
     def _backup(self, slot: str, target) -> Backup:
         if slot not in self.backups:
             dev = None if self.backup_device == "same" else torch.device(self.backup_device)
-            w = _region(_param(self.root, target.weight_key), target.rows).detach()
+            w = target.region(_param(self.root, target.weight_key)).detach()
             b = None
             if target.bias_key is not None:
                 try:
-                    b = _region(_param(self.root, target.bias_key), target.rows).detach()
+                    b = target.region(_param(self.root, target.bias_key)).detach()
                 except (KeyError, AttributeError):
                     b = None
             self.backups[slot] = Backup(w.to(dev, copy=True) if dev else w.clone(),
@@ -114,7 +110,7 @@ class MergedPatcher:
         (the slot then holds garbage until the caller puts its previous value back)."""
         first = slot not in self.backups
         w0, b0, _ = self._backup(slot, target)
-        w = _region(_param(self.root, target.weight_key), target.rows)
+        w = target.region(_param(self.root, target.weight_key))
         if first and (w0.device != w.device or w.dtype != torch.float32):
             w0 = w.detach()  # still W₀: read it where it is (its sum goes through the scratch buffer)
         else:
@@ -136,7 +132,7 @@ class MergedPatcher:
             self.stats.bytes_written += w.numel() * w.element_size()
         if db is not None and target.bias_key is not None:
             try:
-                b = _region(_param(self.root, target.bias_key), target.rows)
+                b = target.region(_param(self.root, target.bias_key))
             except (KeyError, AttributeError):
                 b = None
             if b is not None:
@@ -149,9 +145,9 @@ class MergedPatcher:
     def _put_back(self, slot: str) -> None:
         """Copy a slot's originals into the model (the backup is kept)."""
         w0, b0, target = self.backups[slot]
-        _region(_param(self.root, target.weight_key), target.rows).copy_(w0)
+        target.region(_param(self.root, target.weight_key)).copy_(w0)
         if b0 is not None:
-            _region(_param(self.root, target.bias_key), target.rows).copy_(b0)
+            target.region(_param(self.root, target.bias_key)).copy_(b0)
 
     def _previous(self, slot: str, old: PatchPlan) -> None:
         """Give a slot the value ``old`` gave it: cast(W₀ + Σ_old), recomputed bit for bit from the
@@ -169,7 +165,8 @@ class MergedPatcher:
         keeps its previous value (noted in the LoRAs' reports); the others are applied."""
         self.stats = PatchStats()
         old = self.plan
-        changed = sorted(changed_slots(old, new_plan))
+        # restores first: a slot written next may cover the same rows of a fused weight and back them up
+        changed = sorted(changed_slots(old, new_plan), key=lambda s: (s in new_plan.contributions, s))
         self._scratch_size = max((int(torch.Size(new_plan.targets[s].shape).numel()) for s in changed
                                   if s in new_plan.contributions), default=0)
         touched: list[str] = []

@@ -27,6 +27,7 @@ from .device_factors import DeviceFactors, plan_adapters
 from .lowrank_side import FusedLowRank
 from .merged import _param
 from .plan import Contribution, PatchPlan, changed_slots, failure_line, keeping, refuse
+from .rows import place_rows
 
 
 def _as_factor(f, out: torch.Tensor) -> torch.Tensor | float:
@@ -228,6 +229,16 @@ def hook_path(root: torch.nn.Module, weight_key: str) -> str:
     return path
 
 
+def _terms(module: torch.nn.Module, target, contribs) -> list[_Term]:
+    """A row slice of a fused Linear/Conv weight (``to_q`` on ``qkv``) runs as a side path of the whole
+    layer: its adapter placed at its rows (a LoRA's up factor padded with zero rows)."""
+    if target.rows is None or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        return [_Term(c, target) for c in contribs]
+    height = module.weight.shape[0]
+    whole = replace(target, rows=None, shape=tuple(module.weight.shape))
+    return [_Term(replace(c, adapter=place_rows(c.adapter, target.rows, height)), whole) for c in contribs]
+
+
 class OnTheFlyPatcher:
     def __init__(self, root: torch.nn.Module, device_factors: bool = True):
         self.root = root
@@ -295,7 +306,7 @@ class OnTheFlyPatcher:
                 if contribs:
                     if hook is None:
                         hook = self.hooks[path] = _ModuleHook(self, path, self.root.get_submodule(path))
-                    terms = [_Term(c, target) for c in contribs]
+                    terms = _terms(hook.module, target, contribs)
                     why = None
                     for term in terms:
                         current = (term.contribution,)
@@ -324,7 +335,8 @@ class OnTheFlyPatcher:
                 del self.hooks[path]
         self.plan = keeping(old, new_plan, refused)
         if len(self.adapters_on_device):
-            self.adapters_on_device.retain(plan_adapters(self.plan))
+            placed = [t.contribution.adapter for h in self.hooks.values() for ts in h.terms.values() for t in ts]
+            self.adapters_on_device.retain(plan_adapters(self.plan) + placed)
         return len(changed)
 
     def _roll_back(self, before: dict) -> None:

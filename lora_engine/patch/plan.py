@@ -7,10 +7,13 @@ stacks touches only what changed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from ..adapters.base import Adapter
 from ..formats import LoraFile
+from ..keymap.target import TargetMap
+from .rows import place_rows, take_rows
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Contribution:
     lora_id: str
     module_name: str
     strength: float
-    adapter: object = field(compare=False, hash=False)
+    adapter: Adapter = field(compare=False, hash=False)
 
     @property
     def signature(self) -> tuple:
@@ -98,49 +101,54 @@ def _truncate(adapter, dyn: int | None):
     return adapter
 
 
-def misfit(adapter, shape: tuple[int, ...]) -> str | None:
-    """Why this adapter cannot apply to a weight of ``shape`` (from tensor shapes only), or None."""
-    from ..adapters.dora import dora_axis
+def _targets(keymap, name: str, dotted: str | None) -> tuple:
+    find = getattr(keymap, "resolve", None)
+    if find is not None:
+        return find(name, dotted)
+    hit = keymap.lookup(name, dotted)
+    return () if hit is None else (hit,)
 
-    inner = getattr(adapter, "inner", adapter)
-    natural = getattr(inner, "natural_shape", None)
-    if natural is not None:
+
+def _split(ma, target, height: int | None):
+    """(the module's adapter for this target, why it does not fit or None). A target with
+    ``delta_rows`` takes those rows of the module's delta."""
+    if target.delta_rows is None:
+        return ma, ma.adapter.misfit(tuple(target.shape))
+    if height is not None:
         try:
-            ns = tuple(natural())
+            rows = (ma.adapter.natural_shape() or (None,))[0]
         except (RuntimeError, ValueError, IndexError):
-            return "its tensors do not chain"
-        if math.prod(ns) != math.prod(shape):
-            return f"delta {list(ns)} vs weight {list(shape)}"
-    if inner.kind == "ia3" and inner.weight.numel() not in shape[:2]:
-        return f"ia3 vector of {inner.weight.numel()} vs weight {list(shape)}"
-    if inner.kind == "oft" and not inner.is_butterfly and inner.blocks.shape[0] * inner.blocks.shape[-1] != shape[0]:
-        return f"oft blocks {list(inner.blocks.shape)} vs weight {list(shape)}"
-    if adapter is not inner:  # DoRA magnitude
-        try:
-            dora_axis(tuple(adapter.magnitude.shape), tuple(shape))
-        except ValueError as e:
-            return str(e)
-    return None
+            rows = None
+        if rows is not None and rows != height:
+            return ma, f"delta of {rows} rows, this model's layers under that name have {height} rows in all"
+    try:
+        part = take_rows(ma.adapter, target.delta_rows)
+    except ValueError as e:
+        return ma, str(e)
+    split = replace(ma, adapter=part)
+    return split, part.misfit(tuple(target.shape))
 
 
-def _has_bias_delta(adapter) -> bool:
-    inner = getattr(adapter, "inner", adapter)
-    return any(getattr(inner, f, None) is not None for f in ("up_bias", "diff_b", "b_norm"))
-
-
-def resolve(lora: LoraFile, keymap) -> tuple:
-    """Per module of a LoRA file: (name, its ``ModuleAdapter``, the keymap target or None, why the
-    adapter does not fit that target or None). Depends on the file and the model only, not on the
-    stack's weights, so an engine keeps it while the LoRA stays in the stack (``build_plan``'s
-    ``resolved``): a change of weights then skips every lookup and shape check."""
+def resolve(lora: LoraFile, keymap: TargetMap) -> tuple:
+    """Per module of a LoRA file and target it reaches: (name, its ``ModuleAdapter`` — for a target with
+    ``delta_rows``, the part of it that lands there —, the keymap target or None, why the adapter does
+    not fit that target or None). Depends on the file and the model only, not on the stack's weights,
+    so an engine keeps it while the LoRA stays in the stack (``build_plan``'s ``resolved``): a change of
+    weights then skips every lookup and shape check."""
     rows = []
     for name, ma in lora.modules.items():
-        target = keymap.lookup(name, ma.dotted)
-        rows.append((name, ma, target, None if target is None else misfit(ma.adapter, target.shape)))
+        targets = _targets(keymap, name, ma.dotted)
+        if not targets:
+            rows.append((name, ma, None, None))
+            continue
+        height = max((t.delta_rows[1] for t in targets if t.delta_rows is not None), default=None)
+        for target in targets:
+            part, why = _split(ma, target, height)
+            rows.append((name, part, target, why))
     return tuple(rows)
 
 
-def _resolved(lora: LoraFile, keymap, cache: dict | None) -> tuple:
+def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     if cache is None:
         return resolve(lora, keymap)
     hit = cache.get(id(lora))
@@ -160,7 +168,7 @@ def _strength_note(entry: StackEntry, max_strength: float) -> str | None:
     return f"strength {', '.join(odd)} is outside ±{max_strength:g} (weights may overflow)"
 
 
-def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None, force_foreign: bool = False,
+def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None = None, force_foreign: bool = False,
                max_strength: float = MAX_STRENGTH) -> PatchPlan:
     """The plan for a wanted stack. ``resolved``: a dict the caller keeps between calls, holding
     ``resolve`` of each LoRA file (pruned to the stack's files here). A LoRA whose unmatched names say
@@ -187,12 +195,12 @@ def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None, fo
             if entry.block_multiplier is not None:
                 strength *= float(entry.block_multiplier(name))
             report.touched += 1
-            if target.bias_key is None and _has_bias_delta(ma.adapter):
+            if target.bias_key is None and ma.adapter.has_bias_delta:
                 report.problems.append(f"{name}: has a bias delta but the layer has no bias (bias part skipped)")
             if strength == 0.0:
                 continue
             mine.append((target, Contribution(entry.ident, name, float(strength), _truncate(ma.adapter, entry.dyn))))
-        report.unmatched = unmatched
+        report.unmatched = unmatched = list(dict.fromkeys(unmatched))
         if unmatched:
             report.diagnosis = keymap.diagnose(unmatched)
             report.foreign = keymap.foreign_family(unmatched)
@@ -203,12 +211,46 @@ def build_plan(stack: list[StackEntry], keymap, resolved: dict | None = None, fo
             slot = slot_of(target)
             plan.targets[slot] = target
             contributions.setdefault(slot, []).append(c)
+    _merge_overlaps(plan.targets, contributions)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
     if resolved is not None:
         keep = {id(e.lora) for e in stack}
         for k in [k for k in resolved if k not in keep]:
             del resolved[k]
     return plan
+
+
+def _merge_overlaps(targets: dict, contributions: dict) -> None:
+    """Slots of one weight whose rows overlap (a fused LoRA on the whole ``qkv`` and a ``to_q`` LoRA on
+    its first rows) become one slot over the rows they span, each contribution placed at its rows, so
+    the weight gets one fp32 sum and one rounding. Disjoint row slices stay separate slots."""
+    by_key: dict[str, list[str]] = {}
+    for slot, t in targets.items():
+        by_key.setdefault(t.weight_key, []).append(slot)
+    for slots in by_key.values():
+        if len(slots) < 2:
+            continue
+        spans = sorted((targets[s].rows or (0, targets[s].shape[0]), s) for s in slots)
+        whole = next((targets[s] for s in slots if targets[s].rows is None), None)
+        overlap = whole is not None or any(b[0][0] < a[0][1] for a, b in zip(spans, spans[1:]))
+        if not overlap:
+            continue
+        if whole is not None:
+            start, stop, merged = 0, whole.shape[0], whole
+        else:
+            start, stop = min(targets[s].rows[0] for s in slots), max(targets[s].rows[1] for s in slots)
+            t0 = targets[slots[0]]
+            merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]))
+        placed = []
+        for s in slots:
+            rows = targets[s].rows or (start, stop)
+            for c in contributions.pop(s):
+                a = c.adapter if rows == (start, stop) else place_rows(c.adapter, (rows[0] - start, rows[1] - start), stop - start)
+                placed.append(replace(c, adapter=a))
+            del targets[s]
+        slot = slot_of(merged)
+        targets[slot] = merged
+        contributions[slot] = placed
 
 
 def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:

@@ -16,7 +16,7 @@ names are first rewritten to the ldm/compvis layout LBW matches on (layers_per_b
 which holds for SD1, SD2 and SDXL): ``down_blocks.i.{resnets,attentions}.j`` ->
 ``input_blocks.{3i+j+1}.{0,1}``, ``up_blocks.i.*.j`` -> ``output_blocks.{3i+j}``,
 ``mid_block`` -> ``middle_block``. Facts from hako-mikan/sd-webui-lora-block-weight
-(b403cb7) as summarised in ../shared/reference/a1111.md §7.
+(b403cb7, ``scripts/lora_block_weight.py``); tables, presets and directives in docs/tag-grammar.md.
 """
 from __future__ import annotations
 
@@ -314,17 +314,17 @@ def module_block(name: str) -> tuple[str | None, str]:
 
 
 @dataclass(frozen=True)
-class ModuleMultiplier:
-    """Callable ``name -> multiplier`` for one tag: ``(te|unet) * block ratio`` (see module doc).
+class BlockRatios:
+    """Callable ``module name -> block ratio`` of one tag: the block vector's entry for the module's
+    block (1 outside every block, or with no vector), then the last elemental directive that matches.
 
-    ``ratios`` are the 26 resolved block ratios (None = all 1); ``directives`` the elemental ones."""
+    A module's multiplier is ``(te if text-encoder module else unet) * ratio``; the te/unet part is the
+    stack entry's strength, applied by the plan (``StackEntry.te``/``.unet``), never here."""
 
-    te: float
-    unet: float
-    ratios: tuple[float, ...] | None = None
+    ratios: tuple[float, ...] | None = None  # the 26 resolved block ratios (None = all 1)
     directives: tuple[ElementDirective, ...] = ()
 
-    def ratio(self, name: str) -> float:
+    def __call__(self, name: str) -> float:
         block, key = module_block(name)
         r = 1.0
         if block is not None and self.ratios is not None:
@@ -334,16 +334,22 @@ class ModuleMultiplier:
                 r = d.ratio
         return r
 
-    def __call__(self, name: str) -> float:
-        base = self.te if name.startswith("lora_te") else self.unet
-        return base * self.ratio(name)
 
-
-def module_multiplier(tag, rng: random.Random | None = None) -> ModuleMultiplier:
-    """Build the per-module multiplier hook of a parsed tag (:class:`lora_engine.syntax.prompt.LoraTag`).
-
-    ``R``/``U`` entries are drawn once here, from ``rng``, so one generation sees one draw."""
+def block_ratios(tag, rng: random.Random | None = None) -> BlockRatios | None:
+    """The block ratios of a parsed tag (:class:`lora_engine.syntax.prompt.LoraTag`), None when it has
+    neither ``lbw=`` nor ``lbwe=``. ``R``/``U`` entries are drawn once here, from ``rng``, so one
+    generation sees one draw."""
+    if tag.lbw is None and not tag.elements:
+        return None
     ratios = None
     if tag.lbw is not None:
         ratios = tag.lbw.resolve(1.0 if tag.x is None else tag.x, rng)
-    return ModuleMultiplier(tag.te, tag.unet, ratios, tuple(tag.elements))
+    return BlockRatios(ratios, tuple(tag.elements))
+
+
+def lbw_ratios(text: str | None) -> BlockRatios | None:
+    """Block ratios from a bare block-weight string (a vector ``"1,0,0,…"`` or a preset name, as a
+    node's text input gives it); None when empty. :class:`ValueError` with the reason when malformed."""
+    if not text or not text.strip():
+        return None
+    return BlockRatios(resolve_lbw(text.strip()).resolve(1.0))

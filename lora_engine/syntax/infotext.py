@@ -1,5 +1,6 @@
 """Infotext helpers: write ``Lora hashes`` as A1111 1.10 does, and map pasted prompts back
-to local files by hash (../shared/reference/a1111.md §1.7).
+to local files by hash (A1111 ``extensions-builtin/Lora``: ``lora_script.py`` ``infotext_pasted``; the host
+side is in docs/hosts.md).
 
 Writing: each mentioned name loses ``:`` and ``,``; later mentions of a name replace the
 hash of earlier ones but keep their place; pairs are joined with ``", "`` and, because the

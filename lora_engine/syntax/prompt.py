@@ -1,7 +1,7 @@
 """Parse ``<lora:…>`` / ``<lyco:…>`` tags out of a prompt. Never raises.
 
-Grammar (A1111 1.10 ``modules/extra_networks.py`` + ``extra_networks_lora.py``, facts in
-../shared/reference/a1111.md §1.1-1.2, §7.1):
+Grammar (A1111 1.10 ``modules/extra_networks.py`` + ``extra_networks_lora.py``, and the arguments of
+sd-webui-lora-block-weight; every rule and corner case in docs/tag-grammar.md):
 
 - a tag is ``<TYPE:ARGS>``; ARGS are split on every ``:``; an item that splits on ``=``
   into exactly two parts is named, the others are positional;
@@ -55,6 +55,44 @@ class StepPoint:
 
 
 @dataclass(frozen=True)
+class StepWindow:
+    """When a LoRA applies during sampling (``start=``/``stop=``; None = from the first / to the last step).
+
+    Steps follow lora-block-weight: on from 1-based step ``start``, off from 1-based step ``stop``;
+    1-based step N is 0-based index N−1, and a fraction f of T steps is step ``max(1, round(f·T))``.
+    As a fraction of the schedule (ComfyUI's hook keyframes), step N of T starts at (N−1)/T.
+    The A1111 extension, the ComfyUI nodes and the parser all use this one type."""
+
+    start: StepPoint | None = None
+    stop: StepPoint | None = None
+
+    @property
+    def always(self) -> bool:
+        return self.start is None and self.stop is None
+
+    def active_at(self, step_index: int, total_steps: int) -> bool:
+        """Whether the LoRA applies at 0-based ``step_index`` of ``total_steps``."""
+        if self.start is not None and step_index < self.start.step(total_steps) - 1:
+            return False
+        if self.stop is not None and step_index >= self.stop.step(total_steps) - 1:
+            return False
+        return True
+
+    def fractions(self, total_steps: int) -> tuple[float | None, float | None]:
+        """``(start, stop)`` as fractions of the run, (N−1)/T for step N. With ``total_steps`` 0 (unknown)
+        a fraction is kept as given and a whole step number raises ``ValueError``."""
+        def frac(point: StepPoint | None) -> float | None:
+            if point is None:
+                return None
+            if total_steps > 0:
+                return (point.step(total_steps) - 1) / total_steps
+            if point.is_fraction:
+                return point.value
+            raise ValueError(f"step number {point.text()} needs the number of steps (it is 0)")
+        return frac(self.start), frac(self.stop)
+
+
+@dataclass(frozen=True)
 class LoraTag:
     """One parsed reference. ``raw`` is the tag as written and ``span`` its place in the prompt."""
 
@@ -73,32 +111,22 @@ class LoraTag:
     span: tuple[int, int] = field(default=(0, 0), compare=False)
     extra: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def window(self) -> StepWindow:
+        """The tag's ``start=``/``stop=`` as a :class:`StepWindow`."""
+        return StepWindow(self.start, self.stop)
+
     def active_at(self, step_index: int, total_steps: int) -> bool:
-        """Whether the tag applies at 0-based ``step_index``: on from step ``start`` and off
-        from step ``stop`` (1-based step N is index N-1, as LBW's callback)."""
-        if self.start is not None and step_index < self.start.step(total_steps) - 1:
-            return False
-        if self.stop is not None and step_index >= self.stop.step(total_steps) - 1:
-            return False
-        return True
+        return self.window.active_at(step_index, total_steps)
 
     def to_text(self) -> str:
         """A tag that parses back to this one (A1111-readable when only name/te/unet/dyn are set)."""
         parts = [self.name, repr(self.te)]
         if self.unet != self.te:
             parts.append(repr(self.unet))
-        if self.dyn is not None:
-            parts.append(f"dyn={self.dyn}")
-        if self.lbw is not None:
-            parts.append(f"lbw={self.lbw.source}")
-        if self.lbwe is not None:
-            parts.append(f"lbwe={self.lbwe}")
-        if self.x is not None:
-            parts.append(f"x={self.x!r}")
-        if self.start is not None:
-            parts.append(f"start={self.start.text()}")
-        if self.stop is not None:
-            parts.append(f"stop={self.stop.text()}")
+        named = (("dyn", self.dyn, str), ("lbw", self.lbw, lambda v: v.source), ("lbwe", self.lbwe, str),
+                 ("x", self.x, repr), ("start", self.start, StepPoint.text), ("stop", self.stop, StepPoint.text))
+        parts.extend(f"{key}={text(value)}" for key, value, text in named if value is not None)
         parts.extend(f"{k}={v}" for k, v in self.extra)
         return f"<{self.kind}:{':'.join(parts)}>"
 

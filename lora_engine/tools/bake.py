@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ToolError
+from ..errors import OutputExistsError, ToolError
 from ..finite import nonfinite
 from ..formats import load_lora
 from ..formats.safetensors_writer import Entry, StreamWriter, atomic_dir, atomic_file
@@ -53,7 +53,7 @@ def _bias_slot(plan: PatchPlan, slot: str, ckpt: Checkpoint) -> bool:
     """Whether the slot's bias is rewritten: it exists and some contribution carries a Δb."""
     target = plan.targets[slot]
     return bool(target.bias_key and target.bias_key in ckpt
-                and any(_has_bias(c.adapter) for c in plan.contributions[slot]))
+                and any(c.adapter.has_bias_delta for c in plan.contributions[slot]))
 
 
 class _Deltas:
@@ -68,7 +68,7 @@ class _Deltas:
         if slot not in self.memo:
             target = self.plan.targets[slot]
             if weight_region is None:
-                weight_region = _region(self.ckpt.read(target.weight_key), target.rows)
+                weight_region = target.region(self.ckpt.read(target.weight_key))
             w0 = weight_region.to(self.device, torch.float32)
             fresh = w0.data_ptr() != weight_region.data_ptr()
             # the new weight W₀ + ΔW exactly as the merged patcher computes it (same GEMM, same bits)
@@ -81,20 +81,6 @@ class _Deltas:
         if not entry[2]:
             del self.memo[slot]
         return entry[0] if role == "weight" else entry[1]
-
-
-def _region(t: torch.Tensor, rows):
-    return t if rows is None else t[rows[0]:rows[1]]
-
-
-BIAS_FIELDS = ("up_bias", "diff_b", "b_norm")  # the adapter fields that make a Δb
-
-
-def _has_bias(adapter) -> bool:
-    if any(getattr(adapter, f, None) is not None for f in BIAS_FIELDS):
-        return True
-    inner = getattr(adapter, "inner", None)
-    return inner is not None and _has_bias(inner)
 
 
 def _tasks(plan: PatchPlan, ckpt: Checkpoint) -> dict[str, list[tuple[str, str]]]:
@@ -111,7 +97,7 @@ def _baked(ckpt: Checkpoint, key: str, jobs, deltas: _Deltas, warnings: list[str
     t = ckpt.read(key)
     for slot, role in jobs:
         target = deltas.plan.targets[slot]
-        region = _region(t, target.rows)
+        region = target.region(t)
         d = deltas.get(slot, role, region if role == "weight" else None)  # read before this region is written
         if d is None:
             continue
@@ -227,5 +213,5 @@ def bake(src: str | os.PathLike, loras: list[BakeLora], out: str | os.PathLike, 
     if os.path.isdir(src):
         return bake_diffusers(src, loras, out, overwrite, progress, cancel, device, force)
     if os.path.exists(out) and not overwrite:
-        raise ToolError(f"{out}: exists (pass --overwrite to replace it)")
+        raise OutputExistsError(out)
     return bake_single(src, loras, out, progress, cancel, device, force)

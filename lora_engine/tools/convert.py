@@ -24,8 +24,9 @@ import torch
 from ..errors import ToolError
 from ..formats import LoraFile, load_lora, read_tensors
 from ..formats.keys import SUFFIX_ROLES, parse_key, te_prefix_for
-from ..formats.peft_folder import PeftAlpha, diffusers_metadata_configs
+from ..formats.peft_folder import PeftAlpha, component_folders, component_name, diffusers_metadata_configs
 from ..formats.writer import LoraTensors, write_diffusers, write_kohya, write_peft_folder
+from .naming import titled
 from .progress import Ticker
 
 COMPONENT_OF = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
@@ -140,24 +141,7 @@ def _raw_by_module(raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
 
 def _sources(src: str) -> list[tuple[LoraFile, str]]:
     """[(file, component)] -- one file, or each component sub-folder of a multi-component PEFT folder."""
-    from ..formats.peft_folder import is_peft_folder
-
-    if os.path.isdir(src) and not is_peft_folder(src):
-        subs = [c for _, c in COMPONENT_OF[:3] if is_peft_folder(os.path.join(src, c))]
-        if subs:
-            return [(load_lora(os.path.join(src, c)), c) for c in subs]
-    return [(load_lora(src), "")]
-
-
-def _renamer(component: str, sdxl: bool):
-    """Canonical names of a component sub-folder's file → names in the combined LoRA."""
-    want = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}.get(component)
-
-    def rename(name: str) -> str:
-        if want and name.startswith(("lora_te_", "lora_te1_")):
-            return want + name.split("_", 2)[2]
-        return name
-    return rename
+    return [(load_lora(sub), c) for sub, c in component_folders(src)] or [(load_lora(src), "")]
 
 
 @dataclass
@@ -174,12 +158,11 @@ def _collect(src: str) -> _Collected:
     sdxl = any(c == "text_encoder_2" for _, c in sources)
     got = _Collected()
     for lf, comp in sources:
-        rename = _renamer(comp, sdxl)
         modules, others = lora_modules(lf)
         for name, m in modules.items():
-            got.modules[rename(name)] = m
+            got.modules[component_name(name, comp, sdxl)] = m
             if lf.modules[name].dotted is not None:
-                got.dotted[rename(name)] = lf.modules[name].dotted
+                got.dotted[component_name(name, comp, sdxl)] = lf.modules[name].dotted
         got.others += [(lf, name, lf.modules[name].kind) for name in others]
         if others and not lf.peft_config:
             raw = _raw_by_module(read_tensors(lf.path)[0])
@@ -234,7 +217,7 @@ def _to_kohya(got: _Collected, out: str) -> ConvertResult:
         raise ToolError(f"{lf.path}: PEFT {kind} modules (e.g. {name}) are not converted, only LoRA")
     tensors = kohya_state_dict(got.modules) | got.passthrough
     meta = (network_metadata(got.modules) if got.modules else {}) | got.metadata
-    write_kohya(out, tensors, meta)
+    write_kohya(out, tensors, titled(meta, out))
     return ConvertResult(out, len(got.modules) + len(got.others), kept_as_is=len(got.others))
 
 
@@ -249,12 +232,12 @@ def _to_peft(got: _Collected, out: str, to: str, reference, overwrite: bool) -> 
         comp, dotted = paths[name]
         comps.setdefault(comp, {})[dotted] = m
     if to == "diffusers":
-        write_diffusers(out, comps)
+        write_diffusers(out, comps, got.metadata)
     elif len(comps) == 1:
-        write_peft_folder(out, next(iter(comps.values())), overwrite)
+        write_peft_folder(out, next(iter(comps.values())), overwrite, got.metadata)
     else:
         from ..formats.safetensors_writer import atomic_dir
         with atomic_dir(out, overwrite) as tmp:
             for comp, mods in comps.items():
-                write_peft_folder(os.path.join(tmp, comp), mods)
+                write_peft_folder(os.path.join(tmp, comp), mods, metadata=got.metadata)
     return ConvertResult(out, len(got.modules))

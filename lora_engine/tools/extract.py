@@ -14,16 +14,17 @@ in a LoRA and are counted in the warnings.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..adapters.base import COMPUTE
 from ..errors import ToolError
-from ..formats.writer import LoraTensors, write_kohya
+from ..formats.writer import BuiltLora, LoraTensors, write_kohya
 from ..keymap import build_keymap
 from ..formats.checkpoint import open_checkpoint
 from .lowrank import factor
+from .naming import titled
 from .progress import Ticker
 
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed_", "label_emb", "out_")
@@ -35,14 +36,6 @@ class ExtractReport:
     rank: int
     retained_fro: float
     max_abs_diff: float
-
-
-@dataclass
-class ExtractResult:
-    modules: dict[str, LoraTensors]
-    reports: list[ExtractReport] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _is_sgm(name: str) -> bool:
@@ -66,10 +59,6 @@ def kohya_names(keymap, unet_naming: str = "auto") -> dict:
     return chosen
 
 
-def _region(t: torch.Tensor, rows):
-    return t if rows is None else t[rows[0]:rows[1]]
-
-
 def _check_same(base, tuned) -> None:
     a, b = base.shapes(), tuned.shapes()
     diff = [k for k in a if k in b and a[k] != b[k]]
@@ -79,14 +68,14 @@ def _check_same(base, tuned) -> None:
 
 def extract_lora(base_path: str, tuned_path: str, rank: int, conv_rank: int | None = None, method: str = "fixed",
                  param: float | None = None, min_diff: float = 0.0, dtype: torch.dtype | None = None,
-                 unet_naming: str = "auto", device=None, progress=None, cancel=None) -> ExtractResult:
+                 unet_naming: str = "auto", device=None, progress=None, cancel=None) -> BuiltLora:
     base, tuned = open_checkpoint(base_path), open_checkpoint(tuned_path)
     _check_same(base, tuned)
     keymap = build_keymap(base.shapes())
     names = kohya_names(keymap, unet_naming)
     if not names:
         raise ToolError(f"{base_path}: no UNet or text encoder found in its keys")
-    result = ExtractResult({})
+    result = BuiltLora({})
     ticker = Ticker(len(names), progress, cancel)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for target, name in names.items():
@@ -96,7 +85,7 @@ def extract_lora(base_path: str, tuned_path: str, rank: int, conv_rank: int | No
             ticker.tick(name)
             continue
         w0, w1 = _pair(base, tuned, target.weight_key, cache)
-        delta = _region(w1, target.rows).to(COMPUTE) - _region(w0, target.rows).to(COMPUTE)
+        delta = target.region(w1).to(COMPUTE) - target.region(w0).to(COMPUTE)
         biggest = float(delta.abs().max()) if delta.numel() else 0.0
         if biggest > min_diff:
             k4 = len(target.shape) == 4 and target.shape[2] * target.shape[3] > 1
@@ -122,7 +111,7 @@ def _pair(base, tuned, key: str, cache: dict) -> tuple[torch.Tensor, torch.Tenso
     return cache[key]
 
 
-def _bias_warning(base, tuned, names: dict, result: ExtractResult) -> None:
+def _bias_warning(base, tuned, names: dict, result: BuiltLora) -> None:
     changed = 0
     for key in {t.bias_key for t in names if t.bias_key}:
         if key in tuned and not torch.equal(base.read(key), tuned.read(key)):
@@ -135,7 +124,7 @@ def _version(arch: str) -> str:
     return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(arch, "unknown")
 
 
-def extract_file(base_path: str, tuned_path: str, out: str | os.PathLike, rank: int, **kwargs) -> ExtractResult:
+def extract_file(base_path: str, tuned_path: str, out: str | os.PathLike, rank: int, **kwargs) -> BuiltLora:
     result = extract_lora(base_path, tuned_path, rank, **kwargs)
-    result.metadata = write_kohya(out, result.modules, result.metadata)
+    result.metadata = write_kohya(out, result.modules, titled(result.metadata, out))
     return result

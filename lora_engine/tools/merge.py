@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ToolError
 from ..finite import nonfinite
 from ..formats import LoraFile, load_lora
+from ..formats.writer import BuiltLora, LoraTensors, write_kohya
 from ..keymap.diagnose import LABELS
 from ..library.summary import lora_architecture
 from ..patch.plan import MAX_STRENGTH
-from ..formats.writer import LoraTensors, write_kohya
 from .lowrank import adapter_bias, dense_delta, factor, factor_product, locon_factors
-from .naming import unify_te_names
+from .naming import titled, unify_te_names
 from .progress import Ticker
 
 FAMILY_LABELS = {**LABELS, "other": "a DiT family (SD3/Flux/...)"}
@@ -47,14 +47,6 @@ class ModuleReport:
     name: str
     rank: int
     retained_fro: float | None = None  # None: exact
-
-
-@dataclass
-class MergeResult:
-    modules: dict[str, LoraTensors]
-    reports: list[ModuleReport] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _target_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -139,7 +131,7 @@ def mixed_families(inputs: list[MergeInput]) -> str | None:
 
 def merge_loras(inputs: list[MergeInput], rank: int | None = None, method: str = "fixed", param: float | None = None,
                 dtype: torch.dtype | None = None, device=None, progress=None, cancel=None, force: bool = False,
-                max_weight: float = MAX_STRENGTH) -> MergeResult:
+                max_weight: float = MAX_STRENGTH) -> BuiltLora:
     """``rank=None`` → exact (concatenated ranks); else SVD to ``rank`` (a cap for dynamic methods).
     Inputs made for different model families are refused unless ``force``; a module whose merged
     factors are not finite is left out; |weight| > ``max_weight`` is warned about."""
@@ -150,7 +142,7 @@ def merge_loras(inputs: list[MergeInput], rank: int | None = None, method: str =
         raise ToolError(f"{mixed}; nothing merged (forcing it merges them anyway)")
     dtype = dtype or _default_dtype(inputs)
     terms = _collect(inputs)
-    result = MergeResult({}, warnings=[] if mixed is None else [f"{mixed}; merged as forced"])
+    result = BuiltLora({}, warnings=[] if mixed is None else [f"{mixed}; merged as forced"])
     result.warnings += [f"{os.path.basename(i.lora.path)}: weight {i.weight:g} is outside ±{max_weight:g}"
                         for i in inputs if not math.isfinite(i.weight) or abs(i.weight) > max_weight]
     ticker = Ticker(len(terms), progress, cancel)
@@ -183,9 +175,9 @@ def _merge_metadata(inputs: list[MergeInput], rank, method, param) -> dict[str, 
     return meta
 
 
-def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs) -> MergeResult:
+def merge_files(specs: list[tuple[str, float]], out: str | os.PathLike, **kwargs) -> BuiltLora:
     """Load ``(path, weight)`` pairs, merge (see :func:`merge_loras`), write ``out`` atomically."""
     inputs = [MergeInput(load_lora(p), w) for p, w in specs]
     result = merge_loras(inputs, **kwargs)
-    result.metadata = write_kohya(out, result.modules, result.metadata)
+    result.metadata = write_kohya(out, result.modules, titled(result.metadata, out))
     return result

@@ -18,6 +18,7 @@ import torch
 from ..formats import LoraFile, load_lora
 from ..formats.writer import LoraTensors, write_kohya
 from .lowrank import dense_delta, factor, factor_product, locon_factors
+from .naming import titled
 from .progress import Ticker
 
 
@@ -78,5 +79,5 @@ def resize_lora(lf: LoraFile, rank: int, method: str = "fixed", param: float | N
 def resize_file(path: str | os.PathLike, out: str | os.PathLike, rank: int, **kwargs) -> ResizeResult:
     """Load, resize (see :func:`resize_lora`), write ``out`` atomically."""
     result = resize_lora(load_lora(path), rank, **kwargs)
-    result.metadata = write_kohya(out, result.modules, result.metadata)
+    result.metadata = write_kohya(out, result.modules, titled(result.metadata, out))
     return result

@@ -1,4 +1,4 @@
-"""In-process LoRA training on the model the host already has loaded (issue 6).
+"""In-process LoRA training on the model the host already has loaded.
 
 ``TrainHost`` (host.py) is all a host provides; ``diffusers_host`` builds one from diffusers parts.
 ``Trainer`` validates the dataset on construction, then ``run()`` trains, saves kohya files and a

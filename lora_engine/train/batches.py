@@ -50,13 +50,16 @@ class BatchMaker:
             self.latents[key] = lat
         return lat
 
-    def cache_all(self, progress=None) -> None:
-        """Encode every image (and its mirror when flip is on) once, before training."""
+    def cache_all(self, progress=None, stop=None) -> None:
+        """Encode every image (and its mirror when flip is on) once, before training; ``stop()`` True
+        ends it early (cancel)."""
         if not self.cache_latents:
             return
         flips = (False, True) if self.cfg.dataset.flip else (False,)
         n = len(self.dataset.items)
         for idx in range(n):
+            if stop is not None and stop():
+                return
             for flip in flips:
                 self.latent(idx, flip)
             if progress is not None:

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (sd-scripts' ``make_bucket_resolutions``, formats_training.md §5.2).
+"""Aspect-ratio buckets (sd-scripts' ``library/model_util.py`` ``make_bucket_resolutions``).
 
 For a target area A = R² and step s: for every width w = min, min+s, …, max the bucket
 ``(w, h)`` with ``h = min(max, ⌊A / w / s⌋ · s)`` (kept when h ≥ min), both orientations, plus

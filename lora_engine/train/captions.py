@@ -1,4 +1,4 @@
-"""Caption augmentation (sd-scripts ``process_caption`` order, formats_training.md §5.2).
+"""Caption augmentation, in the order of sd-scripts' ``library/train_util.py`` ``BaseDataset.process_caption``.
 
 1. caption dropout: with probability p (or on every n-th epoch) the caption becomes "";
 2. else split on ``,`` into tags; the first ``keep_tokens`` are fixed, the rest are shuffled

@@ -110,10 +110,11 @@ def _caption_of(path: str) -> str | None:
 
 
 def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image whose pixels decode. ``Image.verify`` is not enough: it checks a PNG's
+    chunk checksums, not its compressed data, so a file that passes it can still fail when training reads it."""
     with Image.open(path) as im:
-        size = im.size
-        im.verify()
-    return size
+        im.load()
+        return im.size
 
 
 class Dataset:

@@ -1,6 +1,6 @@
 """Trainable LoRA modules attached to a host model by forward hooks (weights and names untouched).
 
-For a target Linear / Conv2d ``W`` (kohya ``networks.lora`` math, formats_training.md §1.4-1.5)::
+For a target Linear / Conv2d ``W`` (sd-scripts ``networks/lora.py``, ``LoRAModule``)::
 
     y = W x + s · up(drop(down(x)))            s = α / r
     Linear:   down (r, i),        up (o, r)
@@ -149,7 +149,9 @@ def _kind(path: str, names: list[str], classes: dict[str, str]) -> str:
 
 def _selected(path: str, module, names: list[str], component: str, cfg: NetworkConfig,
               classes: dict[str, str]) -> int | None:
-    """Rank to use for this module, or None when it is not trained (kohya's rules, §1.3)."""
+    """Rank to use for this module, or None when it is not trained. sd-scripts' rules (``networks/lora.py``
+    ``create_modules``): Linear / 1×1 conv children of the targeted blocks get ``rank``, k×k convs of ResNet
+    and resampling blocks ``conv_rank`` (only when it is set); text encoders: attention and MLP Linears."""
     if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
         return None
     if isinstance(module, torch.nn.Conv2d) and module.groups != 1:

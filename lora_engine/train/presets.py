@@ -1,6 +1,9 @@
-"""Starting points people actually use (formats_training.md §5.8-5.9: kohya docs, kohya_ss GUI presets,
-hollowstrawberry's Colab defaults). A preset is a plain settings dict for ``build_config``; user
-settings go on top: ``build_config(PRESETS[name] | mine)``.
+"""Starting points people actually use: the defaults of hollowstrawberry/kohya-colab (``Lora_Trainer.ipynb``,
+``Lora_Trainer_XL.ipynb``): SD1.5 rank 16 / α 8, UNet LR 5e-4, TE LR 1e-4, batch 3; SDXL rank 8 / α 4,
+3e-4 / 6e-5, batch 4; styles add LoCon convs 8/1 (SD1.5) or use rank 16 / α 8 with convs 16/8 (SDXL);
+cosine with 3 restarts; shuffled captions keeping the first tag; min-SNR γ 5 (SD1.5) / 8 (SDXL). These sit
+within the ranges of sd-scripts' docs and bmaltais/kohya_ss's ``presets/lora/*.json``. A preset is a plain
+settings dict for ``build_config``; user settings go on top: ``build_config(PRESETS[name] | mine)``.
 
 Character presets train the text encoder on SD1.5 (characters benefit) but not on SDXL (sd-scripts'
 SDXL docs recommend UNet-only); style presets add LoCon convs and flip augmentation.

@@ -2,7 +2,7 @@
 
 ``sshs_model_hash`` = sha256 of the tensor-data region (every byte after the header) and
 ``sshs_legacy_hash`` = first 8 hex of sha256 of bytes [0x100000, 0x110000), both of the
-serialisation with only the ``ss_*`` metadata (sd-scripts; formats_training.md §1.8). The data
+serialisation with only the ``ss_*`` metadata (sd-scripts ``precalculate_safetensors_hashes``). The data
 region does not depend on the metadata, so the values equal ``lora_engine.library.hashes.hash_file``'s
 ``addnet`` / ``legacy`` for the written file.
 """

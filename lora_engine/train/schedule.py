@@ -1,4 +1,5 @@
-"""Learning-rate schedules and the diffusion loss (formats_training.md §5.4-5.5).
+"""Learning-rate schedules and the diffusion loss (sd-scripts ``train_network.py``: ``--lr_scheduler``,
+``--noise_offset``, ``--min_snr_gamma``, ``--v_parameterization``).
 
 LR factor at optimizer step n (0-based) with warm-up w and total N (diffusers' definitions):
     warm-up (n < w):          n / w

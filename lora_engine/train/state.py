@@ -80,10 +80,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def save_state(path: str, network: torch.nn.Module, optimizer, info: dict, scaler=None) -> None:
+def save_state(path: str, network: torch.nn.Module, optimizer, info: dict, scaler=None, rng: dict | None = None) -> None:
+    """``rng``: the RNG states to store (default: the current ones)."""
     tensors: dict[str, torch.Tensor] = {f"net/{k}": v.detach().cpu().contiguous()
                                         for k, v in network.state_dict().items()}
-    tree = {"version": VERSION, "info": info, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+    tree = {"version": VERSION, "info": info, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(),
             "scaler": scaler.state_dict() if scaler is not None else None}
     header = json.dumps(_encode(tree, tensors, "s/"))
     atomic_write(path, save(tensors, metadata={KEY: header}))

@@ -7,6 +7,15 @@ One optimiser step consumes ``grad_accum`` batches of the stream (``dataset``); 
 noise are those of ``schedule``. The host's weights are frozen and never written: LoRAs ride on
 forward hooks that are removed at the end, ``requires_grad`` flags are restored, and LoRAs the
 user had applied through a ``LoraEngine`` are taken off first and put back after.
+
+NaN/Inf guard: a step whose loss or gradients are not finite is skipped (weights unchanged); after
+``max_bad_steps`` of them in a row training stops. Whenever the run ends on skipped steps (stopped,
+cancelled or finished) the weights go back to the last ones whose following step was finite
+(:class:`~lora_engine.train.last_good.LastGood`) and those are saved, never the weights the NaN steps
+started from. Periodic saves wait for that proof too: a save due after step k is written at the start
+of the next finite step, before its update (with the RNG state of that moment, so resuming is exact).
+So nothing but the final weights of a run is ever saved unproven, a save never writes NaN/Inf (e.g. fp32
+weights beyond fp16's range), and a good earlier save is never replaced by a worse state.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from ..keymap import build_keymap
 from .batches import BatchMaker, seed_of
 from .config import TrainConfig
 from .dataset import Dataset
+from .last_good import LastGood
 from .network import TrainNetwork
 from .optim import make_optimizer
 from .save import DTYPES, save_lora, training_metadata
@@ -87,8 +97,12 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, cfg.optimizer_args)
         self.scaler = self._scaler()
+        self.last_good = LastGood(self.network.parameters(), self.optimizer, self.scaler)
         self.batches = BatchMaker(host, self.dataset, cfg, cache_text=cfg.cache_text and not self.te_trained)
         self.step, self.losses, self.skipped, self.bad_streak = 0, [], 0, 0
+        self.start_step = 0  # where this run began (a resumed run: the saved step)
+        self.saved_step: int | None = None  # step of the last write of cfg.output in this run
+        self._save_due = False  # a periodic save waiting for the next finite step
         self.samples: list[tuple[int, list]] = []
         self._cancel = threading.Event()
         self.session_id, self.started_at = uuid.uuid4().hex, time.time()
@@ -160,13 +174,15 @@ class Trainer:
         params = [p for p in self.network.parameters() if p.grad is not None]
         if self.cfg.max_grad_norm:
             return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]  # (torch>=2.1; get_total_norm is 2.6+)
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _train_step(self) -> float:
         cfg = self.cfg
         f = lr_factor(cfg.scheduler, self.step, self.total_steps, cfg.warmup_steps, cfg.num_cycles)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * f
+        rng = rng_state() if self._save_due else None  # the resume state of a save made in this step
         total = 0.0
         for micro in range(cfg.grad_accum):
             loss = self._loss(self.step * cfg.grad_accum + micro) / cfg.grad_accum
@@ -178,6 +194,10 @@ class Trainer:
         if not math.isfinite(total) or (self.scaler is None and not math.isfinite(norm)):
             return self._bad_step(total)
         self.bad_streak = 0
+        self.last_good.keep(self.step, self.skipped)  # the weights this finite step started from
+        if self._save_due:  # those weights are proven now: the periodic save waited for this
+            self._save_due = False
+            self.save(intermediate=True, rng=rng)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -191,15 +211,16 @@ class Trainer:
         self.skipped += 1
         self.bad_streak += 1
         self._log(f"step {self.step + 1}: loss or gradients are NaN/Inf; step skipped, weights unchanged")
-        if self.bad_streak >= self.cfg.max_bad_steps:
-            raise TrainingError(f"{self.bad_streak} steps in a row gave NaN/Inf (last loss {total}); stopped at step "
-                                f"{self.step}. Lower the learning rate, disable fp16, or check the base model")
         return float("nan")
 
     # ---- the loop --------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop after the current step; the last save (LoRA and state) is written before returning."""
+        """Stop after the current step (or the image being cached); the LoRA and state are saved then."""
         self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
 
     @property
     def epoch(self) -> int:
@@ -210,7 +231,10 @@ class Trainer:
             if resume:
                 self._resume(resume)
             self._log("caching latents" if self.cfg.cache_latents else "latents encoded per step")
-            self.batches.cache_all()
+            self.batches.cache_all(stop=self._cancel.is_set)
+            if self._cancel.is_set():
+                self._log(f"cancelled at step {self.step}, while caching latents")
+                return self._finish(cancelled=True)
             if self.step == 0 and self.report.seconds_per_step is None:
                 self.report.seconds_per_step = self._calibrate()
             for line in self.report.lines():
@@ -218,22 +242,49 @@ class Trainer:
             return self._loop()
 
     def _loop(self) -> TrainResult:
-        t0, start_step = time.perf_counter(), self.step
+        t0 = time.perf_counter()
+        self.start_step = self.step
         while self.step < self.total_steps:
             if self._cancel.is_set():
                 self._log(f"cancelled at step {self.step}")
                 return self._finish(cancelled=True)
             epoch_before = self.epoch
-            try:
-                loss = self._train_step()
-            except TrainingError:
-                if self.step > 0:
-                    self.save()  # bad steps never touched the weights: the last save is the last good state
-                raise
+            loss = self._train_step()
             self.step += 1
             self.losses.append(loss)
-            self._after_step(epoch_before, t0, start_step)
+            if self.bad_streak >= self.cfg.max_bad_steps:
+                self._stop_diverged(loss)
+            self._after_step(epoch_before, t0, self.start_step)
         return self._finish(cancelled=False)
+
+    def _stop_diverged(self, loss: float) -> None:
+        first, last = self.step - self.bad_streak + 1, self.step
+        if self._roll_back_and_save() is not None:
+            what = f"saved {self.cfg.output} with the weights after step {self.step}, the last whose next step was finite"
+        else:
+            what = f"nothing saved: {self._unsaved_reason()}; {self.cfg.output} left as it was"
+        raise TrainingError(f"steps {first}-{last} gave NaN/Inf (last loss {loss}); stopped after step {last}; "
+                            f"{what}. Lower the learning rate, disable fp16, or check the base model")
+
+    def _unsaved_reason(self) -> str:
+        if self.last_good.step is None:
+            return "no step of this run was finite"
+        if self.start_step == 0:
+            return "the last good weights are the untrained ones"
+        return f"the last good weights are the ones resumed from step {self.start_step}"
+
+    def _roll_back_and_save(self) -> dict | None:
+        """After skipped steps: back to the last good state, written when it is newer than the state this
+        run started from and than this run's last save. Returns the metadata written, or None."""
+        if self.last_good.step is None:
+            return None
+        self.last_good.restore()
+        self.step, self.skipped, self.bad_streak = self.last_good.step, self.last_good.skipped, 0
+        del self.losses[self.step:]
+        self._log(f"rolled back to the weights after step {self.step} (the last whose next step was finite)")
+        if self.step > max(self.start_step, -1 if self.saved_step is None else self.saved_step):
+            return self.save(final=True)
+        return None
 
     def _after_step(self, epoch_before: int, t0: float, start_step: int) -> None:
         cfg = self.cfg
@@ -247,7 +298,7 @@ class Trainer:
         by_steps = cfg.save_every_steps and self.step % cfg.save_every_steps == 0
         by_epochs = cfg.save_every_epochs and self.epoch > epoch_before and self.epoch % cfg.save_every_epochs == 0
         if (by_steps or by_epochs) and self.step < self.total_steps:
-            self.save(intermediate=True)
+            self._save_due = True
         if cfg.sample_every_steps and self.host.sample and self.step % cfg.sample_every_steps == 0:
             self._sample()
 
@@ -272,13 +323,24 @@ class Trainer:
             set_rng_state(rng)
 
     # ---- saving and resuming -----------------------------------------------------------------------
-    def save(self, intermediate: bool = False) -> dict:
+    def save(self, intermediate: bool = False, final: bool = False, rng: dict | None = None) -> dict | None:
+        """Write the LoRA (and the resume state); returns its metadata. Weights that are not finite in
+        ``save_precision`` are never written: None (logged), or a :class:`TrainingError` when ``final``."""
         cfg = self.cfg
+        tensors = self.network.kohya_state_dict(DTYPES[cfg.save_precision])
+        bad = next((k for k, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            why = (f"{cfg.output} not saved at step {self.step}: {bad} is NaN/Inf in {cfg.save_precision} "
+                   f"(largest fp32 weight {self._largest_weight():.3g})")
+            if final:
+                raise TrainingError(f"{why}; lower the learning rate or use save_precision = fp32")
+            self._log(why)
+            return None
         meta = training_metadata(cfg, self.network, self.dataset, self.host, self.step, self.total_steps,
                                  self.step * cfg.grad_accum / self.dataset.batches_per_epoch, self.started_at,
                                  self.session_id)
-        tensors = self.network.kohya_state_dict(DTYPES[cfg.save_precision])
         written = save_lora(cfg.output, tensors, meta)
+        self.saved_step = self.step
         if intermediate and cfg.keep_intermediate:
             stem, ext = os.path.splitext(cfg.output)
             save_lora(f"{stem}-step{self.step:06d}{ext}", tensors, meta)
@@ -286,7 +348,7 @@ class Trainer:
             info = {"step": self.step, "losses": self.losses, "skipped": self.skipped, "bad_streak": self.bad_streak,
                     "session_id": self.session_id, "started_at": self.started_at, "config": cfg.to_json(),
                     "items": [it.path for it in self.dataset.items]}
-            save_state(self.state_path, self.network, self.optimizer, info, self.scaler)
+            save_state(self.state_path, self.network, self.optimizer, info, self.scaler, rng)
         self._log(f"saved {cfg.output} at step {self.step}")
         return written
 
@@ -302,7 +364,13 @@ class Trainer:
         self.bad_streak, self.session_id, self.started_at = info["bad_streak"], info["session_id"], info["started_at"]
         self._log(f"resumed from {path} at step {self.step}")
 
+    def _largest_weight(self) -> float:
+        return max((float(p.detach().abs().max()) for p in self.network.parameters() if p.numel()), default=0.0)
+
     def _finish(self, cancelled: bool) -> TrainResult:
-        meta = self.save() if self.step > 0 else {}
-        state = self.state_path if (self.cfg.save_state and self.step > 0) else None
-        return TrainResult(self.cfg.output, self.step, list(self.losses), cancelled, state, meta)
+        if self.bad_streak:  # the current weights' next step was NaN/Inf: the last good ones instead
+            meta = self._roll_back_and_save()
+        else:
+            meta = self.save(final=True) if self.step > 0 else None
+        state = self.state_path if (self.cfg.save_state and self.saved_step is not None) else None
+        return TrainResult(self.cfg.output, self.step, list(self.losses), cancelled, state, meta or {})

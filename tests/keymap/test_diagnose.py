@@ -40,7 +40,7 @@ def test_sd2_text_encoder_on_sd1(tiny_models):
 
 def test_flux_on_sdxl(tiny_models):
     km = _keymap(tiny_models["sdxl"])
-    assert km.diagnose(["lora_unet_double_blocks_0_img_attn_qkv"]).startswith("Flux LoRA on an SDXL model")
+    assert km.diagnose(["lora_unet_double_blocks_0_img_attn_qkv"]).startswith("Flux.1 LoRA on an SDXL model")
 
 
 def test_openclip_native_te_names_on_clip_l(tiny_models):

@@ -1,6 +1,7 @@
 """The real SD1.5 / SD2.x / SDXL-base module trees (built on the meta device: no storage): every layer
 maps under every name in every host naming, the ldm view matches diffusers' converter, and the
-kohya default target counts are the ones sd-scripts gets (formats_training.md §1.2)."""
+kohya default target counts are the ones sd-scripts' ``create_modules`` gets (UNet 192 / 192 / 722 and text
+encoders 72 / 138 / 72 + 192 modules for SD1 / SD2 / SDXL)."""
 from __future__ import annotations
 
 import pytest

@@ -43,7 +43,7 @@ def test_addnet_ignores_metadata_but_sha256_does_not(tmp_path):
 
 def test_kohya_sshs_model_hash_is_the_addnet_hash(tmp_path):
     """sd-scripts re-serialises the state dict with only ss_* metadata and hashes the bytes after
-    the header (formats_training.md §1.8); done here with safetensors' own serialiser."""
+    the header (``train_util.precalculate_safetensors_hashes``); done here with safetensors' own serialiser."""
     torch.manual_seed(0)
     sd = {"lora_unet_x.lora_down.weight": torch.randn(2, 8), "lora_unet_x.lora_up.weight": torch.randn(8, 2)}
     blob = save(sd, metadata={"ss_network_dim": "2"})
@@ -91,7 +91,7 @@ def test_truncated_safetensors_is_one_clear_error(tmp_path):
 
 
 def test_bogus_empty_digest_in_metadata_is_ignored(tmp_path):
-    """ai-toolkit wrote sha256(b"") as sshs_model_hash into every file (painpoints §2.8)."""
+    """ai-toolkit wrote sha256(b"") as sshs_model_hash into every file (ostris/ai-toolkit#130)."""
     empty = hashlib.sha256(b"").hexdigest()
     h = hash_file(write_lora(tmp_path / "t.safetensors", {"sshs_model_hash": empty}))
     assert short_hash(h.addnet, {"sshs_model_hash": empty}) == h.addnet[:12] != empty[:12]

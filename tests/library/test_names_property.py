@@ -5,6 +5,9 @@ import os
 import shutil
 import tempfile
 
+from tests.optional import require
+
+require("hypothesis")
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 

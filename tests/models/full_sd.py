@@ -46,6 +46,23 @@ def build_full(arch: str, device: str | torch.device = "meta", dtype: torch.dtyp
         for i, cfg in enumerate(TEXT_ENCODERS[arch]):
             cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
             tes.append(cls(CLIPTextConfig(**cfg)).eval())
+    if torch.device(device).type != "meta":
+        for i, part in enumerate([unet, *tes]):
+            randomize_norms(part, seed=100 + i)
     if dtype != torch.float32:
         unet, tes = unet.to(dtype), [te.to(dtype) for te in tes]
     return TinySD(arch, unet, tes)
+
+
+def randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    """Give every LayerNorm/GroupNorm a seeded weight 1 + 0.1·N(0,1) and bias 0.1·N(0,1), as a trained model
+    has, instead of the libraries' init (weight 1, bias 0). With the init, CLIP's ``final_layer_norm``
+    output has a mean of exactly 0 over each token's features, and A1111's emphasis step
+    (``original_mean / new_mean``) divides 0 by 0: the host itself then makes NaN for any prompt."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))

@@ -6,9 +6,8 @@ import random
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
-from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, ModuleMultiplier, module_block, module_multiplier,
+from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, BlockRatios, block_ratios, module_block,
                                 parse_directives, parse_presets, parse_vector)
 from lora_engine.syntax.prompt import parse_prompt
 from tests.models.ldm_view import ldm_unet_view
@@ -34,7 +33,7 @@ def test_vectors_fill_named_slots_and_zero_the_rest(n, named):
 
 
 def test_default_presets_match_lbw_table():
-    on = {  # blocks at 1, from the LBW README table (a1111.md §7.3)
+    on = {  # blocks at 1, from the preset table of LBW's README (its default lbwpresets.txt)
         "INS": {"BASE", "IN01", "IN02", "IN04"}, "IND": {"BASE", "IN05", "IN07", "IN08"},
         "INALL": {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"},
         "MIDD": {"BASE", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06"},
@@ -65,7 +64,7 @@ def test_random_and_inherited_values():
     assert r[BLOCK_IDS_26.index("IN08")] == pytest.approx(0.05)
     assert tag("<lora:a:lbw=R,U,X,X+0.5,X-0.25,1,1,1,1,1,1,1>").lbw.resolve(1.0, random.Random(0))[6] == 1.0  # X defaults to 1
     # the draw happens once per hook, from the given rng
-    assert module_multiplier(t, random.Random(7)).ratios == module_multiplier(t, random.Random(7)).ratios
+    assert block_ratios(t, random.Random(7)).ratios == block_ratios(t, random.Random(7)).ratios
 
 
 @pytest.mark.parametrize("name, block", [
@@ -130,6 +129,8 @@ SDXL = dict(block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "Cr
     (SDXL, {"IN04", "IN05", "IN07", "IN08", "M00"} | {f"OUT{i:02d}" for i in range(6)}),
 ])
 def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
                                 cross_attention_dim=8, attention_head_dim=2, **cfg)
@@ -150,6 +151,8 @@ def test_block_of_every_module_of_a_real_unet(cfg, attn_blocks):
 def test_ldm_names_match_the_ldm_view_of_the_same_model(cfg):
     """Element directives match ldm names; the ldm view (checked against diffusers' converter in
     tests/models) shares its leaf modules with the diffusers model, so each module has both names."""
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=4,
                                 cross_attention_dim=8, attention_head_dim=2, **cfg)
@@ -169,25 +172,29 @@ def test_ldm_names_match_the_ldm_view_of_the_same_model(cfg):
 
 
 def test_multiplier_combines_te_unet_and_blocks():
-    m = module_multiplier(tag("<lora:a:0.5:2:lbw=MIDD>"))
+    t = tag("<lora:a:0.5:2:lbw=MIDD>")
+    ratio = block_ratios(t)
+
+    def m(name):  # the plan's per-module strength: (te for text-encoder modules, else unet) x block ratio
+        return (t.te if name.startswith("lora_te") else t.unet) * ratio(name)
+
     assert m("lora_te_text_model_encoder_layers_0_mlp_fc1") == 0.5 * 1    # BASE is 1 in MIDD
     assert m("lora_unet_down_blocks_1_attentions_1_proj_in") == 2 * 1     # IN05
     assert m("lora_unet_down_blocks_1_attentions_0_proj_in") == 2 * 0     # IN04
     assert m("lora_unet_time_embedding_linear_1") == 2 * 1                 # outside every block: 1
     assert m("lora_unet_conv_in") == 0                                      # IN00 is not named by a 17-vector
-    plain = module_multiplier(tag("<lora:a:0.5:2>"))
-    assert plain("lora_unet_conv_in") == 2 and plain("lora_te1_x") == 0.5
+    assert block_ratios(tag("<lora:a:0.5:2>")) is None  # no block weights: the strengths alone
 
 
 def test_elemental_directives():
-    m = module_multiplier(tag("<lora:a:1:lbw=ALL:lbwe=ATTNDEEPOFF>"))
+    m = block_ratios(tag("<lora:a:1:lbw=ALL:lbwe=ATTNDEEPOFF>"))
     assert m("lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to_q") == 0   # IN05 attn
     assert m("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q") == 1   # IN04: outside range
     assert m("lora_unet_down_blocks_1_attentions_1_proj_in") == 1                           # not attn
     assert m("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_v") == 0     # OUT05: range end
     assert m("lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_attn2_to_v") == 1     # OUT06: after it
     assert m("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_v") == m("lora_unet_output_blocks_5_1_transformer_blocks_0_attn2_to_v")
-    p = module_multiplier(tag("<lora:a:lbwe=PROJDEEPOFF>"))
+    p = block_ratios(tag("<lora:a:lbwe=PROJDEEPOFF>"))
     assert p("lora_unet_mid_block_attentions_0_proj_out") == 0
     # resnet time_emb_proj is emb_layers in the ldm names LBW matches: "proj" does not hit it
     assert p("lora_unet_mid_block_resnets_0_time_emb_proj") == 1
@@ -197,7 +204,7 @@ def test_directive_grammar():
     d = parse_directives("NOT IN05 OUT01-OUT00:NOT attn ff:0.5")
     assert d[0].blocks_not and set(d[0].blocks) == {"IN05", "OUT00", "OUT01"} and d[0].elements_not
     assert d[0].matches("IN04", "proj_in") and not d[0].matches("IN05", "proj_in") and not d[0].matches("IN04", "attn1")
-    last = ModuleMultiplier(1.0, 1.0, None, parse_directives("::0.2,IN04::0.7"))
+    last = BlockRatios(None, parse_directives("::0.2,IN04::0.7"))
     assert last("lora_unet_input_blocks_4_1_x") == 0.7 and last("lora_unet_input_blocks_5_1_x") == 0.2
     with pytest.raises(ValueError):
         parse_directives("IN99::1")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+from tests.optional import require
+
+require("hypothesis")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,7 +58,8 @@ def test_round_trip(name, te, unet, dyn):
 
 
 def a1111_oracle(text: str):
-    """A1111 1.10's rules written out from the reference (a1111.md §1.1-1.2), for comparison."""
+    """A1111 1.10's rules (``modules/extra_networks.py`` ``parse_prompt``/``ExtraNetworkParams``,
+    ``extra_networks_lora.py`` ``activate``) written out independently, for comparison."""
     out = []
     for m in re.finditer(r"<(\w+):([^>]+)>", text):
         if m.group(1) not in ("lora", "lyco"):

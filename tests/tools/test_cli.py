@@ -2,12 +2,15 @@
 The numerics are tested in the other files here; these check wiring, output files, errors, exit codes."""
 from __future__ import annotations
 
+import os
+import stat
+
 import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine.apps.cli import main
 from lora_engine.apps.cli.bake_cmd import parse_lora
-from lora_engine.apps.cli.tool_common import split_weights
+from lora_engine.syntax.file_weights import split_weights
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from tests.models.hosts import a1111_root
@@ -64,6 +67,62 @@ def test_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.safetensors" in err and "truncated" in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def _ours(capsys) -> list[str]:
+    """Our stderr lines (lycoris-lora's logger may add "Logging error" noise about an earlier test's stream)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-engine ")]
+
+
+def test_every_writing_command_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    """One rule and one message for merge, resize, extract, convert and bake; --overwrite replaces."""
+    a = lycoris_file(tmp_path / "a.safetensors", seed=1)
+    state = {k: v.detach().clone().contiguous() for k, v in a1111_root(TinySD.build("sd1")).state_dict().items()}
+    keymap = build_keymap({k: tuple(v.shape) for k, v in state.items()})
+    t = keymap.lookup("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k")
+    save_file(state, str(tmp_path / "base.safetensors"))
+    save_file(dict(state, **{t.weight_key: state[t.weight_key] + 0.01}), str(tmp_path / "tuned.safetensors"))
+    base, tuned, x = str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), str(tmp_path / "x.safetensors")
+    commands = [  # (name, arguments, output, the file whose bytes must survive a refusal)
+        ("merge", ["merge", a, "--quiet"], str(tmp_path / "m.safetensors"), "m.safetensors"),
+        ("resize", ["resize", a, "--rank", "2", "--quiet"], str(tmp_path / "r.safetensors"), "r.safetensors"),
+        ("extract", ["extract", base, tuned, "--rank", "2", "--quiet"], x, "x.safetensors"),
+        ("convert", ["convert", a, "--to", "peft"], str(tmp_path / "peft"), "peft/adapter_model.safetensors"),
+        ("bake", ["bake", base, "--lora", x, "--quiet"], str(tmp_path / "baked.safetensors"), "baked.safetensors"),
+    ]
+    for name, argv, out, kept in commands:
+        assert main(argv + ["-o", out]) == 0, name
+        first = (tmp_path / kept).read_bytes()
+        capsys.readouterr()
+        assert main(argv + ["-o", out]) == 1, name
+        assert _ours(capsys) == [f"lora-engine {name}: {out} exists; pass --overwrite to replace it"]
+        assert (tmp_path / kept).read_bytes() == first, name  # untouched
+        assert main(argv + ["-o", out, "--overwrite"]) == 0, name
+        assert "wrote" in capsys.readouterr().out
+
+
+def test_outputs_get_ordinary_modes(tmp_path):
+    """Files and folders the tools write have the modes open()/mkdir() give (umask applied), not 0600/0700."""
+    a = lycoris_file(tmp_path / "a.safetensors", seed=1)
+    old = os.umask(0o027)
+    try:
+        assert main(["merge", a, "-o", str(tmp_path / "m.safetensors"), "--quiet"]) == 0
+        assert main(["convert", a, "-o", str(tmp_path / "p"), "--to", "peft"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "p").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(tmp_path / "p" / "adapter_model.safetensors").st_mode) == 0o640
+
+
+def test_a_weight_that_is_not_a_number_is_named(tmp_path, capsys):
+    a = lycoris_file(tmp_path / "a.safetensors", seed=1)
+    assert main(["merge", f"{a}:abc", "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert _ours(capsys) == [f"lora-engine merge: {a}:abc: weight 'abc' is not a number (FILE:WEIGHT, e.g. {a}:0.8)"]
+    assert main(["bake", a, "--lora", f"{a}:0.5:x1", "-o", str(tmp_path / "b.safetensors")]) == 1
+    assert "weight 'x1' is not a number" in capsys.readouterr().err
+    assert split_weights(f"{tmp_path / 'nope'}:abc", 1) == (f"{tmp_path / 'nope'}:abc", [])  # no file: a path
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def _kohya(path, version: str, value: float = 0.3,

@@ -1,11 +1,5 @@
-"""Training tests run tiny models; one intra-op thread is much faster than two on a shared 2-core box."""
-import pytest
-import torch
+"""Every test here imports lora_engine.train, which reads images with pillow (the train extra): without it the
+whole folder is skipped with the reason."""
+from tests.optional import require
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+require("PIL")

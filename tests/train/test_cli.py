@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -64,3 +68,72 @@ def test_presets_build_valid_configs_and_flags_win(setup, capsys):
     assert rc == 0 and "buckets: 32x32: 2" in out and "2 batches/epoch" in out  # file's resolution, flag's batch
     rc = main(["train", toml, "--preset", "nope", "--data", data, "--output", "x"])
     assert rc == 1 and "unknown preset 'nope'" in capsys.readouterr().err
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _spawn(args, cwd):
+    """``python -m lora_engine ARGS`` as a user starts it (SIGINT reset to the default in the child: a shell
+    without job control starts background commands with it ignored)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "lora_engine", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for(proc, marker: bytes, seconds: float = 240) -> bytes:
+    seen, deadline = b"", time.time() + seconds
+    while marker not in seen and time.time() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert marker in seen, seen[-2000:]
+    return seen
+
+
+def test_ctrl_c_at_any_moment_is_a_clean_stop(tmp_path):
+    """Ctrl+C while starting (imports, model loading) and while training: exit 130, one line, no traceback; during
+    training the first Ctrl+C saves the LoRA and its resume state."""
+    from lora_engine.apps.demo.concept import write_concept_images
+
+    write_concept_images(str(tmp_path / "data"), 4, seed=7)
+    args = ["train", "--base", "demo", "--data", "data", "--output", "o.safetensors", "--steps", "100000",
+            "--batch-size", "2", "--save-every", "100000"]
+    proc = _spawn(args, tmp_path)
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert b"Traceback" not in err and err.strip().splitlines()[-1].startswith(b"lora-engine train: cancelled")
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+    proc = _spawn(args, tmp_path)
+    try:
+        seen = _wait_for(proc, b"loss=")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = seen + err
+    assert proc.returncode == 130, err[-2000:]
+    assert b"Traceback" not in err and b"stopping after this step and saving" in err
+    step = int(out.decode().split("stopped at step ")[1].split("/")[0])
+    assert out.decode().strip() == (f"stopped at step {step}/100000: o.safetensors (resume with --resume "
+                                    "o.safetensors.trainstate)")
+    assert load_lora(str(tmp_path / "o.safetensors")).metadata["ss_steps"] == str(step) and step >= 1
+    assert os.path.isfile(tmp_path / "o.safetensors.trainstate")
+
+
+def test_train_refuses_to_replace_an_output_unless_asked(setup, capsys):
+    tmp_path, toml, data = setup
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"an earlier LoRA")
+    assert main(["train", toml, "--data", data, "--output", str(out), "--steps", "1"]) == 1
+    assert capsys.readouterr().err.strip() == f"lora-engine train: {out} exists; pass --overwrite to replace it"
+    assert out.read_bytes() == b"an earlier LoRA"
+    assert main(["train", toml, "--data", data, "--output", str(out), "--steps", "1", "--overwrite"]) == 0
+    assert load_lora(str(out)).metadata["ss_steps"] == "1"

@@ -1,4 +1,5 @@
-"""Fixtures of the web UI tests: a LoRA folder of real kohya files and a UI context over it."""
+"""Fixtures of the web UI tests: a LoRA folder of real kohya files and a UI context over it, with
+(empty) model and dataset folders beside it."""
 from __future__ import annotations
 
 import pytest
@@ -12,10 +13,13 @@ def lora_root(tmp_path):
 
 
 @pytest.fixture
-def ctx(lora_root):
+def ctx(lora_root, tmp_path):
     from lora_engine.apps.ui.context import UiConfig, UiContext
 
-    c = UiContext(UiConfig((lora_root,)))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "datasets").mkdir()
+    c = UiContext(UiConfig((lora_root,), model_dirs=(str(tmp_path / "models"),),
+                           dataset_dirs=(str(tmp_path / "datasets"),)))
     c.scan()
     return c
 

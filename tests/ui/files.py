@@ -58,3 +58,22 @@ def lora_folder(root) -> str:
                metadata={"ss_output_name": "GreenThings"})
     write_lora(os.path.join(root, "sub", "big_one.safetensors"), seed=3, rank=8, repeat=1)
     return root
+
+
+def write_demo_lora(folder, name: str = "demo_purple", seed: int = 11) -> str:
+    """What ``lora-engine demo`` leaves in its output folder, cheaply: a LoRA for the demo model named
+    like the demo's, written by our writer from seeded random factors, with the demo's kind of
+    training metadata (output name, caption tag frequencies)."""
+    import json
+
+    from lora_engine.formats.writer import LoraTensors, write_kohya
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {n: LoraTensors(torch.randn(4, i, generator=g) * 0.3, torch.randn(o, 4, generator=g) * 0.3, 4.0)
+               for n, (o, i) in MODULES.items()}
+    tags = {"concept_images": {"a purple circle": 3, "a purple square": 3, "a purple triangle": 2}}
+    path = os.path.join(os.fspath(folder), name + ".safetensors")
+    os.makedirs(os.fspath(folder), exist_ok=True)
+    write_kohya(path, modules, {"ss_output_name": name, "ss_base_model_version": "sd_v1",
+                                "ss_tag_frequency": json.dumps(tags)})
+    return path

@@ -20,7 +20,7 @@ def base_folder(tmp_path, demo_base):
     from lora_engine.apps.demo.model import load_model
 
     model = load_model(demo_base)
-    folder = tmp_path / "base"
+    folder = tmp_path / "models" / "base"  # in the context's model folder
     model.unet.save_pretrained(str(folder / "unet"))
     model.text_encoder.save_pretrained(str(folder / "text_encoder"))
     return str(folder)
@@ -33,8 +33,8 @@ def _delta(sd, name):
 
 def test_bake_then_extract_through_the_ui_ops(ctx, lora_root, base_folder, tmp_path):
     calls = []
-    baked = str(tmp_path / "baked")
-    text = tool_ops.bake_op(ctx, base_folder, "purple_style:1", baked, progress=lambda d, t, w: calls.append((d, t)))
+    baked = os.path.join(lora_root, "baked")  # written to the output folder
+    text = tool_ops.bake_op(ctx, "base", "purple_style:1", "baked", progress=lambda d, t, w: calls.append((d, t)))
     assert text.startswith("wrote ") and "4 tensors changed" in text, text
     assert calls and calls[-1][0] == calls[-1][1]
     w0 = load_file(os.path.join(base_folder, "unet", "diffusion_pytorch_model.safetensors"))[PARAM]
@@ -42,7 +42,7 @@ def test_bake_then_extract_through_the_ui_ops(ctx, lora_root, base_folder, tmp_p
     lora = load_file(os.path.join(lora_root, "purple_style.safetensors"))
     assert torch.allclose(w1, w0 + _delta(lora, MODULE), atol=1e-6)
 
-    text = tool_ops.extract_op(ctx, base_folder, baked, "extracted", 4)
+    text = tool_ops.extract_op(ctx, "base", "baked", "extracted", 4)  # "baked" from the output folder
     assert text.startswith("wrote ") and "4 modules differ" in text, text
     got = load_file(os.path.join(lora_root, "extracted.safetensors"))
     name = next(k.split(".")[0] for k in got if k.endswith("lora_down.weight") and "attn2_to_k" in k
@@ -50,6 +50,15 @@ def test_bake_then_extract_through_the_ui_ops(ctx, lora_root, base_folder, tmp_p
     assert torch.allclose(_delta(got, name), _delta(lora, MODULE), atol=1e-4)
 
 
-def test_bake_refuses_its_input_as_output(ctx, base_folder):
-    text = tool_ops.bake_op(ctx, base_folder, "purple_style", base_folder)
+def test_bake_refuses_its_input_as_output(ctx, base_folder, lora_root):
+    import dataclasses
+    import shutil
+
+    from lora_engine.apps.ui.context import UiContext
+
+    shutil.copytree(base_folder, os.path.join(lora_root, "base2"))
+    text = tool_ops.bake_op(ctx, "base2", "purple_style", "base2", overwrite=True)
+    assert text.startswith("error: ") and "this server does not replace files" in text
+    loose = UiContext(dataclasses.replace(ctx.config, allow_overwrite=True), library=ctx.library)
+    text = tool_ops.bake_op(loose, "base2", "purple_style", "base2", overwrite=True)
     assert text.startswith("error: ") and "must differ" in text

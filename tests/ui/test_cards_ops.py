@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_engine.apps.ui import tool_ops
-from lora_engine.apps.ui.cards import card_html, cards_html, filter_entries
+from lora_engine.apps.ui.cards import card_html, cards_html, filter_entries, sort_entries
 from tests.ui.files import write_lora
 
 
@@ -25,7 +25,7 @@ def test_card_shows_metadata_hashes_badge_and_escapes(ctx, lora_root):
     assert sha in html and e.short_hash in html
     assert "PurpleStyle" in html and "trained on violet squares" in html and ">SD1<" in html
     assert "&lt;b&gt;not bold&lt;/b&gt;" in html and "<b>not bold" not in html
-    assert "all metadata (6 keys)" in html
+    assert "details (6 metadata keys)" in html and 'class="le-problem"' not in html
 
 
 def test_card_preview_is_a_thumbnail_of_the_sidecar(ctx):
@@ -86,7 +86,7 @@ def test_inspect_and_convert_round_trip(ctx, lora_root):
     assert "format: kohya" in text and "architecture: sd1" in text
     assert tool_ops.convert_op(ctx, "purple_style", "as_peft", "peft").startswith("wrote ")
     assert os.path.isfile(os.path.join(lora_root, "as_peft", "adapter_config.json"))
-    back = tool_ops.convert_op(ctx, os.path.join(lora_root, "as_peft"), "back", "kohya")
+    back = tool_ops.convert_op(ctx, "as_peft", "back", "kohya")  # a PEFT folder by its name in the folder
     assert back.startswith("wrote "), back
     a = load_file(os.path.join(lora_root, "purple_style.safetensors"))
     b = load_file(os.path.join(lora_root, "back.safetensors"))
@@ -104,13 +104,40 @@ def test_errors_are_one_line_and_write_nothing(ctx, lora_root):
     assert "exists" in tool_ops.resize_op(ctx, "green_things", "purple_style", 2)
 
 
-def test_output_names_land_in_the_output_folder(ctx, lora_root, tmp_path):
-    assert ctx.output_path("a") == os.path.join(lora_root, "a.safetensors")
-    assert ctx.output_path(str(tmp_path / "b.safetensors")) == str(tmp_path / "b.safetensors")
-    write_lora(tmp_path / "elsewhere.safetensors")
-    assert ctx.path_of(str(tmp_path / "elsewhere.safetensors")) == str(tmp_path / "elsewhere.safetensors")
-
-
 def test_card_list_is_capped_with_a_note(ctx):
     html = cards_html(ctx.library.entries, limit=2)
     assert html.count('class="le-card"') == 2 and "showing the first 2" in html and "3 of 3" in html
+
+
+def test_sort_by_title_date_and_size(ctx, lora_root):
+    os.utime(os.path.join(lora_root, "sub", "big_one.safetensors"), ns=(1, 1))  # the oldest
+    write_lora(os.path.join(lora_root, "zz_huge.safetensors"), seed=4, repeat=6,
+               metadata={"ss_output_name": "AlphaFirst"})  # the newest and largest; its title sorts first
+    ctx.scan()
+    order = lambda how: [e.key for e in sort_entries(ctx.library.entries, how)]  # noqa: E731
+    assert order("name") == ["zz_huge", "sub/big_one", "green_things", "purple_style"]  # AlphaFirst, big_one, G, P
+    assert order("newest")[0] == "zz_huge" and order("oldest")[0] == "sub/big_one"
+    sizes = [e.size for e in sort_entries(ctx.library.entries, "largest")]
+    assert sizes == sorted(sizes, reverse=True) and order("smallest") == order("largest")[::-1]
+
+
+def test_unreadable_file_is_one_line_on_its_card_and_never_the_default(ctx, lora_root):
+    with open(os.path.join(lora_root, "aaa_broken.safetensors"), "wb") as fh:  # first by name
+        fh.write(b"this is not a safetensors file at all")
+    ctx.scan()
+    e = _entry(ctx, "aaa_broken")
+    html = card_html(e)
+    assert e.unreadable and html.count('class="le-problem"') == 1 and "unreadable" in html
+    assert ctx.choices()[0] == "aaa_broken" and ctx.default_choice() != "aaa_broken"
+    assert ctx.default_choice("green_things") == "green_things" and ctx.default_choice("gone") != "aaa_broken"
+
+
+def test_a_resized_copy_gets_its_own_title(ctx, lora_root):
+    assert _entry(ctx, "purple_style").alias == "PurpleStyle"
+    assert tool_ops.resize_op(ctx, "purple_style", "purple_small", 2).startswith("wrote ")
+    assert tool_ops.merge_op(ctx, "purple_style:1", "purple_merged").startswith("wrote ")
+    ctx.scan()
+    titles = {e.key: e.alias for e in ctx.library.entries}
+    assert titles["purple_small"] == "purple_small" and titles["purple_merged"] == "purple_merged"
+    assert titles["purple_style"] == "PurpleStyle"
+    assert load_file(os.path.join(lora_root, "purple_small.safetensors"))  # still a loadable file

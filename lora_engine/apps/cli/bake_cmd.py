@@ -2,7 +2,8 @@
 (single-file ldm/sgm safetensors or diffusers folder), streamed tensor by tensor, written atomically."""
 from __future__ import annotations
 
-from .tool_common import add_device, Bar, run_tool, split_weights
+from ...syntax.file_weights import split_weights
+from .tool_common import add_device, add_overwrite, add_threads, Bar, claim_output
 
 
 def register(sub) -> None:
@@ -11,13 +12,14 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:TE[:UNET]]",
                    help="LoRA and strengths: one number sets both, two set text encoder then UNet (default 1)")
     p.add_argument("-o", "--out", required=True, help="output file or folder (must not be the input)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_overwrite(p)
     p.add_argument("--force", action="store_true",
                    help="bake a LoRA made for another model family anyway (only its modules whose names and "
                         "shapes fit); without it such a LoRA is left out with the diagnosis")
     p.add_argument("--quiet", action="store_true")
     add_device(p)
-    p.set_defaults(func=run)
+    add_threads(p)
+    p.set_defaults(func=run, cancelled="nothing written")
 
 
 def parse_lora(spec: str):
@@ -32,13 +34,12 @@ def parse_lora(spec: str):
 def run(args) -> int:
     from ...tools.bake import bake
 
-    def go():
-        loras = [parse_lora(s) for s in args.lora]
-        with Bar("bake", args.quiet) as bar:
-            res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, device=args.device, progress=bar,
-                       force=args.force)
-        for w in res.warnings:
-            print(f"warning: {w}")
-        print(f"wrote {args.out}: {res.touched} tensors changed, {res.copied} copied unchanged")
-
-    return run_tool("bake", go)
+    claim_output(args.out, args.overwrite)
+    loras = [parse_lora(s) for s in args.lora]
+    with Bar("bake", args.quiet) as bar:
+        res = bake(args.checkpoint, loras, args.out, overwrite=args.overwrite, device=args.device, progress=bar,
+                   force=args.force)
+    for w in res.warnings:
+        print(f"warning: {w}")
+    print(f"wrote {args.out}: {res.touched} tensors changed, {res.copied} copied unchanged")
+    return 0

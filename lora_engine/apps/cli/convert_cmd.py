@@ -2,7 +2,7 @@
 PEFT adapter folders and diffusers LoRA files (bit-exact round trips for LoRA modules)."""
 from __future__ import annotations
 
-from .tool_common import run_tool
+from .tool_common import add_overwrite, claim_output
 
 
 def register(sub) -> None:
@@ -12,16 +12,15 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, choices=["kohya", "peft", "diffusers"])
     p.add_argument("--reference", metavar="MODEL", help="diffusers model folder giving module paths "
                    "(needed for sgm-named SDXL UNet keys and transformers>=5 text encoders)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=run)
+    add_overwrite(p)
+    p.set_defaults(func=run, cancelled="nothing written")
 
 
 def run(args) -> int:
     from ...tools.convert import convert
 
-    def go():
-        res = convert(args.file, args.out, args.to, reference=args.reference, overwrite=args.overwrite)
-        kept = f" ({res.kept_as_is} LyCORIS modules kept as they are)" if res.kept_as_is else ""
-        print(f"wrote {args.out}: {res.modules} modules as {args.to}{kept}")
-
-    return run_tool("convert", go)
+    claim_output(args.out, args.overwrite)
+    res = convert(args.file, args.out, args.to, reference=args.reference, overwrite=args.overwrite)
+    kept = f" ({res.kept_as_is} LyCORIS modules kept as they are)" if res.kept_as_is else ""
+    print(f"wrote {args.out}: {res.modules} modules as {args.to}{kept}")
+    return 0

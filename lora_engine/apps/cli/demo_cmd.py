@@ -1,14 +1,16 @@
 """``lora-engine demo [--out DIR]``: the whole job on the built-in demo model, no download.
 
 Trains a LoRA for a colour the demo base model never saw, applies it with ``<lora:NAME:w>`` at
-several weights (negative included) and writes a grid image. Ctrl+C leaves no partial output.
+several weights (negative included) and writes a grid image. Ctrl+C leaves no partial output; the
+grid and the LoRA of an earlier run are replaced only with ``--overwrite``.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
-from ...errors import LoraEngineError
+from .tool_common import add_overwrite, add_threads, claim_output
 
 
 class _Bar:
@@ -51,9 +53,9 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per image")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (row r uses seed + r)")
     p.add_argument("--base", default=None, help="a demo base model file (default: the shipped one)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the demo model is so small that more threads only add overhead)")
-    p.set_defaults(func=run)
+    add_overwrite(p)
+    add_threads(p, small_model=lambda args: True)
+    p.set_defaults(func=run, cancelled="nothing was written")
 
 
 def _options(args):
@@ -68,27 +70,12 @@ def _options(args):
 
 
 def run(args) -> int:
-    try:
-        import torch
+    from ..demo.run import GRID_NAME, run_demo
 
-        from ..demo.run import run_demo
-    except ImportError as e:
-        print(f"lora-engine demo: needs the models extra ({e.name} missing): pip install 'lora-engine[models]'",
-              file=sys.stderr)
-        return 1
     opts = _options(args)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        res = run_demo(opts, TqdmUI())
-    except KeyboardInterrupt:
-        print("\nlora-engine demo: cancelled; nothing was written", file=sys.stderr)
-        return 130
-    except LoraEngineError as e:
-        print(f"lora-engine demo: {e}", file=sys.stderr)
-        return 1
-    finally:
-        torch.set_num_threads(threads)
+    for name in (GRID_NAME, opts.lora_name + ".safetensors"):
+        claim_output(os.path.join(opts.out, name), args.overwrite)
+    res = run_demo(opts, TqdmUI())
     for line in res.warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(f"base model: {res.base}")

@@ -2,7 +2,8 @@
 ranks) or SVD-compressed to rank R (fixed or dynamic)."""
 from __future__ import annotations
 
-from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool, split_weights
+from ...syntax.file_weights import split_weights
+from .tool_common import add_svd_method, add_writer_options, Bar, claim_output, dtype_arg
 
 
 def register(sub) -> None:
@@ -10,34 +11,30 @@ def register(sub) -> None:
     p.add_argument("loras", nargs="+", metavar="FILE[:W]", help="LoRA file and its weight (default 1)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--rank", type=int, help="SVD-compress to this rank (a cap for dynamic methods); default: exact")
-    p.add_argument("--method", default="fixed", choices=["fixed", "sv_ratio", "sv_fro", "sv_cumulative"])
-    p.add_argument("--param", type=float, help="parameter of the dynamic method")
+    add_svd_method(p, 'parameter of the dynamic method')
     p.add_argument("--force", action="store_true",
                    help="merge LoRAs made for different model families anyway (refused by default)")
-    add_precision(p, "default: the inputs' dtype")
-    p.add_argument("--quiet", action="store_true")
-    add_device(p)
+    add_writer_options(p, "default: the inputs' dtype")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...tools.merge import merge_files
 
-    def go():
-        specs = []
-        for s in args.loras:
-            path, w = split_weights(s, 1)
-            specs.append((path, w[0] if w else 1.0))
-        with Bar("merge", args.quiet) as bar:
-            res = merge_files(specs, args.out, rank=args.rank, method=args.method, param=args.param,
-                              dtype=dtype_arg(args.precision), device=args.device, progress=bar,
-                              force=args.force)
-        for w in res.warnings:
-            print(f"warning: {w}")
-        kind = "exact (concatenated ranks)" if args.rank is None else f"SVD {args.method}"
-        print(f"wrote {args.out}: {len(res.modules)} modules, {kind}, dim {res.metadata['ss_network_dim']}")
-        if args.rank is not None and res.reports:
-            worst = min(res.reports, key=lambda r: r.retained_fro)
-            print(f"retained Frobenius norm: min {worst.retained_fro:.4f} ({worst.name})")
-
-    return run_tool("merge", go)
+    specs = []
+    for s in args.loras:
+        path, w = split_weights(s, 1)
+        specs.append((path, w[0] if w else 1.0))
+    claim_output(args.out, args.overwrite)
+    with Bar("merge", args.quiet) as bar:
+        res = merge_files(specs, args.out, rank=args.rank, method=args.method, param=args.param,
+                          dtype=dtype_arg(args.precision), device=args.device, progress=bar,
+                          force=args.force)
+    for w in res.warnings:
+        print(f"warning: {w}")
+    kind = "exact (concatenated ranks)" if args.rank is None else f"SVD {args.method}"
+    print(f"wrote {args.out}: {len(res.modules)} modules, {kind}, dim {res.metadata['ss_network_dim']}")
+    if args.rank is not None and res.reports:
+        worst = min(res.reports, key=lambda r: r.retained_fro)
+        print(f"retained Frobenius norm: min {worst.retained_fro:.4f} ({worst.name})")
+    return 0

@@ -2,7 +2,7 @@
 with the retained Frobenius-norm fraction of every module."""
 from __future__ import annotations
 
-from .tool_common import add_device, Bar, add_precision, dtype_arg, run_tool
+from .tool_common import add_svd_method, add_writer_options, Bar, claim_output, dtype_arg
 
 
 def register(sub) -> None:
@@ -11,26 +11,22 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output .safetensors (kohya format)")
     p.add_argument("--rank", type=int, required=True, help="new rank (the cap for dynamic methods)")
     p.add_argument("--conv-rank", type=int, help="cap for k×k conv modules (default: --rank)")
-    p.add_argument("--method", default="fixed", choices=["fixed", "sv_ratio", "sv_fro", "sv_cumulative"])
-    p.add_argument("--param", type=float, help="sv_ratio: max/min singular-value ratio; sv_fro, sv_cumulative: fraction")
-    add_precision(p, "default: the input's dtype")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-module lines")
-    add_device(p)
+    add_svd_method(p, 'sv_ratio: max/min singular-value ratio; sv_fro, sv_cumulative: fraction')
+    add_writer_options(p, "default: the input's dtype")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...tools.resize import resize_file
 
-    def go():
-        with Bar("resize", args.quiet) as bar:
-            res = resize_file(args.file, args.out, args.rank, method=args.method, param=args.param,
-                              conv_rank=args.conv_rank, dtype=dtype_arg(args.precision), device=args.device, progress=bar)
-        if not args.quiet:
-            for r in res.reports:
-                print(f"{r.name}  rank {r.old_rank} -> {r.new_rank}  retained Frobenius {r.retained_fro:.4f}")
-        kept = [r.retained_fro for r in res.reports]
-        print(f"wrote {args.out}: {len(kept)} modules, dim {res.metadata['ss_network_dim']}, retained Frobenius "
-              f"mean {sum(kept) / max(len(kept), 1):.4f}, min {min(kept, default=1.0):.4f}")
-
-    return run_tool("resize", go)
+    claim_output(args.out, args.overwrite)
+    with Bar("resize", args.quiet) as bar:
+        res = resize_file(args.file, args.out, args.rank, method=args.method, param=args.param,
+                          conv_rank=args.conv_rank, dtype=dtype_arg(args.precision), device=args.device, progress=bar)
+    if not args.quiet:
+        for r in res.reports:
+            print(f"{r.name}  rank {r.old_rank} -> {r.new_rank}  retained Frobenius {r.retained_fro:.4f}")
+    kept = [r.retained_fro for r in res.reports]
+    print(f"wrote {args.out}: {len(kept)} modules, dim {res.metadata['ss_network_dim']}, retained Frobenius "
+          f"mean {sum(kept) / max(len(kept), 1):.4f}, min {min(kept, default=1.0):.4f}")
+    return 0

@@ -1,5 +1,5 @@
-"""What the tool subcommands (merge, resize, extract, convert, bake) share: a progress bar (tqdm when
-installed, else a plain counter on stderr), one-line errors, Ctrl-C as a clean cancel, dtype names."""
+"""What the subcommands share: a progress bar (tqdm when installed, else a plain counter on stderr), dtype
+names, ``--threads`` and the overwrite rule. Errors and Ctrl+C are main()'s."""
 from __future__ import annotations
 
 import sys
@@ -56,30 +56,53 @@ class Bar:
         return False
 
 
-def run_tool(command: str, fn) -> int:
-    """Run ``fn()``; a lora-engine error becomes one line on stderr (exit 1), Ctrl-C exit 130."""
-    from ...errors import LoraEngineError
-
-    try:
-        fn()
-    except LoraEngineError as e:
-        print(f"lora-engine {command}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"lora-engine {command}: cancelled, nothing written", file=sys.stderr)
-        return 130
-    return 0
+def add_threads(p, small_model=None) -> None:
+    """``--threads N``; main() applies it (see :mod:`lora_engine.apps.threads`). ``small_model(args)`` says
+    whether the command runs the demo model, which gets one thread by default."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: the physical cores other processes leave free, 1 on a busy "
+                   "machine or for the demo model; OMP_NUM_THREADS, when set, is the default)")
+    p.set_defaults(small_model=small_model or (lambda args: False))
 
 
-def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
-    """``"path:0.8:-1"`` -> ``("path", [0.8, -1.0])``: up to ``most`` trailing numbers (a Windows drive
-    letter or a path with ':' is left alone because it does not parse as a number)."""
-    path, numbers = spec, []
-    while len(numbers) < most and ":" in path:
-        head, tail = path.rsplit(":", 1)
-        try:
-            numbers.insert(0, float(tail))
-        except ValueError:
-            break
-        path = head
-    return path, numbers
+def uses_demo(attr: str):
+    """A ``small_model`` test for :func:`add_threads`: does ``args.<attr>`` name the demo model?"""
+    def check(args) -> bool:
+        from ..demo.base import is_demo_base
+
+        return is_demo_base(getattr(args, attr, None))
+    return check
+
+
+def add_overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def claim_output(path: str | None, overwrite: bool) -> None:
+    """The rule of every writing command: an existing output is replaced only with ``--overwrite``."""
+    import os
+
+    from ...errors import OutputExistsError
+
+    if path and os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(path)
+
+
+SVD_METHODS = ["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]
+
+
+def add_svd_method(p, param_help: str = "parameter of the dynamic method") -> None:
+    """``--method``/``--param`` of the commands that factor by SVD (merge, resize, extract)."""
+    p.add_argument("--method", default="fixed", choices=SVD_METHODS)
+    p.add_argument("--param", type=float, help=param_help)
+
+
+def add_writer_options(p, precision_default: str) -> None:
+    """What every command that writes a LoRA takes: precision, ``--overwrite``, ``--quiet``, device, threads;
+    a cancel leaves nothing written."""
+    add_precision(p, precision_default)
+    add_overwrite(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (and no per-module lines)")
+    add_device(p)
+    add_threads(p)
+    p.set_defaults(cancelled="nothing written")

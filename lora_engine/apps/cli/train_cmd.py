@@ -2,14 +2,19 @@
 
 Settings come from the TOML file (flat keys or [network]/[dataset]/[captions] tables, plus
 ``base``/``device``/``tokenizer``/``prediction_type``), then the flags override them. The base is a
-diffusers folder or a single-file SD1/SD2/SDXL .safetensors checkpoint. Shows the dataset report, then a progress
-bar with loss and ETA. Ctrl-C stops after the current step and writes the LoRA and its resume
-state (``--resume OUTPUT.trainstate`` continues exactly).
+diffusers folder, a single-file SD1/SD2/SDXL .safetensors checkpoint, or ``demo`` (the built-in demo model the
+web UI trains on). Shows the dataset report, then a progress bar with loss and ETA. Ctrl-C stops after the
+current step and writes the LoRA and its resume state (``--resume OUTPUT.trainstate`` continues exactly;
+exit status 130); a second Ctrl-C stops at once. An existing OUTPUT is replaced only with ``--overwrite``
+(or ``--resume``).
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+
+from .tool_common import add_overwrite, add_threads, claim_output
 
 # flag dest -> TrainConfig setting
 FLAGS = {"data": "data_dir", "output": "output", "steps": "steps", "epochs": "epochs", "rank": "rank",
@@ -25,8 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("config", nargs="?", help="TOML file with training settings")
     p.add_argument("--preset", help="start from a preset: sd15_character, sd15_style, sdxl_character, sdxl_style "
                    "(the file and the flags override it)")
-    p.add_argument("--base", help="diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/) or a "
-                   "single-file SD1/SD2/SDXL .safetensors checkpoint (A1111/ComfyUI layout)")
+    p.add_argument("--base", help="diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/), a "
+                   "single-file SD1/SD2/SDXL .safetensors checkpoint (A1111/ComfyUI layout), or 'demo' (the built-in "
+                   "demo model, 32x32 pixels) or a demo base file")
     p.add_argument("--tokenizer", help="single-file base: a CLIP tokenizer folder (or a diffusers folder with "
                    "tokenizer/ and tokenizer_2/); default: the offline HF cache, then open_clip's BPE table")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), dest="prediction_type",
@@ -53,7 +59,15 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", help="a .trainstate file written by an earlier run with the same settings")
     p.add_argument("--dry-run", action="store_true", help="validate the dataset and print the report only")
-    p.set_defaults(func=run)
+    add_overwrite(p)
+    add_threads(p, small_model=_uses_demo)
+    p.set_defaults(func=run, cancelled="files saved before (periodic saves) are complete")
+
+
+def _uses_demo(args) -> bool:
+    from ..demo.base import is_demo_base
+
+    return is_demo_base(_settings(args)[1])
 
 
 def _settings(args) -> tuple[dict, str | None, str | None, dict]:
@@ -113,53 +127,92 @@ def _saving_samples(host, output: str) -> None:
     host.sample = sample
 
 
-def run(args) -> int:
+def _load_host(base: str, device: str | None, model: dict):
+    """The training host of ``base``: the demo model, a single-file checkpoint or a diffusers folder."""
     import os
 
     import torch
 
-    from ...errors import LoraEngineError
-    from ...train import Trainer, build_config
     from ...train.diffusers_host import load_diffusers_folder
     from ...train.single_file import load_single_file
+    from ..demo.base import is_demo_base
 
-    try:
-        settings, base, device, model = _settings(args)
-        cfg = build_config(settings)
-        if not base:
-            print("lora-engine train: no base model (--base FOLDER_OR_CHECKPOINT or base = ... in the config)",
-                  file=sys.stderr)
-            return 2
-        if not cfg.data_dir or not cfg.output:
-            print("lora-engine train: --data and --output are required", file=sys.stderr)
-            return 2
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if os.path.isfile(base) or base.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
-            host = load_single_file(base, device=device, **model)
-        else:
-            if any(model.values()):
-                print("lora-engine train: note: --tokenizer/--prediction-type apply to single-file checkpoints; "
-                      "a diffusers folder brings its own", file=sys.stderr)
-            host = load_diffusers_folder(base, device=device)
-        if host.sample is not None:
-            _saving_samples(host, cfg.output)
-        log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-        trainer = Trainer(host, cfg, log=log)
-        if args.dry_run:
-            for line in trainer.report.lines():
-                print(line)
-            return 0
-        bar = trainer.progress = _Bar(trainer.total_steps)
-        previous = signal.signal(signal.SIGINT, lambda *_: trainer.cancel())
-        try:
-            result = trainer.run(resume=args.resume)
-        finally:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_demo_base(base):
+        from ..demo.base import load_demo
+        from ..demo.concept import demo_host
+
+        return demo_host(load_demo(base)[0].to(device))
+    if os.path.isfile(base) or base.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+        return load_single_file(base, device=device, **model)
+    if any(model.values()):
+        print("lora-engine train: note: --tokenizer/--prediction-type apply to single-file checkpoints; "
+              "a diffusers folder brings its own", file=sys.stderr)
+    return load_diffusers_folder(base, device=device)
+
+
+def _demo_settings(settings: dict) -> dict:
+    """The demo model trains on its own 32x32 pixel grid: resolution and buckets are fixed."""
+    from ...errors import TrainingError
+    from ..demo.concept import DATASET
+
+    given = settings.get("resolution", (settings.get("dataset") or {}).get("resolution"))
+    if given is not None and int(given) != DATASET["resolution"]:
+        raise TrainingError(f"the demo model trains at {DATASET['resolution']}x{DATASET['resolution']} pixels "
+                            f"(resolution {given} asked); leave --resolution out")
+    return {**settings, "dataset": {**(settings.get("dataset") or {}), **DATASET}}
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(trainer):
+    """First Ctrl+C: stop after the current step and save (exit 130); a second one stops at once."""
+    def handler(signum, frame):
+        if trainer.cancel_requested:
             signal.signal(signal.SIGINT, previous)
-            bar.close()
-    except LoraEngineError as e:
-        print(f"lora-engine train: {e}", file=sys.stderr)
-        return 1
+            raise KeyboardInterrupt
+        trainer.cancel()
+        print("\nlora-engine train: stopping after this step and saving (Ctrl+C again stops at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(args) -> int:
+    from ...train import Trainer, build_config
+    from ..demo.base import is_demo_base
+
+    settings, base, device, model = _settings(args)
+    if base and is_demo_base(base):
+        settings = _demo_settings(settings)
+    cfg = build_config(settings)
+    if not base:
+        print("lora-engine train: no base model (--base FOLDER_OR_CHECKPOINT, --base demo, or base = ... in the "
+              "config)", file=sys.stderr)
+        return 2
+    if not cfg.data_dir or not cfg.output:
+        print("lora-engine train: --data and --output are required", file=sys.stderr)
+        return 2
+    if not (args.dry_run or args.resume):
+        claim_output(cfg.output, args.overwrite)
+    host = _load_host(base, device, model)
+    if host.sample is not None:
+        _saving_samples(host, cfg.output)
+    trainer = Trainer(host, cfg, log=lambda line: print(line, file=sys.stderr))
+    if args.dry_run:
+        for line in trainer.report.lines():
+            print(line)
+        return 0
+    bar = trainer.progress = _Bar(trainer.total_steps)
+    try:
+        with _ctrl_c_stops(trainer):
+            result = trainer.run(resume=args.resume)
+    finally:
+        bar.close()
     what = "stopped" if result.cancelled else "done"
     print(f"{what} at step {result.steps}/{trainer.total_steps}: {result.output}"
           + (f" (resume with --resume {result.state_path})" if result.cancelled and result.state_path else ""))
-    return 0
+    return 130 if result.cancelled else 0

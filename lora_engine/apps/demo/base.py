@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .model import DemoModel, load_model
+from .model import FORMAT, DemoModel, load_model
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_base.safetensors")
 
@@ -42,6 +42,31 @@ def build_base(path: str, progress: Callable[[int, int, float], None] | None = N
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def is_demo_base(spec: str | os.PathLike | None) -> bool:
+    """Whether a model argument names the demo model: ``"demo"`` (the shipped weights) or a demo base
+    ``.safetensors`` file (told by its ``format`` metadata; only the header is read)."""
+    if spec is None:
+        return False
+    spec = os.fspath(spec).strip()
+    if spec == "demo":
+        return True
+    if not (spec.lower().endswith(".safetensors") and os.path.isfile(spec)):
+        return False
+    from ...errors import LoraEngineError
+    from ...formats.safetensors_file import SafetensorsFile
+
+    try:
+        return (SafetensorsFile(spec).metadata or {}).get("format") == FORMAT
+    except (LoraEngineError, OSError, ValueError):
+        return False
+
+
+def load_demo(spec: str, progress: Callable[[int, int, float], None] | None = None) -> tuple[DemoModel, str]:
+    """:func:`get_base` for a model argument that :func:`is_demo_base` accepted."""
+    spec = os.fspath(spec).strip()
+    return get_base(None if spec == "demo" else spec, progress)
 
 
 def get_base(path: str | None = None, progress: Callable[[int, int, float], None] | None = None

@@ -19,6 +19,9 @@ from .dataset import CONCEPT_COLOUR, SHAPES, random_specs, render
 from .diffusion import train_scheduler
 from .model import RESOLUTION, DemoModel
 
+# Dataset settings for training on the demo model: its own pixel grid, no buckets (used by the CLI and the demo).
+DATASET = {"resolution": RESOLUTION, "enable_buckets": False, "bucket_step": 1}
+
 
 @dataclass(frozen=True)
 class ConceptSettings:
@@ -62,7 +65,7 @@ def demo_host(model: DemoModel):
                      encode_image=lambda pixels, generator: pixels,
                      alphas_cumprod=train_scheduler().alphas_cumprod.float(), prediction_type="v_prediction",
                      latent_factor=1, base_model_version="sd_v1", model_name="lora-engine demo base",
-                     text_encoders=(model.text_encoder,), unet=model.unet)
+                     text_encoders=(model.text_encoder,), unet=model.unet, device=model.unet.device)
 
 
 def train_concept(model: DemoModel, data_dir: str, output: str, settings: ConceptSettings = ConceptSettings(),
@@ -78,7 +81,6 @@ def train_concept(model: DemoModel, data_dir: str, output: str, settings: Concep
         "save_state": False, "output_name": os.path.splitext(os.path.basename(output))[0],
         "comment": f"lora-engine demo: the colour {CONCEPT_COLOUR!r} on the demo base model",
         "network": {"rank": s.rank, "alpha": s.alpha, "train_text_encoder": s.train_text_encoder},
-        "dataset": {"resolution": RESOLUTION, "batch_size": s.batch_size, "enable_buckets": False,
-                    "bucket_step": 1},
+        "dataset": {**DATASET, "batch_size": s.batch_size},
     })
     return Trainer(demo_host(model), cfg, progress=progress, log=log).run()

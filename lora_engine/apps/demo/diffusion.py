@@ -47,15 +47,16 @@ def noise_loss(model: DemoModel, scheduler, x0: torch.Tensor, captions: list[str
 
 @torch.no_grad()
 def sample(model: DemoModel, prompts: list[str], seed: int, steps: int = 20, guidance: float = 3.0,
-           callback: Callable[[int], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int], None] | None = None, negative: str = "") -> torch.Tensor:
     """Images ``(B, 3, H, W)`` in [0, 1]; image ``i`` starts from noise seeded ``seed + i``, so a
-    prompt's picture does not depend on the batch it is in. ``callback(step)`` after each step."""
+    prompt's picture does not depend on the batch it is in. ``callback(step)`` after each step.
+    ``negative`` takes the place of ∅ in the guidance formula (empty: the unconditional prediction)."""
     sched = sample_scheduler()
     sched.set_timesteps(steps)
     x = torch.stack([torch.randn(3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(seed + i))
                      for i in range(len(prompts))])
     cond = model.encode(prompts)
-    uncond = model.encode([""] * len(prompts))
+    uncond = model.encode([negative] * len(prompts))
     context = torch.cat([uncond, cond])
     for i, t in enumerate(sched.timesteps):
         v_u, v_c = model(torch.cat([x, x]), t.expand(2 * len(prompts)), context).chunk(2)

@@ -66,44 +66,23 @@ def tagged(prompt: str, name: str, weight: float) -> str:
     return f"{prompt} <lora:{name}:{weight:g}>"
 
 
-class _Applier:
-    """Prompt tags -> engine stack, the way a host applies LoRAs (library, cache, engine)."""
-
-    def __init__(self, model, lora_dir: str):
-        from ...library.parsed import LoraCache
-        from ...engine import LoraEngine, shapes_of
-        from ...keymap import build_keymap
-        from ...library.index import LoraLibrary
-
-        self.library = LoraLibrary([lora_dir], use_cache=False, hash_files=False)
-        self.library.scan()
-        self.cache = LoraCache()
-        self.engine = LoraEngine(model, build_keymap(shapes_of(model)), mode="merged")
-
-    def apply(self, tags) -> list[str]:
-        from ...patch import StackEntry
-
-        stack = [StackEntry(self.cache.get(self.library.resolve(t.name).path), te=t.te, unet=t.unet, dyn=t.dyn,
-                            key=t.name) for t in tags]
-        self.engine.set_stack(stack)
-        return self.engine.warnings()
-
-
 def render_sweep(model, lora_dir: str, opts: DemoOptions, progress=None) -> tuple[list[list[torch.Tensor]], list[str]]:
     """``cells[row][col]``: prompt ``row`` with the LoRA tag at weight ``col``; row r uses seed+r."""
+    from ...engine import LoraEngine
+    from ...loras import Loras
     from ...syntax.prompt import parse_prompt
 
-    applier = _Applier(model, lora_dir)
+    loras, engine = Loras([lora_dir]), LoraEngine.for_model(model, mode="merged")
     columns, warnings = [], []
     try:
         for w in opts.weights:
             parsed = [parse_prompt(tagged(p, opts.lora_name, w)) for p in opts.prompts]
             warnings += [line for p in parsed for line in p.warnings]
-            warnings += applier.apply(parsed[0].tags)  # every row of a column carries the same tag
+            warnings += loras.apply(engine, parsed[0].tags)  # every row of a column carries the same tag
             columns.append(sample(model, [p.cleaned_text for p in parsed], opts.seed, opts.sample_steps,
                                   opts.guidance, callback=progress))
     finally:
-        applier.engine.restore()
+        engine.restore()
     cells = [[col[r] for col in columns] for r in range(len(opts.prompts))]
     return cells, sorted(set(warnings))
 

@@ -2,7 +2,9 @@
 :mod:`lora_engine.tools` with a ``progress(done, total, what)`` callback and returns the text to show.
 
 A :class:`~lora_engine.errors.LoraEngineError` becomes ``"error: <one line>"`` (nothing is written:
-the tools write atomically). Weighted lists are typed one per line, ``NAME_OR_PATH[:W]``.
+the tools write atomically). Weighted lists are typed one per line, ``NAME_OR_PATH[:W]``. Every
+name and path goes through the context's path rule (:class:`~.context.UiContext`) before a file
+is opened, and ``overwrite`` only counts where the server allows replacing files.
 """
 from __future__ import annotations
 
@@ -40,20 +42,14 @@ def _optional(value) -> float | None:
     return float(value)
 
 
-def _free(path: str, overwrite: bool) -> str:
-    if os.path.exists(path) and not overwrite:
-        raise ToolError(f"{path}: exists (tick overwrite to replace it)")
-    return path
-
-
 def parse_weighted(ctx: UiContext, text: str, most: int = 1) -> list[tuple[str, list[float]]]:
-    from ..cli.tool_common import split_weights
+    from ...syntax.file_weights import split_weights
 
     out = []
     for line in (text or "").splitlines():
         if line.strip():
             name, nums = split_weights(line.strip(), most)
-            out.append((ctx.path_of(name), nums))
+            out.append((ctx.lora_path(name), nums))
     if not out:
         raise ToolError("no LoRA listed (one per line, NAME[:WEIGHT])")
     return out
@@ -63,7 +59,7 @@ def inspect_op(ctx: UiContext, name: str, progress: Progress | None = None) -> s
     from ...library.summary import format_summary, summarize
 
     def go():
-        path = ctx.path_of(name)
+        path = ctx.lora_path(name)
         call, _ = _recorder(progress)
         call(0, 1, os.path.basename(path))
         text = format_summary(summarize(path))
@@ -77,9 +73,10 @@ def resize_op(ctx: UiContext, name: str, out: str, rank: int, method: str = "fix
     from ...tools.resize import resize_file
 
     def go():
-        dst = _free(ctx.output_path(out), overwrite)
+        src = ctx.lora_path(name)
+        dst = ctx.output_path(out, overwrite=overwrite)
         call, last = _recorder(progress)
-        res = resize_file(ctx.path_of(name), dst, int(rank), method=method, param=_optional(param), progress=call)
+        res = resize_file(src, dst, int(rank), method=method, param=_optional(param), progress=call)
         kept = [r.retained_fro for r in res.reports]
         lines = [f"wrote {dst}: {last[0]}/{last[1]} modules resized, dim {res.metadata.get('ss_network_dim')}",
                  f"retained Frobenius norm: mean {sum(kept) / max(len(kept), 1):.4f}, min {min(kept, default=1):.4f}"]
@@ -94,7 +91,7 @@ def merge_op(ctx: UiContext, specs: str, out: str, rank=None, method: str = "fix
 
     def go():
         pairs = [(p, w[0] if w else 1.0) for p, w in parse_weighted(ctx, specs, 1)]
-        dst = _free(ctx.output_path(out), overwrite)
+        dst = ctx.output_path(out, overwrite=overwrite)
         r = int(rank) if rank not in (None, "", 0) else None
         call, last = _recorder(progress)
         res = merge_files(pairs, dst, rank=r, method=method, param=_optional(param), progress=call)
@@ -113,10 +110,9 @@ def convert_op(ctx: UiContext, name: str, out: str, to: str, overwrite: bool = F
     from ...tools.convert import convert
 
     def go():
-        dst = ctx.output_path(out, "" if to == "peft" else ".safetensors")
-        if to != "peft":
-            _free(dst, overwrite)
-        res = convert(ctx.path_of(name), dst, to, overwrite=overwrite, progress=_recorder(progress)[0])
+        src = ctx.lora_path(name)
+        dst = ctx.output_path(out, "" if to == "peft" else ".safetensors", overwrite)
+        res = convert(src, dst, to, overwrite=ctx.may_overwrite(overwrite), progress=_recorder(progress)[0])
         kept = f" ({res.kept_as_is} LyCORIS modules kept as they are)" if res.kept_as_is else ""
         return "\n".join([f"wrote {dst}: {res.modules} modules as {to}{kept}"] + [f"warning: {w}" for w in res.warnings])
     return guarded(go)
@@ -127,9 +123,10 @@ def extract_op(ctx: UiContext, base: str, tuned: str, out: str, rank: int, progr
     from ...tools.extract import extract_file
 
     def go():
-        dst = _free(ctx.output_path(out), overwrite)
+        src, tuned_src = ctx.model_path(base), ctx.model_path(tuned)
+        dst = ctx.output_path(out, overwrite=overwrite)
         call, last = _recorder(progress)
-        res = extract_file(base.strip(), tuned.strip(), dst, int(rank), progress=call)
+        res = extract_file(src, tuned_src, dst, int(rank), progress=call)
         kept = [r.retained_fro for r in res.reports]
         return "\n".join([f"wrote {dst}: {len(kept)} modules differ ({last[0]}/{last[1]} checked); retained "
                           f"Frobenius mean {sum(kept) / max(len(kept), 1):.4f}"] + [f"warning: {w}" for w in res.warnings])
@@ -143,9 +140,10 @@ def bake_op(ctx: UiContext, checkpoint: str, specs: str, out: str, overwrite: bo
     def go():
         loras = [BakeLora(p, w[0] if w else 1.0, w[1] if len(w) > 1 else (w[0] if w else 1.0))
                  for p, w in parse_weighted(ctx, specs, 2)]
-        dst = ctx.output_path(out, "")
+        src = ctx.model_path(checkpoint)
+        dst = ctx.output_path(out, "", overwrite)
         call, last = _recorder(progress)
-        res = bake(checkpoint.strip(), loras, dst, overwrite=overwrite, progress=call)
+        res = bake(src, loras, dst, overwrite=ctx.may_overwrite(overwrite), progress=call)
         return "\n".join([f"wrote {dst}: {res.touched} tensors changed, {res.copied} copied unchanged"]
                          + [f"warning: {w}" for w in res.warnings])
     return guarded(go)

@@ -10,8 +10,13 @@ from .progress import gradio_progress
 
 
 def _lora_dropdown(gr, ctx: UiContext, label: str, elem_id: str):
-    choices = ctx.choices()
-    return gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label, elem_id=elem_id)
+    """The library's files; the default is the first readable one (the list is renewed on every visit)."""
+    return gr.Dropdown(choices=ctx.choices(), value=ctx.default_choice(), label=label, elem_id=elem_id)
+
+
+def _overwrite(gr, ctx: UiContext):
+    """Shown only where the server allows replacing files (the operations check the rule again)."""
+    return gr.Checkbox(label="overwrite", value=False, visible=ctx.may_overwrite(True))
 
 
 def _result(gr, elem_id: str):
@@ -41,7 +46,7 @@ def _resize(gr, ctx):
     with gr.Row():
         rank = gr.Number(value=4, precision=0, label="New rank (cap for dynamic methods)", elem_id="le-resize-rank")
         out = gr.Textbox(label="Output name (in the output folder)", value="resized", elem_id="le-resize-out")
-        overwrite = gr.Checkbox(label="overwrite", value=False)
+        overwrite = _overwrite(gr, ctx)
     method, param = _method_inputs(gr, "le-resize")
     go = gr.Button("Resize", variant="primary", elem_id="le-resize-run")
     res = _result(gr, "le-resize-result")
@@ -59,7 +64,7 @@ def _merge(gr, ctx):
     with gr.Row():
         rank = gr.Number(value=0, precision=0, label="SVD rank (0 = exact, concatenated ranks)", elem_id="le-merge-rank")
         out = gr.Textbox(label="Output name", value="merged", elem_id="le-merge-out")
-        overwrite = gr.Checkbox(label="overwrite", value=False)
+        overwrite = _overwrite(gr, ctx)
     method, param = _method_inputs(gr, "le-merge")
     go = gr.Button("Merge", variant="primary", elem_id="le-merge-run")
     res = _result(gr, "le-merge-result")
@@ -75,7 +80,7 @@ def _convert(gr, ctx):
     with gr.Row():
         to = gr.Radio(["kohya", "peft", "diffusers"], value="peft", label="To", elem_id="le-convert-to")
         out = gr.Textbox(label="Output name (a folder for peft)", value="converted", elem_id="le-convert-out")
-        overwrite = gr.Checkbox(label="overwrite", value=False)
+        overwrite = _overwrite(gr, ctx)
     go = gr.Button("Convert", variant="primary", elem_id="le-convert-run")
     res = _result(gr, "le-convert-result")
 
@@ -87,12 +92,13 @@ def _convert(gr, ctx):
 
 def _extract(gr, ctx):
     with gr.Row():
-        base = gr.Textbox(label="Base checkpoint (.safetensors or diffusers folder)", elem_id="le-extract-base")
+        base = gr.Textbox(label="Base checkpoint (.safetensors or diffusers folder)" + ctx.folders_note("model"),
+                          elem_id="le-extract-base")
         tuned = gr.Textbox(label="Fine-tuned checkpoint (same architecture)", elem_id="le-extract-tuned")
     with gr.Row():
         rank = gr.Number(value=8, precision=0, label="Rank", elem_id="le-extract-rank")
         out = gr.Textbox(label="Output name", value="extracted", elem_id="le-extract-out")
-        overwrite = gr.Checkbox(label="overwrite", value=False)
+        overwrite = _overwrite(gr, ctx)
     go = gr.Button("Extract", variant="primary", elem_id="le-extract-run")
     res = _result(gr, "le-extract-result")
 
@@ -103,13 +109,14 @@ def _extract(gr, ctx):
 
 
 def _bake(gr, ctx):
-    ckpt = gr.Textbox(label="Checkpoint (.safetensors or diffusers folder)", elem_id="le-bake-ckpt")
+    ckpt = gr.Textbox(label="Checkpoint (.safetensors or diffusers folder)" + ctx.folders_note("model"),
+                      elem_id="le-bake-ckpt")
     gr.Markdown("One LoRA per line: `NAME[:TE[:UNET]]` (one number sets both strengths).")
     specs = gr.Textbox(label="LoRAs", lines=3, elem_id="le-bake-specs")
     with gr.Row():
         out = gr.Textbox(label="Output name (file or folder, must differ from the input)", value="baked.safetensors",
                          elem_id="le-bake-out")
-        overwrite = gr.Checkbox(label="overwrite", value=False)
+        overwrite = _overwrite(gr, ctx)
     go = gr.Button("Bake", variant="primary", elem_id="le-bake-run")
     res = _result(gr, "le-bake-result")
 
@@ -121,17 +128,15 @@ def _bake(gr, ctx):
 
 def build_tools_page(ctx: UiContext) -> dict:
     gr = gradio()
-    gr.Markdown(f"Outputs are written to `{ctx.config.out_dir}` unless an absolute path is given.")
-    refresh = gr.Button("Refresh LoRA lists", elem_id="le-tools-refresh")
+    gr.Markdown(f"Outputs are written to `{ctx.config.out_dir}` (names inside it; no absolute paths or `..`)."
+                + ("" if ctx.may_overwrite(True) else " Existing files are never replaced."))
     dropdowns = []
     for title, builder in (("Inspect", _inspect), ("Merge", _merge), ("Resize", _resize), ("Convert", _convert),
                            ("Extract", _extract), ("Bake", _bake)):
         with gr.Tab(title, elem_id=f"le-tool-{title.lower()}"):
             dropdowns += builder(gr, ctx)
 
-    def do_refresh(progress=gr.Progress()):
-        ctx.scan(progress=gradio_progress(progress, "scan"))
+    def fresh(*current):
         choices = ctx.choices()
-        return [update(choices=choices, value=choices[0] if choices else None) for _ in dropdowns]
-    refresh.click(do_refresh, inputs=[], outputs=dropdowns)
-    return {"refresh": refresh, "dropdowns": dropdowns}
+        return [update(choices=choices, value=ctx.default_choice(c)) for c in current]
+    return {"dropdowns": dropdowns, "refresh": (dropdowns, dropdowns, fresh)}

@@ -13,13 +13,17 @@ from .train_session import TrainForm, TrainSession
 POLL_S = 1.0
 
 
-def _form_inputs(gr, ctx: UiContext, tokenizer_box: bool = True):
+def _form_inputs(gr, ctx: UiContext, host_model: bool = False):
+    """``host_model``: a host factory (the A1111 tab) trains the host's loaded model with its own
+    tokenizers, so the base model and tokenizer fields are hidden and empty there."""
+    where = {kind: ctx.folders_note(kind) for kind in ("model", "dataset", "output")}
     with gr.Row():
         base = gr.Textbox(label="Base model: 'demo', a demo base file, an SD1/SD2/SDXL .safetensors checkpoint, "
-                          "or a diffusers folder",
-                          value=ctx.config.model or "demo", elem_id="le-train-base")
-        data = gr.Textbox(label="Image folder (captions in .txt next to the images)", elem_id="le-train-data")
-        out = gr.Textbox(label="Output name", value="my_lora", elem_id="le-train-out")
+                          f"or a diffusers folder{where['model']}", value="" if host_model else ctx.config.model or "demo",
+                          visible=not host_model, elem_id="le-train-base")
+        data = gr.Textbox(label=f"Image folder{where['dataset']} (captions in .txt next to the images)",
+                          elem_id="le-train-data")
+        out = gr.Textbox(label=f"Output name{where['output']}", value="my_lora", elem_id="le-train-out")
     with gr.Row():
         steps = gr.Number(value=200, precision=0, label="Steps", elem_id="le-train-steps")
         rank = gr.Number(value=4, precision=0, label="Rank")
@@ -32,7 +36,7 @@ def _form_inputs(gr, ctx: UiContext, tokenizer_box: bool = True):
         resolution = gr.Number(value=512, precision=0, label="Resolution (diffusers/SD models)")
         seed = gr.Number(value=42, precision=0, label="Seed")
     inputs = [base, data, out, steps, rank, alpha, unet_lr, te_lr, train_te, batch, resolution, seed]
-    if tokenizer_box:  # a host factory (the A1111 tab) brings its own tokenizers
+    if not host_model:
         with gr.Row():
             inputs.append(gr.Textbox(label="CLIP tokenizer folder (.safetensors checkpoints; empty: offline HF "
                                      "cache, then open_clip)", elem_id="le-train-tokenizer"))
@@ -44,7 +48,7 @@ def build_train_page(ctx: UiContext, host_factory=None) -> dict:
     loaded checkpoint); the returned dict's ``inputs`` are the form's components, in TrainForm order."""
     gr = gradio()
     session = TrainSession(ctx, host_factory)
-    inputs = _form_inputs(gr, ctx, tokenizer_box=host_factory is None)
+    inputs = _form_inputs(gr, ctx, host_model=host_factory is not None)
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="le-train-start")
         cancel = gr.Button("Cancel", elem_id="le-train-cancel")

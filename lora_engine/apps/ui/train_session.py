@@ -22,7 +22,7 @@ FINISHED = ("done", "cancelled", "failed")
 class TrainForm:
     base: str  # "demo" (the built-in demo model), a demo base file, an SD single-file checkpoint, or a diffusers folder
     data_dir: str
-    output: str  # name in the output folder, or an absolute path
+    output: str  # name in the output folder
     steps: int = 200
     rank: int = 4
     alpha: float = 4.0
@@ -70,15 +70,26 @@ def _host_and_dataset(form: TrainForm, device: str) -> tuple[object, dict]:
                         "single-file .safetensors checkpoint or a diffusers folder")
 
 
+def resolved_form(ctx: UiContext, form: TrainForm) -> TrainForm:
+    """The form with its paths through the context's path rule (refused before anything is read)."""
+    import dataclasses
+
+    tokenizer = (form.tokenizer or "").strip()
+    base = ctx.model_path(form.base) if form.base.strip() else ""  # empty where a host brings the model
+    return dataclasses.replace(form, base=base, data_dir=ctx.dataset_path(form.data_dir),
+                               tokenizer=ctx.model_path(tokenizer) if tokenizer else "")
+
+
 def build_job(ctx: UiContext, form: TrainForm, host_factory: Callable[[TrainForm], HostSetup] | None = None):
     import torch
 
     from ...train import build_config
     from ...train.job import TrainingJob
 
-    if not form.data_dir.strip() or not os.path.isdir(form.data_dir.strip()):
+    form = resolved_form(ctx, form)
+    if not form.data_dir or not os.path.isdir(form.data_dir):
         raise TrainingError(f"image folder {form.data_dir!r} does not exist")
-    output = ctx.output_path(form.output)
+    output = ctx.output_path(form.output, overwrite=True)  # replaced only where the server allows it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if host_factory is not None:
         setup = host_factory(form)

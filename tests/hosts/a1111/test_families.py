@@ -54,7 +54,7 @@ def test_fused_openclip_rows(arch, dtype, tmp_path):
     # fp32 bit), then one rounding to the weight's dtype: within half an ulp of the dtype
     ulp = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -10
     torch.testing.assert_close(attn.in_proj_weight.float(), want, rtol=ulp, atol=1e-7)
-    if dtype == torch.float16:  # A1111's merge: ΔW = m·s·(up@down) in fp16, added in fp16 (a1111.md §3.4)
+    if dtype == torch.float16:  # A1111's merge: up/down cast to fp16 at load, ΔW = m·s·(up@down) and the add in fp16
         exact = w0.to(torch.float32, copy=True)
         exact[block * h:(block + 1) * h] += 0.75 * (up @ down)
         a1111 = w0.clone()

@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.optional import needs, require
+
+require("PIL")  # the trainer (lora_engine.train, tests.train.models) reads images with pillow
 from extension.train_host import a1111_train_host, prediction_type
 from extension.train_tab import FORM_FIELDS, TrainTab, default_preset, preset_form_values
 from lora_engine.engine import LoraEngine, shapes_of
@@ -89,7 +92,8 @@ def test_trains_the_loaded_model_under_the_queue_lock(tmp_path, model, tiny):
     model.model.diffusion_model.register_forward_pre_hook(lambda m, a: seen.append(lock.locked()))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tab = TrainTab(get_model=lambda: model, lock=lock, preset="sd15_character")
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     generation = {}
 
     def generate():  # a generation queued behind the run: A1111 takes the same lock
@@ -149,7 +153,8 @@ def test_interrupt_button_stops_the_run_after_the_step_with_the_lora_saved(tmp_p
     lock, state = QueueLock(), State()
     state.interrupt()  # stale: pressed during an earlier generation, never cleared since
     tab = TrainTab(get_model=lambda: model, lock=lock, state=state)
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     seen = []
 
     def press(module, args):  # UNet forwards of step n + 1 see status().step == n
@@ -179,7 +184,8 @@ def test_interrupt_button_stops_the_run_after_the_step_with_the_lora_saved(tmp_p
 
 def test_preset_goes_under_the_form(tmp_path, model):
     tab = TrainTab(get_model=lambda: model, preset="sd15_style")
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     setup = tab.setup(_form(tmp_path))
     assert setup.settings["conv_rank"] == 8 and setup.settings["flip"] is True and setup.lock is None
     from lora_engine.apps.ui.train_session import build_job
@@ -200,7 +206,7 @@ def test_preset_values_fill_form_fields(model):
 
 
 def test_refusals_are_one_line_statuses(tmp_path, model):
-    ctx = UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False))
+    ctx = UiContext(UiConfig(lora_dirs=(str(tmp_path),), hash_files=False, confine=False))
     model.lowvram = True
     message = TrainSession(ctx, TrainTab(get_model=lambda: model).setup).start(_form(tmp_path))
     assert message.startswith("error: training needs the whole model on the GPU") and "\n" not in message
@@ -239,7 +245,8 @@ def test_sdxl_trains_with_the_sdxl_preset(tmp_path, tiny_xl):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lock = QueueLock()
     tab = TrainTab(get_model=lambda: model, lock=lock)  # auto preset: sdxl_character
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     st = _run(session, _form(tmp_path, train_text_encoder=False, steps=2))
     assert st.state == "done", st.error
     assert session.job.cfg.min_snr_gamma == PRESETS["sdxl_character"]["min_snr_gamma"] and lock.acquired == 1
@@ -266,13 +273,15 @@ def test_the_runtime_engine_loras_are_off_while_training_and_back_after(tmp_path
     unet = model.model.diffusion_model
     unet.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(probe.weight, base[key])))
     tab = TrainTab(get_model=lambda: model, get_engine=lambda m: engine if m is model else None)
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     st = _run(session, _form(tmp_path, steps=2))
     assert st.state == "done", st.error
     assert seen and all(seen)  # trained on the bare checkpoint
     assert len(engine.stack) == 1 and all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
 
 
+@needs("gradio")
 def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     """``on_ui_tabs`` with stand-ins of the A1111 modules it reads (``shared``, ``paths``, ``call_queue``)."""
     import types
@@ -290,6 +299,8 @@ def test_on_ui_tabs_builds_the_tab_over_the_shared_page(tmp_path, monkeypatch):
     monkeypatch.setattr(callbacks, "_CONTROLLER", None)
     [(blocks, title, elem_id)] = train_tab.on_ui_tabs()
     assert (title, elem_id) == ("LoRA Training", "lora_training")
+    base = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "le-train-base")
+    assert base.visible is False and base.value == ""  # it trains the loaded checkpoint: no 'demo' to mislead
     fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
     by_name = {getattr(f.fn, "__name__", ""): f.fn for f in fns}
     updates = by_name["choose"]("sd15_style")
@@ -317,7 +328,8 @@ def test_half_precision_base_as_a1111_keeps_it(tmp_path, model):
     model.cond_stage_model.half()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tab = TrainTab(get_model=lambda: model, lock=QueueLock())
-    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False)), tab.setup)
+    session = TrainSession(UiContext(UiConfig(lora_dirs=(str(tmp_path / "out"),), hash_files=False,
+                                                       confine=False)), tab.setup)  # as the tab's context
     st = _run(session, _form(tmp_path, steps=2))
     assert st.state == "done", st.error
     assert all(math.isfinite(v) for v in st.losses)

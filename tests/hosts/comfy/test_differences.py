@@ -1,9 +1,10 @@
 """Intended numeric differences from ComfyUI's own LoraLoader, each shown on real tensors.
 
-ComfyUI's formulas below are written from its documented behaviour (../shared/reference/comfyui.md
-§2.4, §2.6), not from its code: (1) on most GPUs it adds ΔW in fp16 (``W16 + fp16(s·ΔW)``), we add
-in fp32 and round once; (2) output-axis DoRA divides by the row norms of the original W, we (as
-PEFT and LyCORIS) by those of W + ΔW; (3) OFT strength enters squared there, linearly here.
+ComfyUI's formulas below are restated from its behaviour as docs/adapter-formulas.md describes it
+(ComfyUI ``comfy/lora.py`` ``calculate_weight``, ``comfy/weight_adapter/``), not copied from its code:
+(1) on most GPUs it adds ΔW in fp16 (``W16 + fp16(s·ΔW)``), we add in fp32 and round once; (2) output-axis
+DoRA divides by the row norms of the original W, we (as PEFT and LyCORIS) by those of W + ΔW; (3) OFT
+strength enters squared there, linearly here.
 """
 from __future__ import annotations
 

@@ -81,14 +81,14 @@ def test_stack_equals_engine_stack(loras, sd1, engine):
 
 def test_block_weights_match_engine(loras, sd1, engine):
     from lora_engine.patch import StackEntry
-    from comfy_nodes.loading import block_ratio
+    from lora_engine.syntax.blocks import lbw_ratios
 
     model, clip, m = sd1
     kohya_lora(loras / "kohya.safetensors", m)
     base = _base(sd1)
     new_model, new_clip = LoraEngineLoader().load(model, clip, "kohya.safetensors", 1.0, 1.0, "OUTD")
     ours = patched_state(new_model) | patched_state(new_clip.patcher)
-    entry = StackEntry(load_lora(loras / "kohya.safetensors"), block_multiplier=block_ratio("OUTD"))
+    entry = StackEntry(load_lora(loras / "kohya.safetensors"), block_multiplier=lbw_ratios("OUTD"))
     changed = assert_equal_weights(ours, engine_state(engine, [entry]), base)
     full = LoraEngineLoader().load(model, clip, "kohya.safetensors", 1.0, 1.0)[0]
     assert 0 < len(new_model.patches) < len(full.patches)

@@ -8,7 +8,7 @@ import torch
 from comfy_nodes.prompt_tags import LoraEnginePromptTags
 from lora_engine.formats import load_lora
 from lora_engine.patch import StackEntry
-from comfy_nodes.schedule import keyframes, tag_window
+from comfy_nodes.schedule import keyframes
 from lora_engine.syntax.prompt import parse_prompt
 from tests.hosts.comfy.files import kohya_lora, lycoris_file
 from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patched_state
@@ -88,7 +88,7 @@ def test_step_number_without_steps_warns(loras, sd1, caplog):
     model, clip, m = sd1
     kohya_lora(loras / "ink.safetensors", m)
     LoraEnginePromptTags().apply(model, clip, "x <lora:ink:1:stop=10>")
-    assert any("needs the node's 'steps'" in w for w in _warnings(caplog))
+    assert any("the node's 'steps' input" in w for w in _warnings(caplog))
 
 
 @pytest.mark.parametrize("start,stop,want", [
@@ -104,8 +104,8 @@ def test_keyframes(start, stop, want):
 
 def test_tag_window_steps_and_fractions():
     tag = parse_prompt("<lora:a:1:start=5:stop=0.5>").tags[0]
-    assert tag_window(tag, 20) == ((5 - 1) / 20, (10 - 1) / 20)  # step 5 of 20 starts at 0.2; 0.5 → step 10
+    assert tag.window.fractions(20) == ((5 - 1) / 20, (10 - 1) / 20)  # step 5 of 20 starts at 0.2; 0.5 → step 10
     frac = parse_prompt("<lora:a:1:start=0.3>").tags[0]
-    assert tag_window(frac, 0) == (0.3, None)
+    assert frac.window.fractions(0) == (0.3, None)
     with pytest.raises(ValueError):
-        tag_window(tag, 0)
+        tag.window.fractions(0)

@@ -1,0 +1,32 @@
+"""Model families as declarations (one module per family: trees, fused row layouts from config,
+text encoders, blocks). The key map, diagnosis and block weights read them from here.
+
+``family_of(shapes)`` names the family of a denoiser root from its relative parameter keys.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .base import Family, FamilyMismatch, Layer, Part, TextEncoder
+from .flux import CHROMA, FLUX
+from .sd3 import SD3
+
+# Order matters where markers are shared: a variant (with ``requires``) before its parent.
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3)
+BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+
+
+def markers() -> dict[str, str]:
+    """Every family's marker key -> its naming (``native``/``diffusers``)."""
+    out: dict[str, str] = {}
+    for f in FAMILIES:
+        out.update(f.markers)
+    return out
+
+
+def family_of(shapes: Mapping[str, tuple]) -> Family | None:
+    """The declared family whose tree these (root-relative) keys are, or None."""
+    return next((f for f in FAMILIES if f.fits(shapes)), None)
+
+
+__all__ = ["Family", "FamilyMismatch", "Layer", "Part", "TextEncoder", "FAMILIES", "BY_NAME", "family_of", "markers"]
