@@ -3,9 +3,9 @@
     python bench/bench_finite_check.py [--models sd15] [--stacks 1,3] [--rank 32] [--reps 3] [--threads 2]
 
 Per model and stack of n LoRAs (the models and LoRAs of ``bench_apply``): ``set_stack`` from nothing
-(every touched weight written, the check included), then ``lora_engine.finite.nonfinite`` over every
-written weight region (exactly the check merged mode runs after each write), timed back to back,
-``--reps`` times, interleaved; the best of each is reported with their ratio. The check is one
+(every touched weight written, the check included), then the check alone as merged mode runs it (a
+``finite.probe`` sum of every written weight region, then ``finite_probes`` reading them back together),
+timed back to back, ``--reps`` times, interleaved; the best of each is reported with their ratio. The check is one
 reduction in the weight's dtype; the apply reads W₀, runs the GEMMs, adds and casts, so the ratio is
 the check's share of an apply. Full ``bench_apply`` runs on a busy machine vary by 2× between runs,
 which hides a few percent; this ratio does not depend on the machine's load drifting between runs.
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lora_engine.engine import LoraEngine, Mode, shapes_of  # noqa: E402
-from lora_engine.finite import nonfinite  # noqa: E402
+from lora_engine.finite import finite_probes, probe  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.library.parsed import LoraCache  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
@@ -52,7 +52,7 @@ def run(name: str, args, folder: str) -> list[tuple]:
         for _ in range(args.reps):
             applies.append(timed(lambda: engine.set_stack(stack)))
             assert engine.stats.slots_written == len(regions) and not engine.warnings()
-            checks.append(timed(lambda: [nonfinite(r) for r in regions]))
+            checks.append(timed(lambda: finite_probes([probe(r) for r in regions])))
             engine.restore()
         rows.append((name, n, touched, min(applies), min(checks)))
         print(f"  {name} n={n}: apply {min(applies):.3f}s, check {min(checks):.3f}s", flush=True)

@@ -10,8 +10,9 @@ later writes read the backup. The adapters' tensors are moved to a GPU weight's 
 An ``apply`` is all or nothing. A slot's value is a deterministic function of W₀ and its contributions,
 so a failure halfway is undone by recomputing every slot touched so far from the previous plan (the same
 bits; no copy of the pre-apply values is held). A written weight that is not finite (an fp32 sum that
-overflowed, or a finite sum beyond fp16's range) is refused: that slot keeps its previous value, checked
-by one sum of the written weight in its dtype (see ``finite``). ``restore`` walks the backups, not the plan.
+overflowed, or a finite sum beyond fp16's range) is refused: that slot keeps its previous value. The check
+is one sum of each written weight in its dtype (see ``finite``), read back for all slots at the end of the
+apply (one wait for a GPU's queue, not one per slot). ``restore`` walks the backups, not the plan.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import PatchError
-from ..finite import nonfinite
+from ..finite import finite_probes, nonfinite, probe
 from .delta import merged_weight, summed_delta
 from .device_factors import DeviceFactors, plan_adapters
 from .plan import PatchPlan, changed_slots, failure_line, keeping, refuse
@@ -105,9 +106,9 @@ class MergedPatcher:
         return buf[:n].view(w.shape)
 
     @torch.no_grad()
-    def _write(self, slot: str, target, contributions) -> bool:
-        """W = cast(W₀ + Σ m·ΔW) (and b likewise) into the model; False when the result is not finite
-        (the slot then holds garbage until the caller puts its previous value back)."""
+    def _write(self, slot: str, target, contributions) -> list[torch.Tensor]:
+        """W = cast(W₀ + Σ m·ΔW) (and b likewise) into the model; returns the probes of what was written
+        (``finite.probe``, not read back: see ``_refuse_non_finite``)."""
         first = slot not in self.backups
         w0, b0, _ = self._backup(slot, target)
         w = target.region(_param(self.root, target.weight_key))
@@ -124,11 +125,11 @@ class MergedPatcher:
         else:
             out = self._scratch_for(w)
         new, db = merged_weight(contributions, w0, out=out)
-        finite = True
+        probes = []
         if new is not None:
             if new is not w:
                 w.copy_(new)  # copy_ casts with the same rounding as .to(w.dtype)
-            finite = not _worse(w, self.backups[slot].weight)  # checked after the cast: fp16 overflows at 65504
+            probes.append(probe(w))  # of the cast weight: fp16 overflows at 65504
             self.stats.bytes_written += w.numel() * w.element_size()
         if db is not None and target.bias_key is not None:
             try:
@@ -137,9 +138,9 @@ class MergedPatcher:
                 b = None
             if b is not None:
                 b.copy_(_plus(db, b0.to(b.device, torch.float32)))
-                finite = finite and not _worse(b, b0)
+                probes.append(probe(b))
         self.stats.slots_written += 1
-        return finite
+        return [p for p in probes if p is not None]
 
     @torch.no_grad()
     def _put_back(self, slot: str) -> None:
@@ -170,7 +171,8 @@ class MergedPatcher:
         self._scratch_size = max((int(torch.Size(new_plan.targets[s].shape).numel()) for s in changed
                                   if s in new_plan.contributions), default=0)
         touched: list[str] = []
-        fresh, refused = set(), set()  # slots first backed up by this call; slots left as they were
+        fresh = set()  # slots first backed up by this call
+        probes: list[tuple[str, torch.Tensor]] = []
         try:
             for slot in changed:
                 touched.append(slot)
@@ -180,11 +182,8 @@ class MergedPatcher:
                     continue
                 if slot not in self.backups:
                     fresh.add(slot)
-                if not self._write(slot, new_plan.targets[slot], new_plan.contributions[slot]):
-                    refused.add(slot)
-                    refuse(new_plan, slot, "the merged weight would not be finite",
-                           self._overflowing(slot, new_plan.contributions[slot]))
-                    self._previous(slot, old)
+                probes += [(slot, p) for p in self._write(slot, new_plan.targets[slot], new_plan.contributions[slot])]
+            refused = self._refuse_non_finite(probes, new_plan, old)
         except BaseException as e:
             message = self._failure(new_plan, touched[-1], e) if isinstance(e, Exception) and touched else None
             self._roll_back(touched, fresh, old)
@@ -201,6 +200,25 @@ class MergedPatcher:
         if len(self.adapters_on_device):
             self.adapters_on_device.retain(plan_adapters(self.plan))  # LoRAs that left the stack leave the device
         return self.stats
+
+    def _refuse_non_finite(self, probes: list, new_plan: PatchPlan, old: PatchPlan) -> set[str]:
+        """Slots whose written weight or bias holds NaN/Inf where the original did not get their previous
+        value back; the LoRAs that caused it get a note. The probes are read back together (one wait
+        for a GPU's queue per apply, not one per slot)."""
+        suspects = {slot for (slot, _), ok in zip(probes, finite_probes([p for _, p in probes])) if not ok}
+        refused = set()
+        for slot in sorted(suspects):
+            backup = self.backups[slot]
+            w = backup.target.region(_param(self.root, backup.target.weight_key))
+            worse = _worse(w, backup.weight)
+            if not worse and backup.bias is not None:
+                worse = _worse(backup.target.region(_param(self.root, backup.target.bias_key)), backup.bias)
+            if worse:
+                refused.add(slot)
+                refuse(new_plan, slot, "the merged weight would not be finite",
+                       self._overflowing(slot, new_plan.contributions[slot]))
+                self._previous(slot, old)
+        return refused
 
     def _overflowing(self, slot: str, contributions) -> list:
         """The contributions that alone make the slot's weight non-finite (all of them when only their
