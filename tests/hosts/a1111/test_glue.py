@@ -283,6 +283,10 @@ def test_editor_hash_row_shows_the_hash_once_a_generation_computed_it(tmp_path):
 def test_settings_defaults_and_bad_values():
     s = Settings.from_opts(Opts({"lora_engine_mode": "bogus", "lora_engine_folders": " a ; ;b"}))
     assert s.mode == "automatic" and s.folders == ("a", "b") and s.warnings and not s.handover
+    assert not s.force_foreign and s.max_strength == 100.0
+    assert Settings.from_opts(Opts({"lora_engine_max_strength": "x"})).max_strength == 100.0
+    assert Settings.from_opts(Opts({"lora_engine_max_strength": -20, "lora_engine_force_foreign": True})) \
+        == Settings(max_strength=20.0, force_foreign=True)
     assert Settings.from_opts(None) == Settings()
 
 

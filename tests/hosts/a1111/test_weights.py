@@ -213,3 +213,27 @@ def test_lora_failing_in_its_math_keeps_the_last_good_state_with_one_warning(sd_
     _run_activate(net, sd_model, "<lora:b:1>")  # a good stack applies as usual
     for d, dw in deltas["b"].items():
         assert not torch.equal(module_of(tiny, d).weight, good[d + ".weight"]), d
+
+
+def test_lora_for_another_family_follows_the_setting(sd_model, tiny, loras):
+    """A LoRA with SDXL's second-encoder keys is applied not at all, with one diagnosis line, unless the
+    "Apply LoRAs made for another model family" setting is on (then the module that fits is)."""
+    folder, _ = loras
+    q = module_of(tiny, "te.encoder.layers.0.self_attn.q_proj").weight
+    o, i = q.shape
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, i),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(o, 2),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 20),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(20, 2)},
+              str(folder / "xl.safetensors"))
+    w0 = q.detach().clone()
+    c, net = make_network(folder, lora_engine_mode="merged")
+    p, _ = _run_activate(net, sd_model, "<lora:xl:1>")
+    (line,) = p.comments
+    assert "SDXL LoRA on an SD1.x model" in line and "nothing of it was applied" in line, line
+    assert torch.equal(q, w0)
+    c.opts.values["lora_engine_force_foreign"] = True
+    p, _ = _run_activate(net, sd_model, "<lora:xl:1>")
+    (line,) = p.comments
+    assert "SDXL LoRA on an SD1.x model" in line and "nothing of it was applied" not in line, line
+    assert not torch.equal(q, w0)
