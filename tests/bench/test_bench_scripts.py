@@ -53,3 +53,11 @@ def test_bench_sidepath_runs_on_the_tiny_model():
     shares = [float(r[4]) for r in rows]
     assert shares[1] > shares[0] > 0  # two LoRAs: twice the side-path FLOPs
     assert re.search(r"\d+ UNet layers touched", out)
+
+
+def test_bench_threads_runs_its_commands():
+    out = _run("bench/bench_threads.py", "--commands", "train,grid", "--configs", "default", "--train-steps", "1",
+               "--grid-steps", "1")
+    rows = _table_rows(out, "| command | threads")
+    assert [(r[0], r[1], r[3]) for r in rows] == [("train", "default policy", "1.00"), ("grid", "default policy", "1.00")]
+    assert re.search(r"before: .*load average", out) and "the policy now:" in out
