@@ -53,3 +53,10 @@ def test_bench_sidepath_runs_on_the_tiny_model():
     shares = [float(r[4]) for r in rows]
     assert shares[1] > shares[0] > 0  # two LoRAs: twice the side-path FLOPs
     assert re.search(r"\d+ UNet layers touched", out)
+
+
+def test_bench_finite_check_runs_on_the_tiny_model():
+    out = _run("bench/bench_finite_check.py", "--models", "tiny", "--stacks", "1,2", "--reps", "1", "--threads", "1")
+    rows = _table_rows(out, "| model | n | touched MiB")
+    assert [(r[0], r[1]) for r in rows] == [("tiny", "1"), ("tiny", "2")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

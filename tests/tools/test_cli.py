@@ -125,10 +125,11 @@ def test_a_weight_that_is_not_a_number_is_named(tmp_path, capsys):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def _kohya(path, version: str, value: float = 0.3) -> None:
-    """Two modules of kohya LoRA tagged by its trainer as made for ``version``."""
+def _kohya(path, version: str, value: float = 0.3,
+           names=("lora_unet_mid_block_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1")) -> None:
+    """A kohya LoRA on ``names`` (8×8 weights) tagged by its trainer as made for ``version``."""
     sd = {}
-    for name in ("lora_unet_mid_block_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"):
+    for name in names:
         sd |= {f"{name}.lora_down.weight": torch.full((2, 8), value), f"{name}.lora_up.weight": torch.full((8, 2), value),
                f"{name}.alpha": torch.tensor(2.0)}
     save_file(sd, str(path), {"ss_base_model_version": version})
@@ -149,10 +150,12 @@ def test_merge_of_different_families_needs_force(tmp_path, capsys):
 
 def test_merge_warns_about_absurd_weights_and_drops_non_finite_modules(tmp_path, capsys):
     _kohya(tmp_path / "a.safetensors", "sd_v1")
-    assert main(["merge", f"{tmp_path / 'a.safetensors'}:1e30", "-o", str(tmp_path / "m.safetensors"),
-                 "--precision", "fp16", "--quiet"]) == 0
+    _kohya(tmp_path / "b.safetensors", "sd_v1", names=["lora_unet_mid_block_attentions_0_proj_out"])
+    assert main(["merge", f"{tmp_path / 'a.safetensors'}:1e30", str(tmp_path / "b.safetensors"),
+                 "-o", str(tmp_path / "m.safetensors"), "--precision", "fp16", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "weight 1e+30 is outside ±100" in out and out.count("not finite; module left out") == 2, out
+    assert list(load_lora(tmp_path / "m.safetensors").modules) == ["lora_unet_mid_block_attentions_0_proj_out"]
 
 
 def test_bake_force_flag(tmp_path, capsys):
