@@ -200,7 +200,8 @@ def test_glora_on_a_unet_tells_the_context_width(tmp_path, capsys):
 
 def test_peft_folders_written_by_convert_keep_modules_and_metadata(tmp_path, capsys):
     """`convert --to peft` of a LoRA on the UNet and the text encoder writes unet/ and text_encoder/ PEFT
-    folders; inspect reads the folder as one LoRA, and the source's ss_* metadata survives every format."""
+    folders; inspect reads the folder as one LoRA, and the source's ss_* metadata survives every format
+    (titled by the written file, as every tool titles its output)."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import get_peft_model_state_dict
 
@@ -220,9 +221,10 @@ def test_peft_folders_written_by_convert_keep_modules_and_metadata(tmp_path, cap
     kohya, peft, diffusers, back = _inspect(capsys, src, tmp_path / "peft", tmp_path / "d.safetensors",
                                             tmp_path / "back.safetensors")
     assert peft["error"] is None and peft["format"] == "peft"
-    for s in (peft, diffusers, back):
+    for s, title in ((peft, "peft"), (diffusers, "d"), (back, "back")):
         assert (s["architecture"], s["architecture_source"]) == ("sd1", "metadata"), s["path"]
-        assert {k: s["metadata"][k] for k in meta} == meta
+        # the metadata travels; the title is the written file's own name (tools title their outputs)
+        assert {k: s["metadata"][k] for k in meta} == dict(meta, ss_output_name=title, **{"modelspec.title": title})
         assert s["modules"] == kohya["modules"] and _blocks(s) == _blocks(kohya), s["path"]
 
 
