@@ -29,7 +29,7 @@ from lora_engine.finite import nonfinite  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.library.parsed import LoraCache  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
-from lora_engine.patch.merged import _param, _region  # noqa: E402
+from lora_engine.patch.merged import _param  # noqa: E402
 
 from bench.apply_setup import MODELS, MiB, build_model, kohya_targets, timed, write_loras  # noqa: E402
 
@@ -42,7 +42,7 @@ def run(name: str, args, folder: str) -> list[tuple]:
     paths = write_loras(tempfile.mkdtemp(prefix=f"{arch}_", dir=folder), targets, max(args.stacks), args.rank)
     cache = LoraCache()
     files = [cache.get(p) for p in paths]
-    regions = [_region(_param(root, t.weight_key), t.rows) for t in targets.values()]
+    regions = [t.region(_param(root, t.weight_key)) for t in targets.values()]
     touched = sum(r.numel() * r.element_size() for r in regions)
     rows = []
     for n in args.stacks:
