@@ -17,6 +17,8 @@ def nonfinite(t: torch.Tensor | None) -> bool:
     """True when ``t`` holds a NaN or an Inf (never for None, integer, empty or ``meta`` tensors)."""
     if t is None or not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
         return False
+    if t.element_size() == 1:  # fp8 has no CPU sum: upcast exactly (e5m2 -> fp16, e4m3fn -> bf16, NaN/Inf kept)
+        t = t.to(torch.float16 if t.dtype == torch.float8_e5m2 else torch.bfloat16)
     if math.isfinite(float(t.sum())):
         return False
     if t.element_size() < 4 and math.isfinite(float(t.sum(dtype=torch.float32))):
