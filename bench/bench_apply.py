@@ -59,7 +59,7 @@ from lora_engine.library.parsed import LoraCache  # noqa: E402
 from lora_engine.engine import LoraEngine, Mode, shapes_of  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
-from lora_engine.patch.merged import _param, _region  # noqa: E402
+from lora_engine.patch.merged import _param  # noqa: E402
 
 from bench.apply_setup import (GiB, MODELS, MiB, Ram, build_model, copy_bandwidth, fingerprint,  # noqa: E402
                                 free_memory, free_ram, fresh_copy_rate, gemm_rate, kohya_targets, make_pipe,
@@ -72,7 +72,7 @@ class Bench:
         self.args, self.bw, self.gemm = args, bw, gemm
         self.device = torch.device(args.device)
         self.params = {t.weight_key: _param(root, t.weight_key) for t in targets.values()}
-        self.touched = sum(_region(p, None).numel() * p.element_size() for p in self.params.values())
+        self.touched = sum(p.numel() * p.element_size() for p in self.params.values())
         self.merged: dict[int, tuple[dict, dict]] = {}  # n -> ({backup: ours}, diffusers+PEFT)
         self.otf: dict[int, tuple] = {}  # n -> (t_base, t_ours, t_peft, flop share)
         self.load: tuple[float, float] = (0.0, 0.0)

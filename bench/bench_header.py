@@ -7,7 +7,7 @@ Writes these files into a temp dir (1-element F32 tensors, so the header is near
   bound-lora  MAX_TENSORS (16,384) entries: 5,461 complete LoRA modules (down, up, alpha) and a lone
               down: the largest file accepted, and the slowest
   bound-junk  MAX_TENSORS entries no adapter uses (refused: not a LoRA)
-  deep        an entry nested 100,000 brackets deep (refused)
+  deep        an extra entry field nested 50,000 brackets deep (refused)
   values      3,000,000 numbers in an extra entry field (refused)
   sdxl-size   2,958 entries (986 modules), the key count of a full SDXL LoRA: the everyday case
 
@@ -104,8 +104,8 @@ def make_cases(folder: str, wanted: set[str]) -> dict[str, str]:
         "300k": lambda: _entries((NAME.format(i) + ".lora_down.weight", [1]) for i in range(300_000)),
         "bound-lora": lambda: _entries(list(lora(MAX_TENSORS // 3 + 1))[:MAX_TENSORS]),
         "bound-junk": lambda: _entries((f"t{i:07d}", [1]) for i in range(MAX_TENSORS)),
-        "deep": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + b"[" * 100_000
-                          + b"]" * 100_000 + b"}}"), 4),
+        "deep": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + b"[" * 50_000
+                          + b"]" * 50_000 + b"}}"), 4),
         "values": lambda: ((b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":['
                             + b",".join([b"0"] * 3_000_000) + b"]}}"), 4),
         "sdxl-size": lambda: _entries(list(lora(986))),

@@ -39,10 +39,11 @@ class EngineWeightMath:
 
     name = "lora-engine"
 
-    def __init__(self, contributions: tuple, part: str, weight_shape: tuple[int, ...]):
+    def __init__(self, contributions: tuple, part: str, weight_shape: tuple[int, ...], warned: set | None = None):
         self.contributions = tuple(contributions)
         self.part = part
         self.weight_shape = tuple(weight_shape)
+        self.warned = set() if warned is None else warned  # shared by the patches of one node: one line per LoRA
         self.loaded_keys: set[str] = set()
         self.weights: list = []  # ComfyUI's adapters keep their tensors here; ours live in the contributions
 
@@ -64,15 +65,24 @@ class EngineWeightMath:
         try:
             new = self._patched(weight, strength, function)
         except Exception as e:  # noqa: BLE001 - any failure of the math must not reach ComfyUI's sampler
-            _warn_once(self.contributions, key, f"cannot be applied ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            self._warn(key, f"cannot be applied ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
             return weight
         if new is None:
             return weight
         if nonfinite(new) and not nonfinite(weight):
-            _warn_once(self.contributions, key, "gives a weight that is not finite")
+            self._warn(key, "gives a weight that is not finite")
             return weight
         weight.copy_(new)
         return weight
+
+    def _warn(self, key, what: str) -> None:
+        """``lora-engine: <LoRA>: <what> on <key>; ComfyUI's weight was kept``, once per LoRA per node."""
+        loras = ", ".join(sorted({c.lora_id for c in self.contributions}))
+        if loras in self.warned:
+            return
+        self.warned.add(loras)
+        log.warning("lora-engine: %s: %s on %s; ComfyUI's weight was kept (other weights of it are not listed)",
+                    loras, what, key if isinstance(key, str) else key[0])
 
     def _patched(self, weight, strength, function) -> torch.Tensor | None:
         """cast(fp32(W) + function(s · Σ m ΔW)), or None when no term changes the weight."""
@@ -93,19 +103,6 @@ def _identity(t):
     return t
 
 
-_WARNED: set[tuple] = set()
-
-
-def _warn_once(contributions, key, what: str) -> None:
-    """``lora-engine: <LoRA>: <what>; ComfyUI's weight kept (<key>)``, once per LoRA and cause."""
-    loras = ", ".join(sorted({c.lora_id for c in contributions}))
-    if (loras, what) in _WARNED:
-        return
-    _WARNED.add((loras, what))
-    log.warning("lora-engine: %s: %s on %s; ComfyUI's weight was kept (further weights of it are not listed)",
-                loras, what, key if isinstance(key, str) else key[0])
-
-
 @functools.lru_cache(maxsize=None)
 def _class_for(base: type) -> type:
     if base is object:
@@ -123,8 +120,8 @@ def adapter_class() -> type:
     return _class_for(WeightAdapterBase)
 
 
-def make_adapter(contributions, part: str, weight_shape) -> EngineWeightMath:
-    return adapter_class()(contributions, part, weight_shape)
+def make_adapter(contributions, part: str, weight_shape, warned: set | None = None) -> EngineWeightMath:
+    return adapter_class()(contributions, part, weight_shape, warned)
 
 
 def patch_key(key: str, rows):
@@ -147,7 +144,8 @@ def fold_into_previous(patcher, patches: dict) -> dict:
         last = entries[-1] if entries else None
         if (last is not None and isinstance(last[1], EngineWeightMath) and last[1].part == value.part
                 and last[0] == 1.0 and last[2] == 1.0 and last[3] == offset and last[4] is None):
-            joint = make_adapter(last[1].contributions + value.contributions, value.part, value.weight_shape)
+            joint = make_adapter(last[1].contributions + value.contributions, value.part, value.weight_shape,
+                                 value.warned)
             entries[-1] = (1.0, joint, 1.0, offset, None)
         else:
             rest[k] = value
@@ -179,12 +177,13 @@ def build_patches(stack, keymap, have_model: bool = True, have_clip: bool = True
     """Plan ``stack`` (``StackEntry`` list) on ``keymap`` and turn each slot into patches."""
     plan = build_plan(list(stack), keymap)
     out = PatchSet(reports=plan.reports)
+    warned: set = set()
     for report in plan.reports.values():
         _only_present(report, keymap, have_model, have_clip)
     for slot, contributions in plan.contributions.items():
         target = plan.targets[slot]
         dest = out.model if target.component == "unet" else out.clip
-        dest[patch_key(target.weight_key, target.rows)] = make_adapter(contributions, "weight", target.shape)
+        dest[patch_key(target.weight_key, target.rows)] = make_adapter(contributions, "weight", target.shape, warned)
         if target.bias_key is not None and has_bias_delta(contributions):
-            dest[patch_key(target.bias_key, target.rows)] = make_adapter(contributions, "bias", target.shape)
+            dest[patch_key(target.bias_key, target.rows)] = make_adapter(contributions, "bias", target.shape, warned)
     return out

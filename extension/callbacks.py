@@ -6,8 +6,13 @@ callback                       what it does
 ``on_ui_settings``             the "lora-engine" settings section (``settings.register``)
 ``on_before_ui``               extra network ``lora`` + alias ``lyco`` (after the built-in, which
                                stays installed but idle; order pinned in ``metadata.ini``); the page
-``on_app_started``             REST routes (``api.register``); takes the tags back if another
-                               ``before_ui`` registered ``lora`` after ours (``claim_tags``)
+``on_before_component``        once per UI build, at its first component (every ``before_ui`` has
+                               run, the extra-network tabs are not made yet): takes the tags and the
+                               "Lora" page back if another ``before_ui`` registered them after ours
+                               (``take_back``: a renamed or symlinked folder, where metadata.ini's
+                               order does not apply)
+``on_app_started``             REST routes (``api.register``); takes the tags back as above (API-only
+                               runs make no component)
 ``on_model_loaded``            new weights: drop the old engine (its backups hold the old weights)
 ``on_cfg_denoiser``            per-step factors / re-merges (``steps.on_cfg_denoiser``)
 ``on_infotext_pasted``         ``<lora:NAME`` -> local file by ``Lora hashes``
@@ -24,6 +29,7 @@ from .network import LoraNetwork, make_extra_network
 
 log = logging.getLogger("lora_engine")
 _CONTROLLER: Controller | None = None
+_UI_BUILD_PENDING = False  # before_ui has run, the UI's first component is not made yet
 
 
 def controller() -> Controller:
@@ -40,6 +46,8 @@ def controller() -> Controller:
 def before_ui() -> None:
     from modules import extra_networks
 
+    global _UI_BUILD_PENDING
+    _UI_BUILD_PENDING = True
     c = controller()
     body = LoraNetwork(c)
     ours = make_extra_network(body)
@@ -80,6 +88,27 @@ def claim_tags(c: Controller, extra_networks) -> bool:
     return True
 
 
+def take_back(c: Controller, extra_networks) -> None:
+    """After every ``before_ui``: the tags (``claim_tags``) and then one "Lora" page, ours or, while the
+    tags are handed back, the built-in's (A1111 registers pages in ``before_ui`` too, so a built-in
+    ``before_ui`` that ran after ours added its page beside ours: two "Lora" tabs)."""
+    claim_tags(c, extra_networks)
+    c.builtin_cards = c.settings().handover and c.builtin is not None
+    dropped = page.take_back(c)
+    if dropped:
+        log.warning("lora-engine: %d other \"Lora\" page(s) registered after lora-engine's were removed", dropped)
+
+
+def before_component(component, **kwargs) -> None:
+    global _UI_BUILD_PENDING
+    if not _UI_BUILD_PENDING:
+        return
+    _UI_BUILD_PENDING = False
+    from modules import extra_networks
+
+    take_back(controller(), extra_networks)
+
+
 def app_started(demo, app) -> None:
     from modules import extra_networks
 
@@ -99,6 +128,7 @@ def register() -> None:
 
     cb.on_ui_settings(settings.register)
     cb.on_before_ui(before_ui)
+    cb.on_before_component(before_component)
     cb.on_model_loaded(model_loaded)
     cb.on_cfg_denoiser(lambda params: steps.on_cfg_denoiser(controller(), params))
     cb.on_infotext_pasted(infotext_pasted)

@@ -62,6 +62,8 @@ def make_page(controller):
     from modules import shared, ui_extra_networks
 
     class LoraEnginePage(ui_extra_networks.ExtraNetworksPage):
+        lora_engine = True  # tells our page from the built-in's, which has the same name (``one_lora_page``)
+
         def __init__(self):
             super().__init__("Lora")
             self.allow_negative_prompt = True
@@ -110,3 +112,22 @@ def register(controller) -> None:
 
     ui_extra_networks.extra_pages[:] = [p for p in ui_extra_networks.extra_pages if p.name != "lora"]
     ui_extra_networks.register_page(make_page(controller))
+
+
+def one_lora_page(pages: list, builtin_cards: bool) -> list:
+    """``pages`` with one "Lora" page left: ours, or the other one (the built-in's) while its cards are
+    shown instead of ours. Unchanged when that one is missing."""
+    lora = [p for p in pages if p.name == "lora"]
+    keep = [p for p in lora if getattr(p, "lora_engine", False) != builtin_cards][:1]
+    if not keep or len(lora) == 1:
+        return list(pages)
+    return [p for p in pages if p.name != "lora" or p is keep[0]]
+
+
+def take_back(controller) -> int:
+    """Leave one "Lora" page in A1111's list (:func:`one_lora_page`); returns how many were dropped."""
+    from modules import ui_extra_networks
+
+    before = len(ui_extra_networks.extra_pages)
+    ui_extra_networks.extra_pages[:] = one_lora_page(ui_extra_networks.extra_pages, controller.builtin_cards)
+    return before - len(ui_extra_networks.extra_pages)

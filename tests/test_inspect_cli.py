@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine.apps.cli import main as cli_main
-from tests.formats.peft_oracle import TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models
-from tests.oracle_models import tiny_unet
+from tests.fixtures.files.peft_oracle import TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models
+from tests.fixtures.models.oracle import tiny_unet
 
 
 def _inspect(capsys, *paths) -> list[dict]:
@@ -122,7 +122,7 @@ def _lycoris_te_file(path, algo: str, hidden: int, **kw):
 
     from lycoris import create_lycoris
 
-    from tests.oracle_models import tiny_clip
+    from tests.fixtures.models.oracle import tiny_clip
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     net = create_lycoris(tiny_clip(0, hidden=hidden), 1.0, linear_dim=2, linear_alpha=1.0, algo=algo, **kw)
@@ -156,14 +156,14 @@ def _kohya_oft_file(path, unet):
 
 def test_family_from_oft_ia3_glora_widths(tmp_path, capsys):
     """Files without metadata whose adapters are not LoRA factors: their own tensor widths tell the family."""
-    from tests.models.tiny_sd import tiny_unet as family_unet
+    from tests.fixtures.models.tiny_sd import tiny_unet as family_unet
 
     files = {}
     for algo, kw in (("ia3", {}), ("glora", {}), ("diag-oft", dict(block_size=4))):
         for hidden, arch in ((768, "sd1"), (1024, "sd2")):
             files[_lycoris_te_file(tmp_path / f"{algo}-{hidden}.safetensors", algo, hidden, **kw)] = \
                 (arch, f"width {hidden}", algo.replace("diag-", ""))
-    from tests.tools.writers import lycoris_file  # lycoris' writer on a UNet whose context is 1024 wide
+    from tests.fixtures.files.writers import lycoris_file  # lycoris' writer on a UNet whose context is 1024 wide
 
     glora_unet = tmp_path / "glora-unet.safetensors"
     save_file(load_file(lycoris_file(glora_unet, seed=1, algo="glora")), str(glora_unet))  # no metadata
@@ -186,7 +186,7 @@ def test_glora_on_a_unet_tells_the_context_width(tmp_path, capsys):
 
     from lycoris import create_lycoris
 
-    from tests.oracle_models import tiny_unet
+    from tests.fixtures.models.oracle import tiny_unet
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     for cross_dim, arch in ((1024, "sd2"), (2048, "sdxl")):

@@ -11,7 +11,7 @@ An ``apply`` is all or nothing. A slot's value is a deterministic function of Wâ
 so a failure halfway is undone by recomputing every slot touched so far from the previous plan (the same
 bits; no copy of the pre-apply values is held). A written weight that is not finite (an fp32 sum that
 overflowed, or a finite sum beyond fp16's range) is refused: that slot keeps its previous value, checked
-by one fp32 sum of the written weight (see ``finite``). ``restore`` walks the backups, not the plan.
+by one sum of the written weight in its dtype (see ``finite``). ``restore`` walks the backups, not the plan.
 """
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def plan_for(ckpt: Checkpoint, loras: list[BakeLora], force: bool = False) -> tu
     plan = build_plan(stack, keymap, force_foreign=force)
     warnings = [line for r in plan.reports.values() if (line := r.line())]
     if not plan.targets:
-        raise ToolError(f"{ckpt.path}: no LoRA module applies to this checkpoint ({keymap.architecture}); "
+        raise ToolError(f"{ckpt.path}: no LoRA module matched this checkpoint ({keymap.architecture}); "
                         + ("; ".join(warnings) or "all strengths are 0"))
     return plan, warnings
 

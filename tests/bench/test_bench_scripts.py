@@ -55,6 +55,13 @@ def test_bench_sidepath_runs_on_the_tiny_model():
     assert re.search(r"\d+ UNet layers touched", out)
 
 
+def test_bench_finite_check_runs_on_the_tiny_model():
+    out = _run("bench/bench_finite_check.py", "--models", "tiny", "--stacks", "1,2", "--reps", "1", "--threads", "1")
+    rows = _table_rows(out, "| model | n | touched MiB")
+    assert [(r[0], r[1]) for r in rows] == [("tiny", "1"), ("tiny", "2")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
 def test_bench_threads_runs_its_commands():
     out = _run("bench/bench_threads.py", "--commands", "train,grid", "--configs", "default", "--train-steps", "1",
                "--grid-steps", "1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from lora_engine.errors import OperationCancelled, ToolError
 from lora_engine.formats.safetensors_file import SafetensorsFile
 from lora_engine.keymap import build_keymap
 from lora_engine.tools.bake import BakeLora, bake
-from tests.models.hosts import a1111_root
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import a1111_root
+from tests.fixtures.models.tiny_sd import TinySD
 
 VAE_KEY = "first_stage_model.decoder.conv_in.weight"
 
@@ -189,8 +190,8 @@ def test_bake_equals_engine_merge_bit_for_bit(tmp_path):
     from lora_engine.engine import LoraEngine, shapes_of
     from lora_engine.formats import load_lora
     from lora_engine.patch import StackEntry
-    from tests.oracle_models import tiny_unet
-    from tests.tools.writers import lycoris_file
+    from tests.fixtures.models.oracle import tiny_unet
+    from tests.fixtures.files.writers import lycoris_file
 
     lora = lycoris_file(tmp_path / "dora.safetensors", seed=21, dora_wd=True, wd_on_output=True)
     unet = tiny_unet(seed=0).half()
@@ -205,3 +206,53 @@ def test_bake_equals_engine_merge_bit_for_bit(tmp_path):
         assert torch.equal(got["unet." + k], v), k
         changed += not torch.equal(v, base["unet." + k])
     assert changed > 50
+
+
+def _sdxl_lora_for(path) -> None:
+    """A kohya LoRA on every 2-D/4-D target of the tiny SDXL model (some names and shapes also exist in SD1)."""
+    sdxl_map = build_keymap({k: tuple(v.shape) for k, v in a1111_root(TinySD.build("sdxl")).state_dict().items()})
+    _kohya_lora(path, sdxl_map, seed=4, every=1)
+
+
+def test_bake_applies_nothing_of_a_lora_for_another_family_unless_forced(tmp_path):
+    ckpt = tmp_path / "sd1.safetensors"
+    state = _ldm_checkpoint(ckpt, "sd1", torch.float32)
+    xl = tmp_path / "xl.safetensors"
+    _sdxl_lora_for(xl)
+    with pytest.raises(ToolError) as err:
+        bake(ckpt, [BakeLora(str(xl))], tmp_path / "o.safetensors")
+    line = str(err.value)
+    assert "\n" not in line and "SDXL LoRA on an SD1.x model" in line and "nothing of it was applied" in line, line
+    assert not (tmp_path / "o.safetensors").exists()
+    # next to a LoRA for this model, the foreign one is left out and the other baked
+    keymap = build_keymap({k: tuple(v.shape) for k, v in state.items()})
+    own = _kohya_lora(tmp_path / "own.safetensors", keymap, seed=1, every=5)
+    res = bake(ckpt, [BakeLora(str(xl)), BakeLora(str(tmp_path / "own.safetensors"))], tmp_path / "o.safetensors")
+    assert res.touched == len(_expected(state, keymap, [(own, 1.0, 1.0)]))
+    assert len(res.warnings) == 1 and "nothing of it was applied" in res.warnings[0]
+    fitting = int(re.search(r"applies the (\d+) module\(s\) that fit", line).group(1))
+    forced = bake(ckpt, [BakeLora(str(xl))], tmp_path / "f.safetensors", force=True)  # the CLI's --force
+    got = load_file(str(tmp_path / "f.safetensors"))
+    changed = [k for k, v in state.items() if not torch.equal(got[k], v)]
+    assert forced.touched == len(changed) == fitting > 0
+    (warning,) = forced.warnings
+    assert "SDXL LoRA on an SD1.x model" in warning and "nothing of it was applied" not in warning
+
+
+def test_bake_keeps_a_weight_whose_result_is_not_finite(tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    state = _ldm_checkpoint(ckpt, "sd1", torch.float16)
+    keymap = build_keymap({k: tuple(v.shape) for k, v in state.items()})
+    chosen = _kohya_lora(tmp_path / "a.safetensors", keymap, seed=1, every=4)
+    name = next(iter(chosen))
+    sd = load_file(str(tmp_path / "a.safetensors"))
+    sd[f"{name}.lora_up.weight"] = torch.full_like(sd[f"{name}.lora_up.weight"], 300.0)  # ΔW ~ 1e4·r: Inf in fp16
+    sd[f"{name}.lora_down.weight"] = torch.full_like(sd[f"{name}.lora_down.weight"], 300.0)
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    res = bake(ckpt, [BakeLora(str(tmp_path / "a.safetensors"))], tmp_path / "o.safetensors")
+    key = keymap.lookup(name).weight_key
+    (warning,) = res.warnings
+    assert warning.startswith(key) and "would not be finite; kept as in the checkpoint" in warning
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert torch.equal(got[key], state[key]) and all(torch.isfinite(v).all() for v in got.values())
+    assert sum(not torch.equal(got[k], v) for k, v in state.items()) == len(chosen) - 1

@@ -13,9 +13,9 @@ from lora_engine.apps.cli.bake_cmd import parse_lora
 from lora_engine.syntax.file_weights import split_weights
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root
-from tests.models.tiny_sd import TinySD
-from tests.tools.writers import deltas, lycoris_file
+from tests.fixtures.models.hosts import a1111_root
+from tests.fixtures.models.tiny_sd import TinySD
+from tests.fixtures.files.writers import deltas, lycoris_file
 
 
 def test_weight_specs():
@@ -123,3 +123,59 @@ def test_a_weight_that_is_not_a_number_is_named(tmp_path, capsys):
     assert "weight 'x1' is not a number" in capsys.readouterr().err
     assert split_weights(f"{tmp_path / 'nope'}:abc", 1) == (f"{tmp_path / 'nope'}:abc", [])  # no file: a path
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _kohya(path, version: str, value: float = 0.3,
+           names=("lora_unet_mid_block_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1")) -> None:
+    """A kohya LoRA on ``names`` (8×8 weights) tagged by its trainer as made for ``version``."""
+    sd = {}
+    for name in names:
+        sd |= {f"{name}.lora_down.weight": torch.full((2, 8), value), f"{name}.lora_up.weight": torch.full((8, 2), value),
+               f"{name}.alpha": torch.tensor(2.0)}
+    save_file(sd, str(path), {"ss_base_model_version": version})
+
+
+def test_merge_of_different_families_needs_force(tmp_path, capsys):
+    _kohya(tmp_path / "one.safetensors", "sd_v1")
+    _kohya(tmp_path / "xl.safetensors", "sdxl_base_v1-0")
+    args = ["merge", str(tmp_path / "one.safetensors"), str(tmp_path / "xl.safetensors"), "-o", str(tmp_path / "m.safetensors"),
+            "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "one.safetensors is SD1.x (metadata)" in err and "xl.safetensors is SDXL" in err
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(args + ["--force"]) == 0
+    assert "different model families" in capsys.readouterr().out and (tmp_path / "m.safetensors").exists()
+
+
+def test_merge_warns_about_absurd_weights_and_drops_non_finite_modules(tmp_path, capsys):
+    _kohya(tmp_path / "a.safetensors", "sd_v1")
+    _kohya(tmp_path / "b.safetensors", "sd_v1", names=["lora_unet_mid_block_attentions_0_proj_out"])
+    assert main(["merge", f"{tmp_path / 'a.safetensors'}:1e30", str(tmp_path / "b.safetensors"),
+                 "-o", str(tmp_path / "m.safetensors"), "--precision", "fp16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "weight 1e+30 is outside ±100" in out and out.count("not finite; module left out") == 2, out
+    assert list(load_lora(tmp_path / "m.safetensors").modules) == ["lora_unet_mid_block_attentions_0_proj_out"]
+
+
+def test_bake_force_flag(tmp_path, capsys):
+    state = {k: v.detach().clone().contiguous() for k, v in a1111_root(TinySD.build("sd1")).state_dict().items()}
+    save_file(state, str(tmp_path / "sd1.safetensors"))
+    xl_map = build_keymap({k: tuple(v.shape) for k, v in a1111_root(TinySD.build("sdxl")).state_dict().items()})
+    sd, seen = {}, set()
+    for name in xl_map.names():
+        t = xl_map.lookup(name)
+        if len(t.shape) == 2 and t not in seen:
+            seen.add(t)
+            sd |= {f"{name}.lora_down.weight": torch.randn(2, t.shape[1]), f"{name}.lora_up.weight": torch.randn(t.shape[0], 2)}
+    save_file(sd, str(tmp_path / "xl.safetensors"))
+    args = ["bake", str(tmp_path / "sd1.safetensors"), "--lora", str(tmp_path / "xl.safetensors"), "-o",
+            str(tmp_path / "o.safetensors"), "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "SDXL LoRA on an SD1.x model" in err and "nothing of it was applied" in err
+    assert main(args + ["--force"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: xl: " in out and "SDXL LoRA on an SD1.x model" in out
+    changed = int(out.split("wrote ")[1].split(": ")[1].split(" tensors changed")[0])
+    assert changed > 0

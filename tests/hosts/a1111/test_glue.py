@@ -9,10 +9,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from safetensors.torch import save_file
 import torch
 
 from extension import api, infotext
+from extension import page as page_mod
 from extension.page import card_fields
 from extension.runtime import denoiser_rows
 from extension.settings import Settings
@@ -28,7 +30,7 @@ FAKE_CALLBACKS = textwrap.dedent('''
         def register(callback, *, name=None):
             registered.append(kind)
         return register
-    for _k in ("ui_settings", "before_ui", "model_loaded", "cfg_denoiser", "infotext_pasted",
+    for _k in ("ui_settings", "before_ui", "before_component", "model_loaded", "cfg_denoiser", "infotext_pasted",
                "app_started", "script_unloaded", "ui_tabs"):
         globals()["on_" + _k] = _on(_k)
 ''')
@@ -56,8 +58,8 @@ def test_entry_script_registers_callbacks_under_a_unique_package(tmp_path):
         bad = [m for m in ("extension", "networks", "network", "lora", "lora_patches") if m in sys.modules]
         print(sorted(script_callbacks.registered), "lora_engine_a1111.callbacks" in sys.modules, bad)
     ''')
-    assert printed == ("['app_started', 'before_ui', 'cfg_denoiser', 'infotext_pasted', 'model_loaded', "
-                       "'script_unloaded', 'ui_settings', 'ui_tabs'] True []"), printed
+    assert printed == ("['app_started', 'before_component', 'before_ui', 'cfg_denoiser', 'infotext_pasted', "
+                       "'model_loaded', 'script_unloaded', 'ui_settings', 'ui_tabs'] True []"), printed
 
 
 # modules.script_callbacks.add_callback as A1111 1.10 names a callback: "<extension folder>/<basename of the
@@ -70,7 +72,7 @@ NAMING_CALLBACKS = textwrap.dedent('''
             caller = [f.filename for f in inspect.stack() if f.filename != __file__][0]
             registered.append("lora-engine/" + os.path.basename(caller) + "/" + kind)
         return register
-    for _k in ("ui_settings", "before_ui", "model_loaded", "cfg_denoiser", "infotext_pasted",
+    for _k in ("ui_settings", "before_ui", "before_component", "model_loaded", "cfg_denoiser", "infotext_pasted",
                "app_started", "script_unloaded", "ui_tabs"):
         globals()["on_" + _k] = _on(_k)
 ''')
@@ -140,6 +142,77 @@ def test_app_started_takes_the_tags_back_if_registered_over(tmp_path):
     registry["lora"] = other  # e.g. the folder was renamed, so metadata.ini's order did not apply
     assert claim_tags(c, extra_networks) is True
     assert registry["lora"] is ours and aliases["lyco"] is ours and c.builtin is other
+
+
+def _a1111_modules(monkeypatch):
+    """``modules.extra_networks`` (registry, setters, ExtraNetwork) and ``modules.ui_extra_networks``
+    (ExtraNetworksPage names itself by its lower-cased title; extra_pages, register_page) as A1111 1.10
+    declares them, put in ``sys.modules`` for this test."""
+    import types
+
+    en, uen = types.ModuleType("modules.extra_networks"), types.ModuleType("modules.ui_extra_networks")
+    en.extra_network_registry, en.aliases = {}, {}
+    en.register_extra_network = lambda n: en.extra_network_registry.__setitem__(n.name, n)
+    en.register_extra_network_alias = lambda n, alias: en.aliases.__setitem__(alias, n)
+    en.ExtraNetwork = type("ExtraNetwork", (), {"__init__": lambda self, name: setattr(self, "name", name)})
+    uen.extra_pages = []
+    uen.ExtraNetworksPage = type("ExtraNetworksPage", (), {"__init__": lambda self, title: setattr(self, "name", title.lower())})
+    uen.register_page = uen.extra_pages.append
+    shared = types.ModuleType("modules.shared")
+    shared.sd_model = None
+    modules = types.ModuleType("modules")
+    modules.extra_networks, modules.ui_extra_networks, modules.shared = en, uen, shared
+    for name, m in (("modules", modules), ("modules.extra_networks", en), ("modules.ui_extra_networks", uen),
+                    ("modules.shared", shared)):
+        monkeypatch.setitem(sys.modules, name, m)
+    return en, uen
+
+
+@pytest.mark.parametrize("handover", [False, True])
+@pytest.mark.parametrize("builtin_first", [True, False])
+def test_first_component_leaves_one_lora_page_and_our_tags(tmp_path, monkeypatch, handover, builtin_first):
+    """Found in a real A1111 1.10.1 with extensions/lora-engine a symlink: A1111 resolves the callback's
+    file to the link's target, so metadata.ini's order did not apply, the built-in's before_ui ran after
+    ours and the UI had two "Lora" tabs. The first component of the UI takes tags and page back."""
+    from extension import callbacks
+    from extension.controller import Controller
+
+    en, uen = _a1111_modules(monkeypatch)
+    monkeypatch.setattr(callbacks, "_CONTROLLER", Controller(Opts({"lora_engine_handover": handover}),
+                                                             [str(tmp_path)], cache_path=None))
+    builtin_net, builtin_page = en.ExtraNetwork("lora"), uen.ExtraNetworksPage("Lora")
+    other_page = uen.ExtraNetworksPage("Textual Inversion")
+    uen.register_page(other_page)
+
+    def builtin_before_ui():  # extensions-builtin/Lora/scripts/lora_script.py
+        uen.register_page(builtin_page)
+        en.register_extra_network(builtin_net)
+
+    for before_ui in ([builtin_before_ui, callbacks.before_ui] if builtin_first else
+                      [callbacks.before_ui, builtin_before_ui]):
+        before_ui()
+    c = callbacks.controller()
+    assert (len([p for p in uen.extra_pages if p.name == "lora"]) == 2) == (not builtin_first)
+    callbacks.before_component(object(), elem_id="txt2img_prompt")
+    lora_pages = [p for p in uen.extra_pages if p.name == "lora"]
+    assert len(lora_pages) == 1 and other_page in uen.extra_pages
+    assert (lora_pages[0] is builtin_page) == handover == c.builtin_cards
+    assert en.extra_network_registry["lora"] is c.network and en.aliases["lyco"] is c.network
+    assert c.builtin is builtin_net
+    uen.register_page(uen.ExtraNetworksPage("Lora"))  # only the first component of a UI build looks
+    callbacks.before_component(object())
+    assert len([p for p in uen.extra_pages if p.name == "lora"]) == 2
+
+
+def test_one_lora_page_keeps_the_only_one():
+    import types
+
+    ours = types.SimpleNamespace(name="lora", lora_engine=True)
+    other, ti = types.SimpleNamespace(name="lora"), types.SimpleNamespace(name="textual inversion")
+    assert page_mod.one_lora_page([ti, ours, other], builtin_cards=False) == [ti, ours]
+    assert page_mod.one_lora_page([other, ti, ours], builtin_cards=True) == [other, ti]
+    assert page_mod.one_lora_page([ti, ours], builtin_cards=True) == [ti, ours]  # nothing to show instead
+    assert page_mod.one_lora_page([other], builtin_cards=False) == [other]
 
 
 def _file(path, meta=None):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 
 import torch
+from safetensors.torch import save_file
 
 from tests.hosts.a1111.conftest import make_network, module_of, write_lora
 from tests.hosts.a1111.standin import Processing, activate, deactivate, parse_prompts
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.tiny_sd import TinySD
 
 
 def _originals(tiny, dotted_names):
@@ -179,3 +180,36 @@ def test_block_weights_from_the_tag(sd_model, tiny, loras):
     for d, dw in deltas["a"].items():
         want = w0[d] + 0.5 * dw if d in on else w0[d]
         torch.testing.assert_close(module_of(tiny, d).weight, want, rtol=0, atol=1e-6, msg=d)
+
+
+def _broken_loha(path, tiny, name: str, dotted: str) -> None:
+    """A LoHa that loads and fits by shape but fails inside its math ((o, r, 1) @ (r, i))."""
+    o, i = module_of(tiny, dotted).weight.shape[:2]
+    save_file({f"{name}.hada_w1_a": torch.randn(o, 2, 1), f"{name}.hada_w1_b": torch.randn(2, i),
+               f"{name}.hada_w2_a": torch.randn(o, 2), f"{name}.hada_w2_b": torch.randn(2, i),
+               f"{name}.alpha": torch.tensor(2.0)}, str(path))
+
+
+def test_lora_failing_in_its_math_keeps_the_last_good_state_with_one_warning(sd_model, tiny, loras):
+    folder, deltas = loras
+    name, dotted = "lora_te_text_model_encoder_layers_0_self_attn_k_proj", "te.encoder.layers.0.self_attn.k_proj"
+    _broken_loha(folder / "bad.safetensors", tiny, name, dotted)
+    c, net = make_network(folder, lora_engine_mode="merged")
+    _run_activate(net, sd_model, "<lora:a:1>")
+
+    def weights():
+        return {f"unet.{k}": v.detach().clone() for k, v in tiny.unet.state_dict().items()} | \
+            {f"te.{k}": v.detach().clone() for k, v in tiny.text_encoders[0].state_dict().items()}
+
+    good = weights()
+    for mode in ("merged", "on the fly"):  # the second needs a change of mode, undone as well
+        c.opts.values["lora_engine_mode"] = mode
+        p, _ = _run_activate(net, sd_model, "<lora:b:1> <lora:bad:1>")  # does not raise into A1111
+        lines = list(p.comments)
+        assert len(lines) == 1 and "bad.safetensors" in lines[0] and name in lines[0], lines
+        assert all(torch.equal(v, good[k]) for k, v in weights().items())  # still exactly <lora:a:1>
+        assert c.runtime.engine.mode.value == "merged" and [v.mentioned for v in c.runtime.batch.variants] == ["a"]
+    c.opts.values["lora_engine_mode"] = "merged"
+    _run_activate(net, sd_model, "<lora:b:1>")  # a good stack applies as usual
+    for d, dw in deltas["b"].items():
+        assert not torch.equal(module_of(tiny, d).weight, good[d + ".weight"]), d

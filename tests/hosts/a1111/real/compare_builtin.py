@@ -5,7 +5,7 @@ Set-up (README.md, "Comparing with the built-in Lora in a real A1111"): this rep
 ``make_models.py`` in A1111's ``models/`` and the matching checkpoint loaded. Then
 
     python -m tests.hosts.a1111.real.compare_builtin sd1|sd2|sdxl A1111_ROOT OUT_DIR [--url URL] [--size 128]
-                                                     [--every N]
+                                                     [--steps 4] [--every N]
 
 Same seed, same stack (two LoRAs, one with separate te/unet weights, one negative), in this order:
 base; ours merged; ours on the fly; base; built-in (hand-back setting); base; ours merged again; base.
@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import os
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -36,17 +37,20 @@ STACK = ((0, 0.8, 0.8), (1, 0.6, -0.5))  # (LoRA index, te weight, unet weight)
 
 
 class A1111:
-    def __init__(self, url: str, every: int = 1):
-        self.url, self.every = url, every
+    def __init__(self, url: str, every: int = 1, steps: int = 4):
+        self.url, self.every, self.steps = url, every, steps
 
     def call(self, path: str, data=None, method: str | None = None):
         req = urllib.request.Request(self.url + path, data=None if data is None else json.dumps(data).encode(),
                                      headers={"Content-Type": "application/json"}, method=method)
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            return json.loads(r.read() or b"null")
+        try:
+            with urllib.request.urlopen(req, timeout=3600) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:  # A1111's answer names the error (e.g. NansException)
+            raise RuntimeError(f"{path}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
 
     def image(self, prompt: str, size: int) -> np.ndarray:
-        r = self.call("/sdapi/v1/txt2img", dict(prompt=prompt, negative_prompt="", seed=42, steps=4,
+        r = self.call("/sdapi/v1/txt2img", dict(prompt=prompt, negative_prompt="", seed=42, steps=self.steps,
                                                 sampler_name="Euler", cfg_scale=7, width=size, height=size))
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["images"][0])))).astype(np.int16)
 
@@ -85,10 +89,11 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--url", default="http://127.0.0.1:7860")
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--every", type=int, default=1, help="compare one targeted weight in N (SDXL: 8 saves RAM)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    api = A1111(args.url, args.every)
+    api = A1111(args.url, args.every, args.steps)
     names = [f"{args.arch}_style{i}" for i, _, _ in STACK]
     loras = [os.path.join(args.a1111_root, "models", "Lora", n + ".safetensors") for n in names]
     checkpoint = os.path.join(args.a1111_root, "models", "Stable-diffusion", f"{args.arch}_random.safetensors")
