@@ -147,8 +147,8 @@ def build_model(arch: str, dtype: torch.dtype, device="cpu") -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.models.full_sd import CLIP_L, UNET
-    from tests.models.tiny_sd import TinySD
+    from tests.fixtures.models.full_sd import CLIP_L, UNET
+    from tests.fixtures.models.tiny_sd import TinySD
 
     root = torch.nn.Module()
     if arch == "tiny":
@@ -268,7 +268,7 @@ def model_bytes(arch: str, dtype: torch.dtype) -> int:
     """Parameter bytes of the model ``build_model`` makes (the text encoder approximated)."""
     from diffusers import UNet2DConditionModel
 
-    from tests.models.full_sd import UNET
+    from tests.fixtures.models.full_sd import UNET
     if arch == "tiny":
         return 0
     with torch.device("meta"):

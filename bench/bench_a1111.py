@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 from extension.steps import on_cfg_denoiser  # noqa: E402
 from tests.hosts.a1111.conftest import make_network, write_lora  # noqa: E402
 from tests.hosts.a1111.standin import Processing, SDModel, process_images  # noqa: E402
-from tests.models.tiny_sd import TinySD  # noqa: E402
+from tests.fixtures.models.tiny_sd import TinySD  # noqa: E402
 
 
 def sd15_like(full: bool):

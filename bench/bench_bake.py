@@ -45,9 +45,9 @@ def _meta_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.models.hosts import nested_clip
-    from tests.models.ldm_view import ldm_unet_view
-    from tests.models.openclip import OpenCLIPText
+    from tests.fixtures.models.hosts import nested_clip
+    from tests.fixtures.models.ldm_view import ldm_unet_view
+    from tests.fixtures.models.openclip import OpenCLIPText
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(SD15_UNET if arch == "sd15" else SDXL_UNET))

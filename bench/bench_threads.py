@@ -118,7 +118,7 @@ def setup_sd(work: str) -> None:
     from lora_engine.apps.generate import pipeline_root
     from lora_engine.engine import shapes_of
     from lora_engine.keymap import build_keymap
-    from tests.patch.lorafiles import write_kohya
+    from tests.fixtures.files.kohya import write_kohya
     from tests.train.models import make_dataset, tiny_parts
 
     parts = tiny_parts(work)

@@ -21,7 +21,7 @@ def probe(t: torch.Tensor | None) -> torch.Tensor | None:
     integer, empty or ``meta`` tensors). Non-finite when ``t`` holds a NaN or an Inf."""
     if t is None or not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
         return None
-    return t.sum()
+    return _summable(t).sum()
 
 
 def finite_probes(probes: list[torch.Tensor]) -> list[bool]:
@@ -30,15 +30,23 @@ def finite_probes(probes: list[torch.Tensor]) -> list[bool]:
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(probes):
         by_device.setdefault(p.device, []).append(i)
-    for device, idx in by_device.items():
+    for idx in by_device.values():
         flags = torch.isfinite(torch.stack([probes[i].float() for i in idx])).tolist()
         for i, ok in zip(idx, flags):
             out[i] = ok
     return out
 
 
+def _summable(t: torch.Tensor) -> torch.Tensor:
+    """fp8 has no CPU sum: upcast exactly (e5m2 -> fp16, e4m3fn -> bf16, NaN/Inf kept)."""
+    if t.element_size() == 1:
+        return t.to(torch.float16 if t.dtype == torch.float8_e5m2 else torch.bfloat16)
+    return t
+
+
 def confirmed(t: torch.Tensor) -> bool:
     """After a non-finite probe: whether ``t`` really holds a NaN/Inf (not just a sum that overflowed)."""
+    t = _summable(t)
     if t.element_size() < 4 and math.isfinite(float(t.sum(dtype=torch.float32))):
         return False
     return not bool(torch.isfinite(t).all())

@@ -15,7 +15,7 @@ from lora_engine.formats import load_lora  # noqa: E402
 from lora_engine.apps.generate import GenerateOptions, generate, load_pipeline, pipeline_root  # noqa: E402
 from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
-from tests.patch.lorafiles import write_kohya  # noqa: E402
+from tests.fixtures.files.kohya import write_kohya  # noqa: E402
 from tests.train.models import tiny_parts  # noqa: E402
 
 SIZE = 32
@@ -153,7 +153,7 @@ def _sdxl_pipeline(tmp):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tests.models.tiny_sd import text_encoder_config, tiny_unet
+    from tests.fixtures.models.tiny_sd import text_encoder_config, tiny_unet
     from tests.train.models import tiny_tokenizer, tiny_vae
 
     tok = tiny_tokenizer(str(tmp / "tok"))

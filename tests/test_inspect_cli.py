@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine.apps.cli import main as cli_main
-from tests.formats.peft_oracle import TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models
-from tests.oracle_models import tiny_unet
+from tests.fixtures.files.peft_oracle import TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models
+from tests.fixtures.models.oracle import tiny_unet
 
 
 def _inspect(capsys, *paths) -> list[dict]:
@@ -122,7 +122,7 @@ def _lycoris_te_file(path, algo: str, hidden: int, **kw):
 
     from lycoris import create_lycoris
 
-    from tests.oracle_models import tiny_clip
+    from tests.fixtures.models.oracle import tiny_clip
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     net = create_lycoris(tiny_clip(0, hidden=hidden), 1.0, linear_dim=2, linear_alpha=1.0, algo=algo, **kw)
@@ -156,14 +156,14 @@ def _kohya_oft_file(path, unet):
 
 def test_family_from_oft_ia3_glora_widths(tmp_path, capsys):
     """Files without metadata whose adapters are not LoRA factors: their own tensor widths tell the family."""
-    from tests.models.tiny_sd import tiny_unet as family_unet
+    from tests.fixtures.models.tiny_sd import tiny_unet as family_unet
 
     files = {}
     for algo, kw in (("ia3", {}), ("glora", {}), ("diag-oft", dict(block_size=4))):
         for hidden, arch in ((768, "sd1"), (1024, "sd2")):
             files[_lycoris_te_file(tmp_path / f"{algo}-{hidden}.safetensors", algo, hidden, **kw)] = \
                 (arch, f"width {hidden}", algo.replace("diag-", ""))
-    from tests.tools.writers import lycoris_file  # lycoris' writer on a UNet whose context is 1024 wide
+    from tests.fixtures.files.writers import lycoris_file  # lycoris' writer on a UNet whose context is 1024 wide
 
     glora_unet = tmp_path / "glora-unet.safetensors"
     save_file(load_file(lycoris_file(glora_unet, seed=1, algo="glora")), str(glora_unet))  # no metadata
@@ -186,7 +186,7 @@ def test_glora_on_a_unet_tells_the_context_width(tmp_path, capsys):
 
     from lycoris import create_lycoris
 
-    from tests.oracle_models import tiny_unet
+    from tests.fixtures.models.oracle import tiny_unet
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     for cross_dim, arch in ((1024, "sd2"), (2048, "sdxl")):
@@ -200,7 +200,8 @@ def test_glora_on_a_unet_tells_the_context_width(tmp_path, capsys):
 
 def test_peft_folders_written_by_convert_keep_modules_and_metadata(tmp_path, capsys):
     """`convert --to peft` of a LoRA on the UNet and the text encoder writes unet/ and text_encoder/ PEFT
-    folders; inspect reads the folder as one LoRA, and the source's ss_* metadata survives every format."""
+    folders; inspect reads the folder as one LoRA, and the source's ss_* metadata survives every format
+    (titled by the written file, as every tool titles its output)."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import get_peft_model_state_dict
 
@@ -220,9 +221,10 @@ def test_peft_folders_written_by_convert_keep_modules_and_metadata(tmp_path, cap
     kohya, peft, diffusers, back = _inspect(capsys, src, tmp_path / "peft", tmp_path / "d.safetensors",
                                             tmp_path / "back.safetensors")
     assert peft["error"] is None and peft["format"] == "peft"
-    for s in (peft, diffusers, back):
+    for s, title in ((peft, "peft"), (diffusers, "d"), (back, "back")):
         assert (s["architecture"], s["architecture_source"]) == ("sd1", "metadata"), s["path"]
-        assert {k: s["metadata"][k] for k in meta} == meta
+        # the metadata travels; the title is the written file's own name (tools title their outputs)
+        assert {k: s["metadata"][k] for k in meta} == dict(meta, ss_output_name=title, **{"modelspec.title": title})
         assert s["modules"] == kohya["modules"] and _blocks(s) == _blocks(kohya), s["path"]
 
 

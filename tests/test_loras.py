@@ -14,7 +14,7 @@ from lora_engine.patch.plan import build_plan
 from lora_engine.syntax.blocks import block_ratios
 from lora_engine.syntax.prompt import StepPoint, StepWindow, parse_prompt
 from tests.patch.conftest import make_host
-from tests.patch.lorafiles import write_kohya
+from tests.fixtures.files.kohya import write_kohya
 
 
 def _tags(text):

@@ -231,13 +231,14 @@ def _to_peft(got: _Collected, out: str, to: str, reference, overwrite: bool) -> 
     for name, m in got.modules.items():
         comp, dotted = paths[name]
         comps.setdefault(comp, {})[dotted] = m
+    meta = titled(got.metadata, out) if got.metadata else {}  # the source's ss_*/modelspec keys, our own title
     if to == "diffusers":
-        write_diffusers(out, comps, got.metadata)
+        write_diffusers(out, comps, meta)
     elif len(comps) == 1:
-        write_peft_folder(out, next(iter(comps.values())), overwrite, got.metadata)
+        write_peft_folder(out, next(iter(comps.values())), overwrite, meta)
     else:
         from ..formats.safetensors_writer import atomic_dir
         with atomic_dir(out, overwrite) as tmp:
             for comp, mods in comps.items():
-                write_peft_folder(os.path.join(tmp, comp), mods, metadata=got.metadata)
+                write_peft_folder(os.path.join(tmp, comp), mods, metadata=meta)
     return ConvertResult(out, len(got.modules))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_engine.formats import load_lora
-from tests.oracle_models import module_output, sample_input, tiny_unet
+from tests.fixtures.models.oracle import module_output, sample_input, tiny_unet
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 

@@ -60,3 +60,11 @@ def test_bench_finite_check_runs_on_the_tiny_model():
     rows = _table_rows(out, "| model | n | touched MiB")
     assert [(r[0], r[1]) for r in rows] == [("tiny", "1"), ("tiny", "2")]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+def test_bench_threads_runs_its_commands():
+    out = _run("bench/bench_threads.py", "--commands", "train,grid", "--configs", "default", "--train-steps", "1",
+               "--grid-steps", "1")
+    rows = _table_rows(out, "| command | threads")
+    assert [(r[0], r[1], r[3]) for r in rows] == [("train", "default policy", "1.00"), ("grid", "default policy", "1.00")]
+    assert re.search(r"before: .*load average", out) and "the policy now:" in out

@@ -9,8 +9,8 @@ from lora_engine.families import FamilyMismatch
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.patch import StackEntry
-from tests.families.flux_files import flux_modules, native_lora, write
-from tests.models.flux import TINY_FLUX, TINY_SD3, NativeTree, flux_model, native_state, sd3_model
+from tests.fixtures.files.flux import flux_modules, native_lora, write
+from tests.fixtures.models.flux import TINY_FLUX, TINY_SD3, NativeTree, flux_model, native_state, sd3_model
 
 pytest.importorskip("diffusers")
 
@@ -39,8 +39,8 @@ def test_flux_lora_on_sd3(flux_file):
 
 
 def test_flux_lora_on_sdxl(flux_file):
-    from tests.models.hosts import diffusers_root
-    from tests.models.tiny_sd import TinySD
+    from tests.fixtures.models.hosts import diffusers_root
+    from tests.fixtures.models.tiny_sd import TinySD
 
     lines, changed = _apply(diffusers_root(TinySD.build("sdxl", 0)), flux_file)
     assert changed == [] and len(lines) == 1 and "Flux.1 LoRA on an SDXL model" in lines[0]

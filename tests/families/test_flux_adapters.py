@@ -10,9 +10,9 @@ import torch
 
 from lora_engine.engine import shapes_of
 from lora_engine.formats import load_lora
-from tests.families.flux_files import write
+from tests.fixtures.files.flux import write
 from tests.families.test_flux_apply import _close, _loaded, _merged
-from tests.models.flux import NativeTree, flux_model, native_state
+from tests.fixtures.models.flux import NativeTree, flux_model, native_state
 
 pytest.importorskip("peft")
 

@@ -15,8 +15,8 @@ from lora_engine.engine import LoraEngine, shapes_of
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.patch import StackEntry
-from tests.families.flux_files import flux_modules, native_lora, peft_file, write
-from tests.models.flux import NativeTree, flux_model, native_state
+from tests.fixtures.files.flux import flux_modules, native_lora, peft_file, write
+from tests.fixtures.models.flux import NativeTree, flux_model, native_state
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -221,7 +221,7 @@ def test_fused_and_split_loras_on_one_weight(models, tmp_path):
 def test_xlabs(models, tmp_path):
     """x-flux files (``processor.qkv_lora1``…, single-block ``qkv_lora`` on linear1's q,k,v rows only):
     diffusers' XLabs converter is the oracle."""
-    from tests.families.flux_files import xlabs_lora
+    from tests.fixtures.files.flux import xlabs_lora
 
     d, n = models
     path = write(xlabs_lora(shapes_of(n), 12), tmp_path / "xlabs.safetensors")

@@ -10,8 +10,8 @@ import torch
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.patch.plan import resolve
-from tests.families.flux_files import native_lora, write
-from tests.models.flux import FLUX_DEV, flux_model, native_state
+from tests.fixtures.files.flux import native_lora, write
+from tests.fixtures.models.flux import FLUX_DEV, flux_model, native_state
 
 pytest.importorskip("diffusers")
 

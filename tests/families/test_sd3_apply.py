@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lora_engine.engine import shapes_of
-from tests.families.flux_files import native_lora, peft_file, write
+from tests.fixtures.files.flux import native_lora, peft_file, write
 from tests.families.test_flux_apply import _check, _close, _loaded, _merged, _onthefly_equals_merged, diffusers_oracle
-from tests.models.flux import TINY_SD3, TINY_SD35M, NativeTree, native_state, sd3_model
+from tests.fixtures.models.flux import TINY_SD3, TINY_SD35M, NativeTree, native_state, sd3_model
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")

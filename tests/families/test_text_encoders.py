@@ -11,8 +11,8 @@ from lora_engine.engine import LoraEngine, shapes_of
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.patch import StackEntry
-from tests.families.flux_files import write
-from tests.models.flux import flux_model
+from tests.fixtures.files.flux import write
+from tests.fixtures.models.flux import flux_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_engine.keymap import build_keymap
-from tests.models.flux import CHROMA, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, flux_model, native_state, sd3_model
+from tests.fixtures.models.flux import CHROMA, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, flux_model, native_state, sd3_model
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lora_engine.formats import load_lora
-from tests.formats.peft_oracle import (TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models, by_dotted,
+from tests.fixtures.files.peft_oracle import (TE_LINEARS, UNET_CONVS, UNET_LINEARS, adapted_models, by_dotted,
                                        compare_with_peft_layers)
 
 UNET_CFG = dict(r=4, lora_alpha=8, target_modules=UNET_LINEARS + UNET_CONVS, rank_pattern={"to_v": 2},
@@ -144,7 +144,7 @@ def test_convert_state_dict_to_kohya(tmp_path, alpha):
         for comp, model in models.items():
             compare_with_peft_layers(model, _by_kohya_name(lf, model, prefixes[comp]), what=f"kohya {comp}")
     else:
-        from tests.formats.peft_oracle import lora_layers
+        from tests.fixtures.files.peft_oracle import lora_layers
 
         dotted, layer = next(lora_layers(models["unet"]))
         ours = lf.modules["lora_unet_" + dotted.replace(".", "_")].adapter.delta(layer.get_base_layer().weight).weight
@@ -155,7 +155,7 @@ def test_convert_state_dict_to_kohya(tmp_path, alpha):
 
 def _by_kohya_name(lf, model, prefix: str) -> dict:
     """Our modules keyed by the model's dotted paths, found through their kohya names."""
-    from tests.formats.peft_oracle import lora_layers
+    from tests.fixtures.files.peft_oracle import lora_layers
 
     return {dotted: lf.modules[prefix + dotted.replace(".", "_")] for dotted, _ in lora_layers(model)}
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_engine.formats import load_lora
-from tests.oracle_models import tiny_clip, tiny_unet
+from tests.fixtures.models.oracle import tiny_clip, tiny_unet
 
 PROJ_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 PROJ_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}

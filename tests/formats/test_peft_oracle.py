@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from lora_engine.formats import load_lora
-from tests.formats.peft_oracle import (TE_LINEARS, UNET_CONVS, UNET_LINEARS, by_dotted, compare_with_peft_layers,
+from tests.fixtures.files.peft_oracle import (TE_LINEARS, UNET_CONVS, UNET_LINEARS, by_dotted, compare_with_peft_layers,
                                        model_path, randomize)
-from tests.oracle_models import tiny_clip, tiny_unet
+from tests.fixtures.models.oracle import tiny_clip, tiny_unet
 
 UNET_CASES = {
     "plain": dict(r=4, lora_alpha=8, target_modules=UNET_LINEARS + UNET_CONVS),

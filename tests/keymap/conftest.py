@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.tiny_sd import ARCHS, TinySD
+from tests.fixtures.models.tiny_sd import ARCHS, TinySD
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root, comfy_clip_state_dict, comfy_unet_state_dict, diffusers_root, shapes
+from tests.fixtures.models.hosts import a1111_root, comfy_clip_state_dict, comfy_unet_state_dict, diffusers_root, shapes
 
 
 def test_te1_is_an_alias_of_te(tiny_models):

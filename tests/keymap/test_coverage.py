@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root, comfy_state_dict, diffusers_root, nested_clip, shapes
-from tests.models.ldm_view import ldm_unet_view
-from tests.models.tiny_sd import ARCHS
+from tests.fixtures.models.hosts import a1111_root, comfy_state_dict, diffusers_root, nested_clip, shapes
+from tests.fixtures.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.tiny_sd import ARCHS
 
 LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 HOSTS = ("diffusers", "a1111", "a1111_wrapped", "comfy")

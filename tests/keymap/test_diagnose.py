@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root, comfy_unet_state_dict, diffusers_root, shapes
+from tests.fixtures.models.hosts import a1111_root, comfy_unet_state_dict, diffusers_root, shapes
 
 
 def _keymap(model, host="a1111"):

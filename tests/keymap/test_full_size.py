@@ -8,10 +8,10 @@ import pytest
 
 from lora_engine.keymap import build_keymap
 from tests.keymap.test_coverage import HOSTS, _cases, host_state
-from tests.models.full_sd import build_full
-from tests.models.hosts import shapes
-from tests.models.ldm_view import ldm_unet_view
-from tests.models.tiny_sd import ARCHS
+from tests.fixtures.models.full_sd import build_full
+from tests.fixtures.models.hosts import shapes
+from tests.fixtures.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.tiny_sd import ARCHS
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.hosts import a1111_root, nested_clip
-from tests.models.ldm_view import ldm_unet_view
-from tests.models.openclip import OpenCLIPText
-from tests.models.tiny_sd import ARCHS
+from tests.fixtures.models.hosts import a1111_root, nested_clip
+from tests.fixtures.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.openclip import OpenCLIPText
+from tests.fixtures.models.tiny_sd import ARCHS
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root, shapes
-from tests.models.openclip import OpenCLIPText
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import a1111_root, shapes
+from tests.fixtures.models.openclip import OpenCLIPText
+from tests.fixtures.models.tiny_sd import TinySD
 
 
 def _unet_out(unet):

@@ -8,10 +8,10 @@ import pytest
 
 from lora_engine.keymap import build_keymap
 from lora_engine.keymap.unet_blocks import UNetNaming, layout_from_diffusers, layout_from_ldm
-from tests.models.full_sd import build_full
-from tests.models.hosts import a1111_root, shapes
-from tests.models.ldm_view import ldm_unet_view
-from tests.models.tiny_sd import ARCHS
+from tests.fixtures.models.full_sd import build_full
+from tests.fixtures.models.hosts import a1111_root, shapes
+from tests.fixtures.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.tiny_sd import ARCHS
 
 
 @pytest.mark.parametrize("arch", ARCHS)

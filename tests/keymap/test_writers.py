@@ -10,8 +10,8 @@ import torch
 from lora_engine.formats.keys import canonical_module, parse_key, te_prefix_for
 from lora_engine.keymap import build_keymap
 from tests.keymap.test_coverage import HOSTS, host_state
-from tests.models.hosts import shapes
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import shapes
+from tests.fixtures.models.tiny_sd import TinySD
 
 PRESET = """enable_conv = true
 unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"]
@@ -116,7 +116,7 @@ def test_diffusers_kohya_converter_names(tiny_models, arch):
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_comfy_native_names(tiny_models, arch):
     """ComfyUI's own trainer/extractor keys: ``diffusion_model.<ldm path>.lora_up.weight``."""
-    from tests.models.hosts import comfy_unet_state_dict
+    from tests.fixtures.models.hosts import comfy_unet_state_dict
 
     state = comfy_unet_state_dict(tiny_models[arch])
     cases = []

@@ -2,8 +2,8 @@ import pytest
 
 from lora_engine.engine import shapes_of
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root, diffusers_root
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import a1111_root, diffusers_root
+from tests.fixtures.models.tiny_sd import TinySD
 
 
 def make_host(arch: str, naming: str, seed: int = 0):

@@ -15,7 +15,7 @@ from lora_engine.library.parsed import LoraCache
 from lora_engine.patch import PatchPlan, StackEntry
 from lora_engine.patch.onthefly import _ModuleHook
 from tests.patch.conftest import make_host
-from tests.patch.lorafiles import independent_delta, lowrank_targets, names_by_target, write_kohya
+from tests.fixtures.files.kohya import independent_delta, lowrank_targets, names_by_target, write_kohya
 
 
 def _state(root) -> dict[str, torch.Tensor]:

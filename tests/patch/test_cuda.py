@@ -13,7 +13,7 @@ from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import LoraEngine, Mode
 from lora_engine.patch import StackEntry
 from tests.patch.conftest import make_host
-from tests.patch.lorafiles import independent_delta, write_kohya
+from tests.fixtures.files.kohya import independent_delta, write_kohya
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -17,7 +17,7 @@ from lora_engine.engine import LoraEngine, Mode
 from lora_engine.patch import StackEntry
 from lora_engine.patch.device_factors import DeviceFactors
 from tests.patch.conftest import make_host
-from tests.patch.lorafiles import write_kohya
+from tests.fixtures.files.kohya import write_kohya
 
 META = torch.device("meta")
 

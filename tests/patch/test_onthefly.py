@@ -9,8 +9,8 @@ from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import LoraEngine, Mode
 from lora_engine.patch import StackEntry
 from tests.patch.conftest import make_host
-from tests.patch.lorafiles import write_kohya
-from tests.patch.lycofiles import ALGOS, write_lycoris
+from tests.fixtures.files.kohya import write_kohya
+from tests.fixtures.files.lycoris import ALGOS, write_lycoris
 
 
 def _unet_out(m, batch: int = 2, seed: int = 3):

@@ -7,7 +7,7 @@ from lora_engine.library.parsed import LoraCache
 from lora_engine.engine import LoraEngine, Mode
 from lora_engine.patch import StackEntry
 from tests.patch.conftest import make_host
-from tests.patch.lorafiles import write_kohya
+from tests.fixtures.files.kohya import write_kohya
 
 
 @pytest.mark.parametrize("mode", [Mode.MERGED, Mode.ONTHEFLY])

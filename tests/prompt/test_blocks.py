@@ -10,7 +10,7 @@ import torch
 from lora_engine.syntax.blocks import (BLOCK_IDS_26, DEFAULT_PRESETS, BlockRatios, block_ratios, module_block,
                                 parse_directives, parse_presets, parse_vector)
 from lora_engine.syntax.prompt import parse_prompt
-from tests.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.ldm_view import ldm_unet_view
 
 
 def tag(text):

@@ -19,8 +19,8 @@ from lora_engine.errors import OperationCancelled, ToolError
 from lora_engine.formats.safetensors_file import SafetensorsFile
 from lora_engine.keymap import build_keymap
 from lora_engine.tools.bake import BakeLora, bake
-from tests.models.hosts import a1111_root
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import a1111_root
+from tests.fixtures.models.tiny_sd import TinySD
 
 VAE_KEY = "first_stage_model.decoder.conv_in.weight"
 
@@ -190,8 +190,8 @@ def test_bake_equals_engine_merge_bit_for_bit(tmp_path):
     from lora_engine.engine import LoraEngine, shapes_of
     from lora_engine.formats import load_lora
     from lora_engine.patch import StackEntry
-    from tests.oracle_models import tiny_unet
-    from tests.tools.writers import lycoris_file
+    from tests.fixtures.models.oracle import tiny_unet
+    from tests.fixtures.files.writers import lycoris_file
 
     lora = lycoris_file(tmp_path / "dora.safetensors", seed=21, dora_wd=True, wd_on_output=True)
     unet = tiny_unet(seed=0).half()

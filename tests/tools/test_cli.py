@@ -13,9 +13,9 @@ from lora_engine.apps.cli.bake_cmd import parse_lora
 from lora_engine.syntax.file_weights import split_weights
 from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
-from tests.models.hosts import a1111_root
-from tests.models.tiny_sd import TinySD
-from tests.tools.writers import deltas, lycoris_file
+from tests.fixtures.models.hosts import a1111_root
+from tests.fixtures.models.tiny_sd import TinySD
+from tests.fixtures.files.writers import deltas, lycoris_file
 
 
 def test_weight_specs():

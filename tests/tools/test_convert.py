@@ -19,8 +19,8 @@ from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.patch import StackEntry
 from lora_engine.tools.convert import convert, dotted_name
-from tests.oracle_models import tiny_clip, tiny_unet
-from tests.tools.writers import lycoris_file
+from tests.fixtures.models.oracle import tiny_clip, tiny_unet
+from tests.fixtures.files.writers import lycoris_file
 
 
 def _unet_input(unet, seed=0):

@@ -16,9 +16,9 @@ from lora_engine.formats import load_lora
 from lora_engine.keymap import build_keymap
 from lora_engine.tools.bake import BakeLora, bake
 from lora_engine.tools.extract import extract_file, extract_lora
-from tests.models.hosts import a1111_root
-from tests.models.tiny_sd import TinySD
-from tests.tools.writers import energy_after, fro2
+from tests.fixtures.models.hosts import a1111_root
+from tests.fixtures.models.tiny_sd import TinySD
+from tests.fixtures.files.writers import energy_after, fro2
 
 
 def _checkpoints(tmp_path, arch: str, low_rank: bool, every: int = 4):

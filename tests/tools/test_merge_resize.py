@@ -18,7 +18,7 @@ from lora_engine.formats import load_lora
 from lora_engine.library.hashes import hash_file
 from lora_engine.tools.merge import MergeInput, merge_files, merge_loras
 from lora_engine.tools.resize import resize_file, resize_lora
-from tests.tools.writers import deltas, energy_after, fro2, lycoris_file, peft_folder
+from tests.fixtures.files.writers import deltas, energy_after, fro2, lycoris_file, peft_folder
 
 WEIGHTS = (0.7, -1.3, 0.5)
 

@@ -16,9 +16,9 @@ from lora_engine.train import ldm_config as lc
 from lora_engine.train.clip_tokenizer import bpe_tokenizer, clip_tokenizers
 from lora_engine.train.diffusers_host import diffusers_host
 from lora_engine.train.single_file import is_sd_checkpoint, load_single_file, load_single_file_parts
-from tests.models.full_sd import CLIP_L, OPENCLIP_G, OPENCLIP_H, UNET
-from tests.models.ldm_checkpoint import ldm_state_dict, write_ldm_checkpoint
-from tests.models.tiny_sd import _distinct
+from tests.fixtures.models.full_sd import CLIP_L, OPENCLIP_G, OPENCLIP_H, UNET
+from tests.fixtures.models.ldm_checkpoint import ldm_state_dict, write_ldm_checkpoint
+from tests.fixtures.models.tiny_sd import _distinct
 from tests.train.models import make_dataset, tiny_scheduler, tiny_tokenizer
 
 pytest.importorskip("diffusers")

@@ -18,7 +18,7 @@ BASE = dict(resolution=32, bucket_step=8, batch_size=2, rank=2, alpha=2, save_pr
 def _sdxl_host(tmp):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tests.models.tiny_sd import text_encoder_config, tiny_unet
+    from tests.fixtures.models.tiny_sd import text_encoder_config, tiny_unet
 
     vocab = dict(vocab_size=80, max_position_embeddings=24)
     torch.manual_seed(1)
@@ -98,8 +98,8 @@ def test_a1111_layout_root_gets_kohya_diffusers_names(tmp_path):
     """Trained through an A1111 ldm-layout root (sharing the layers), the file uses the same kohya names."""
     import dataclasses
 
-    from tests.models.hosts import a1111_root
-    from tests.models.tiny_sd import TinySD
+    from tests.fixtures.models.hosts import a1111_root
+    from tests.fixtures.models.tiny_sd import TinySD
 
     parts = tiny_parts(str(tmp_path))
     data = make_dataset(str(tmp_path / "data"), 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ui.files import lora_folder
+from tests.fixtures.files.ui import lora_folder
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 from tests.fixtures.browser import require
 from safetensors.torch import load_file
 
-from tests.ui.files import lora_folder, write_demo_lora, write_lora
+from tests.fixtures.files.ui import lora_folder, write_demo_lora, write_lora
 from tests.ui.serving import start_serve, stop
 
 pytest.importorskip("gradio", reason="the web UI needs gradio: pip install 'lora-engine[ui]'")

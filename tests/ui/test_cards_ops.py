@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lora_engine.apps.ui import tool_ops
 from lora_engine.apps.ui.cards import card_html, cards_html, filter_entries, sort_entries
-from tests.ui.files import write_lora
+from tests.fixtures.files.ui import write_lora
 
 
 def _entry(ctx, stem):

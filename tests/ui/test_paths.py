@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from lora_engine.apps.ui import tool_ops
-from tests.ui.files import write_lora
+from tests.fixtures.files.ui import write_lora
 
 SECRET = b"root:$6$TOPSECRET.hash:19000:0:99999:7:::\n"
 LEAKS = ("TOPSECRET", "root:$6$", str(struct.unpack("<Q", SECRET[:8])[0]), SECRET[:8].hex())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ui.files import lora_folder
+from tests.fixtures.files.ui import lora_folder
 from tests.ui.serving import free_port, start_serve, stop
 
 httpx = pytest.importorskip("httpx")

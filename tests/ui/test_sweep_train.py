@@ -154,7 +154,7 @@ def test_unreadable_rows_are_skipped_with_one_line_before_the_model_loads(model_
 def test_preview_is_drawn_with_the_model_and_saved_beside_the_file(model_ctx, lora_root):
     from lora_engine.apps.ui.cards import card_html
     from lora_engine.apps.ui.preview import make_preview, preview_prompt, wanting_preview
-    from tests.ui.files import write_lora
+    from tests.fixtures.files.ui import write_lora
 
     tags = {"imgs": {"a purple square": 3, "a purple circle": 5}, "more": {"a purple square": 4}}
     write_lora(os.path.join(lora_root, "tagged.safetensors"), seed=7, metadata={"ss_tag_frequency": json.dumps(tags)})

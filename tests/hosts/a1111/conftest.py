@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from extension.controller import Controller
 from extension.network import LoraNetwork
 from tests.hosts.a1111.standin import Opts, SDModel
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.tiny_sd import TinySD
 
 # kohya name -> dotted path in TinySD (unet.* / te.*): diffusers- and ldm-style UNet names, HF CLIP names
 MODULES_A = {

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tests.models.hosts import nested_clip
-from tests.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.hosts import nested_clip
+from tests.fixtures.models.ldm_view import ldm_unet_view
 
 RE_EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")
 

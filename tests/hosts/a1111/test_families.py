@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from tests.hosts.a1111.conftest import make_network
 from tests.hosts.a1111.standin import ExtraNetworkParams
-from tests.models.hosts import a1111_root
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import a1111_root
+from tests.fixtures.models.tiny_sd import TinySD
 
 CASES = {  # arch: (kohya name, path of the OpenCLIP attention in A1111's model, row block of q/k/v)
     "sd2": ("lora_te_text_model_encoder_layers_1_self_attn_k_proj", "cond_stage_model.wrapped.model", 1),

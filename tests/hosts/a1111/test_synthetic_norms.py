@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.full_sd import randomize_norms
+from tests.fixtures.models.full_sd import randomize_norms
 
 transformers = pytest.importorskip("transformers", reason="the CLIP text model comes from transformers")
 

@@ -29,8 +29,8 @@ from lora_engine.apps.ui.context import UiConfig, UiContext
 from lora_engine.apps.ui.train_session import FINISHED, TrainForm, TrainSession
 from tests.hosts.a1111.conftest import MODULES_A, module_of, write_lora
 from tests.hosts.a1111.train_standin import DiffusionEngine, LatentDiffusion, QueueLock, State, tiny_vae_x8
-from tests.models.hosts import a1111_root, diffusers_root
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import a1111_root, diffusers_root
+from tests.fixtures.models.tiny_sd import TinySD
 from tests.train.models import make_dataset
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from tests.hosts.a1111.conftest import make_network, module_of, write_lora
 from tests.hosts.a1111.standin import Processing, activate, deactivate, parse_prompts
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.tiny_sd import TinySD
 
 
 def _originals(tiny, dotted_names):

@@ -1,6 +1,6 @@
 """Stand-ins for the models A1111 holds, for the training tab's tests (A1111 cannot be installed here).
 
-Every stand-in has the parameter names of ``tests.models.hosts.a1111_root(tiny, wrapped=True)`` (the tests
+Every stand-in has the parameter names of ``tests.fixtures.models.hosts.a1111_root(tiny, wrapped=True)`` (the tests
 check it): the ldm/sgm views whose leaves ARE a diffusers UNet's and HF CLIP's modules. The views have no
 forward, so each stand-in's forward runs the diffusers/transformers model behind it, with A1111's calling
 convention:
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from tests.hosts.a1111.standin import HijackedCLIP, LdmUNet, tokenize
-from tests.models.hosts import nested_clip
-from tests.models.openclip import OpenCLIPText
+from tests.fixtures.models.hosts import nested_clip
+from tests.fixtures.models.openclip import OpenCLIPText
 from tests.train.models import tiny_scheduler
 
 

@@ -1,14 +1,14 @@
 """Tiny SD models as ComfyUI holds them: ``BaseModel.diffusion_model`` (ldm names) behind a
 ModelPatcher, and a CLIP whose ``cond_stage_model`` has ``clip_l``/``clip_h``/``clip_g`` ``.transformer``
-(HF layout), from :mod:`tests.models` (real diffusers/transformers modules)."""
+(HF layout), from :mod:`tests.fixtures.models` (real diffusers/transformers modules)."""
 from __future__ import annotations
 
 from torch import nn
 
 from tests.hosts.comfy.standin import CLIP, ModelPatcher
-from tests.models.hosts import COMFY_CLIP_NAMES, nested_clip
-from tests.models.ldm_view import ldm_unet_view
-from tests.models.tiny_sd import TinySD
+from tests.fixtures.models.hosts import COMFY_CLIP_NAMES, nested_clip
+from tests.fixtures.models.ldm_view import ldm_unet_view
+from tests.fixtures.models.tiny_sd import TinySD
 
 
 def comfy_modules(m: TinySD) -> tuple[nn.Module, nn.Module]:

@@ -9,7 +9,7 @@ import torch
 import lora_engine.library.parsed
 from comfy_nodes import loading
 from comfy_nodes.loader import LoraEngineLoader, LoraEngineLoaderModelOnly
-from tests.hosts.comfy.files import diffusers_peft_lora, kohya_lora, lycoris_file
+from tests.fixtures.files.comfy import diffusers_peft_lora, kohya_lora, lycoris_file
 from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patched_state
 
 

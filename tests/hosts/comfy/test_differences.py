@@ -14,7 +14,7 @@ from comfy_nodes.apply import keymap_for
 from comfy_nodes.loading import CACHE
 from comfy_nodes.patches import build_patches
 from lora_engine.patch import StackEntry
-from tests.hosts.comfy.files import kohya_lora, lycoris_file
+from tests.fixtures.files.comfy import kohya_lora, lycoris_file
 from tests.hosts.comfy.standin import calculate_weight
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfy_nodes.loader import LoraEngineLoader, LoraEngineLoaderModelOnly
-from tests.hosts.comfy.files import kohya_lora
+from tests.fixtures.files.comfy import kohya_lora
 from tests.hosts.comfy.helpers import patched_state
 
 PROJECTIONS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",

@@ -10,7 +10,7 @@ import torch
 from comfy_nodes.loader import LoraEngineLoader, LoraEngineLoaderModelOnly
 from comfy_nodes.stack import LoraEngineStack
 from lora_engine.formats import load_lora
-from tests.hosts.comfy.files import kohya_lora, lycoris_file
+from tests.fixtures.files.comfy import kohya_lora, lycoris_file
 from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patched_state
 
 STRENGTHS = [(1.0, 1.0), (-0.7, 0.45)]

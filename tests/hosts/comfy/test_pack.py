@@ -10,7 +10,7 @@ import pytest
 
 from comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, folders, loading
 from comfy_nodes.info import LoraEngineInfo, trigger_words
-from tests.hosts.comfy.files import kohya_lora
+from tests.fixtures.files.comfy import kohya_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # A few of ComfyUI's built-in node ids near ours (a pack's node with a built-in id is dropped silently).

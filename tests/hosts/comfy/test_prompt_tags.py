@@ -10,7 +10,7 @@ from lora_engine.formats import load_lora
 from lora_engine.patch import StackEntry
 from comfy_nodes.schedule import keyframes
 from lora_engine.syntax.prompt import parse_prompt
-from tests.hosts.comfy.files import kohya_lora, lycoris_file
+from tests.fixtures.files.comfy import kohya_lora, lycoris_file
 from tests.hosts.comfy.helpers import assert_equal_weights, engine_state, patched_state
 from tests.hosts.comfy.standin import encode_ids
 

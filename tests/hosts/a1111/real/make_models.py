@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from lora_engine.keymap import build_keymap
-from tests.models.full_sd import build_full
-from tests.models.hosts import diffusers_root
-from tests.models.ldm_checkpoint import write_ldm_checkpoint
+from tests.fixtures.models.full_sd import build_full
+from tests.fixtures.models.hosts import diffusers_root
+from tests.fixtures.models.ldm_checkpoint import write_ldm_checkpoint
 
 RANKS = (8, 4)
 
