@@ -28,3 +28,14 @@ def test_a_large_but_finite_half_tensor_is_finite():
     x = torch.full((100,), 60000.0, dtype=torch.float16)
     assert not nonfinite(x)
     assert not nonfinite(None) and not nonfinite(torch.zeros(0)) and not nonfinite(torch.ones(3, device="meta"))
+
+
+def test_probes_are_read_back_together():
+    """Merged mode's deferred check: one sum per written weight, read back at the end of the apply."""
+    from lora_engine.finite import finite_probes, probe
+
+    tensors = [torch.ones(5), torch.tensor([1.0, float("inf")]).half(), torch.full((100,), 60000.0).half(),
+               torch.tensor([float("nan")]).bfloat16()]
+    probes = [probe(t) for t in tensors]
+    assert finite_probes(probes) == [True, False, False, False]  # the third: a half sum that overflowed
+    assert probe(torch.ones(2, device="meta")) is None and probe(torch.arange(3)) is None and finite_probes([]) == []
