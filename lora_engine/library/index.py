@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 from ..errors import LoraEngineError, NameResolutionError, OperationCancelled
+from ..families import FAMILIES
 from .confine import inside, normalise
 from .hashes import bogus_metadata_hash, hash_file, short_hash
 from ..text import clean_value
@@ -36,7 +37,9 @@ from .sidecar import DEFAULT_CACHE_NAME, LibraryCache
 
 LORA_EXTS = (".safetensors", ".ckpt", ".pt")
 PREVIEW_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "other": "other"}
+# architecture -> the version label A1111's cards and our filters show; DiT families by their declared label
+SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "other": "other",
+               **{f.name: f.label for f in FAMILIES}, "flux/sd3": "Flux.1/SD3"}
 MAX_SIDECAR_BYTES = 1 << 20
 _HEX_RE = re.compile(r"(?:0x)?[0-9a-f]{8,64}\Z")
 

@@ -238,3 +238,20 @@ def test_files_with_the_bogus_empty_hash_stay_distinct(lora_dir):
     one, two = lib.resolve("one"), lib.resolve("two")
     assert one.short_hash != two.short_hash and lib.resolve(two.short_hash) is two
     assert any("hash of no bytes" in p for p in one.problems)
+
+
+def test_dit_loras_are_labelled_by_family_and_filtered(lora_dir):
+    """A kohya Flux LoRA reads as "Flux.1" on the cards, and the web UI's architecture filter finds it."""
+    from lora_engine.apps.ui.cards import ARCH_FILTERS, filter_entries
+    from tests.fixtures.files.flux import flux_modules, native_lora, write
+    from tests.fixtures.models.flux import flux_model, native_state
+
+    shapes = {k: tuple(v.shape) for k, v in native_state(flux_model(meta=True)).items()}
+    write(native_lora(shapes, seed=1, modules=flux_modules(shapes)), lora_dir / "fluxy.safetensors")
+    write_lora(lora_dir / "old.safetensors", seed=2)
+    lib, _ = scan(lora_dir)
+    e = lib.resolve("fluxy")
+    assert e.architecture == "flux" and e.sd_version == "Flux.1"
+    assert "Flux.1" in ARCH_FILTERS
+    assert [x.stem for x in filter_entries(lib.entries, "", "Flux.1")] == ["fluxy"]
+    assert "fluxy" not in [x.stem for x in filter_entries(lib.entries, "", "SD1")]

@@ -26,8 +26,9 @@ THUMB = 200
 SHOWN_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_sd_model_name",
               "ss_num_train_images", "ss_max_train_steps", "ss_learning_rate", "modelspec.title",
               "ss_training_comment")
-BADGE_COLOURS = {"SD1": "#2e7d32", "SD2": "#1565c0", "SDXL": "#6a1b9a", "other": "#616161", "unknown": "#9e9e9e"}
-ARCH_FILTERS = ("all", "SD1", "SD2", "SDXL", "other", "unknown")
+BADGE_COLOURS = {"SD1": "#2e7d32", "SD2": "#1565c0", "SDXL": "#6a1b9a", "Flux.1": "#e65100", "Chroma": "#ad1457",
+                 "SD3": "#00838f", "other": "#616161", "unknown": "#9e9e9e"}
+ARCH_FILTERS = ("all", "SD1", "SD2", "SDXL", "Flux.1", "SD3", "other", "unknown")
 SORTS = ("name", "newest", "oldest", "largest", "smallest")
 MAX_CARDS = 200  # a page with thousands of cards is unusable; the search narrows it
 GRID_STYLE = "display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px;align-items:start"
@@ -70,7 +71,7 @@ def filter_entries(entries: list[LoraEntry], query: str = "", arch: str = "all")
     words = (query or "").lower().split()
     out = []
     for e in entries:
-        if arch not in ("all", "", None) and e.sd_version != arch:
+        if arch not in ("all", "", None) and arch not in e.sd_version.split("/"):  # "Flux.1/SD3": either
             continue
         text = search_text(e)
         if all(w in text for w in words):
