@@ -94,7 +94,7 @@ class Window:
 class TextEncoder:
     """A text encoder of the family: what it is, and the kohya prefixes LoRA files use for it."""
 
-    kind: str  # "clip_l" | "clip_g" | "t5"
+    kind: str  # "clip_l" | "clip_h" | "clip_g" | "t5"
     kohya: tuple[str, ...]  # e.g. ("lora_te1_", "lora_te_") ; the first is the canonical one
     diffusers: str  # pipeline component, e.g. "text_encoder_2"
 
@@ -109,7 +109,10 @@ class Family:
     order (for block weights); ``block_re`` finds the block of a native or diffusers module path.
     ``requires``: ``{naming: key prefixes}`` that must also be present in that naming (tells a variant
     from its parent family, or a family from another sharing its marker); ``excludes``: key prefixes
-    that rule the family out.
+    that rule the family out. ``te_by_position``: the model's CLIP encoders are the declared ones in
+    order (SD: a tiny CLIP-G is not 1280 wide), else they are found by kind. ``widths``: the layer
+    widths that tell a LoRA for this family (``context``: cross-attention input, ``te``/``te_mlp``:
+    the first text encoder's width and MLP width), for ``inspect``.
     """
 
     name: str
@@ -124,6 +127,8 @@ class Family:
     excludes: tuple[str, ...] = ()
     lora_patterns: tuple[re.Pattern, ...] = field(default=())  # names that say "a LoRA for this family"
     window_list: Callable[[dict, list[Layer]], list[Window]] | None = None
+    te_by_position: bool = False
+    widths: Mapping[str, int] = field(default_factory=dict)
 
     def fits(self, shapes: Mapping[str, tuple]) -> bool:
         """Whether a root's (relative) keys belong to this family."""
