@@ -54,13 +54,13 @@ def same(native: str, diffusers: str, native_param: str = "weight", diffusers_pa
     return Layer(native, (Part(None, diffusers),), native_param, diffusers_param)
 
 
-def stacked(native: str, pieces: list[tuple[str, int]]) -> Layer:
+def stacked(native: str, pieces: list[tuple[str, int]], native_param: str = "weight") -> Layer:
     """A native layer whose rows stack whole diffusers layers in order: ``[(path, rows), ...]``."""
     parts, start = [], 0
     for path, n in pieces:
         parts.append(Part((start, start + n), path))
         start += n
-    return Layer(native, tuple(parts))
+    return Layer(native, tuple(parts), native_param)
 
 
 def swap_scale_shift(native: str, diffusers: str, half: int) -> Layer:

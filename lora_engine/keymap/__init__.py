@@ -13,10 +13,9 @@ from collections.abc import Mapping
 
 from ..families import BY_NAME, Family, sd_family
 from ..families.sd import SD1
-from .clip import clip_entries
+from .clip import clip_entries, openclip_entries
 from .diagnose import diagnose_unmatched, foreign_family
 from .dit import dit_entries, hf_entries
-from .openclip import openclip_entries
 from .roots import Root, find_roots
 from .target import Target
 from .unet import unet_entries
