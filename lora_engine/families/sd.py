@@ -150,6 +150,8 @@ def sd_family(unet_shapes: Mapping[str, tuple] | None, tes: list) -> Family | No
 # names only a LoRA for these families has (diagnosis); SD1 and SD2 share their UNet's names
 SDXL_NAMES = re.compile(r"^lora_te2_|^lora_unet_(label_emb|add_embedding)_|\d_transformer_blocks_[1-9]"
                         r"|^lora_unet_(up_blocks_0_attentions|output_blocks_[0-2]_1_(?!conv))")
+# a first text encoder with a layer at or above CLIP-L's count is OpenCLIP-H's (SD2: 23 layers)
+CLIP_L_LAYERS = 12
 SD1_SD2_NAMES = re.compile(r"^lora_unet_(down_blocks_3|up_blocks_3|input_blocks_1[01]_|output_blocks_(9|10|11)_"
                            r"|down_blocks_0_attentions|input_blocks_[12]_1_)")
 
