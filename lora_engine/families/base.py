@@ -112,7 +112,8 @@ class Family:
     that rule the family out. ``te_by_position``: the model's CLIP encoders are the declared ones in
     order (SD: a tiny CLIP-G is not 1280 wide), else they are found by kind. ``widths``: the layer
     widths that tell a LoRA for this family (``context``: cross-attention input, ``te``/``te_mlp``:
-    the first text encoder's width and MLP width), for ``inspect``.
+    the first text encoder's width and MLP width), for ``inspect``. ``kohya_naming``: the tree whose names
+    kohya's sd-scripts writes for the denoiser (SD1/SD2: ``diffusers``, SDXL: ``ldm``, i.e. sgm).
     """
 
     name: str
@@ -129,6 +130,7 @@ class Family:
     window_list: Callable[[dict, list[Layer]], list[Window]] | None = None
     te_by_position: bool = False
     widths: Mapping[str, int] = field(default_factory=dict)
+    kohya_naming: str = "native"
 
     def fits(self, shapes: Mapping[str, tuple]) -> bool:
         """Whether a root's (relative) keys belong to this family."""

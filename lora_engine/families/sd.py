@@ -159,13 +159,13 @@ _UNET = dict(markers=UNET_MARKERS, config=unet_config, layer_list=unet_layers, b
              te_by_position=True)
 
 SD1 = Family(name="sd1", label="SD1.x", text_encoders=(TextEncoder("clip_l", ("lora_te_", "lora_te1_"), "text_encoder"),),
-             widths={"context": 768, "te": 768, "te_mlp": 3072}, **_UNET)
+             widths={"context": 768, "te": 768, "te_mlp": 3072}, kohya_naming="diffusers", **_UNET)
 SD2 = Family(name="sd2", label="SD2.x", text_encoders=(TextEncoder("clip_h", ("lora_te_", "lora_te1_"), "text_encoder"),),
-             widths={"context": 1024, "te": 1024, "te_mlp": 4096}, **_UNET)
+             widths={"context": 1024, "te": 1024, "te_mlp": 4096}, kohya_naming="diffusers", **_UNET)
 SDXL = Family(name="sdxl", label="SDXL",
-              text_encoders=(TextEncoder("clip_l", ("lora_te_", "lora_te1_"), "text_encoder"),
+              text_encoders=(TextEncoder("clip_l", ("lora_te1_", "lora_te_"), "text_encoder"),
                              TextEncoder("clip_g", ("lora_te2_",), "text_encoder_2")),
-              widths={"context": 2048}, lora_patterns=(SDXL_NAMES,), **_UNET)
+              widths={"context": 2048}, lora_patterns=(SDXL_NAMES,), kohya_naming="ldm", **_UNET)
 
 SD_FAMILIES = (SD1, SD2, SDXL)
 BY_NAME = {f.name: f for f in SD_FAMILIES}
