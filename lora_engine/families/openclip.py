@@ -31,6 +31,7 @@ TOP_RENAMES: dict[str, str] = {
 }
 FUSED_ORDER = ("q_proj", "k_proj", "v_proj")
 FUSED_PARAM = "in_proj_weight"  # of ``transformer.resblocks.N.attn``; its bias is ``in_proj_bias``
+MARKER = f"transformer.resblocks.0.attn.{FUSED_PARAM}"  # a parameter only an OpenCLIP tower has
 POSITIONAL = ("positional_embedding", "text_model.embeddings.position_embedding")  # a bare parameter
 
 
@@ -38,10 +39,9 @@ def openclip_config(shapes: Mapping[str, tuple]) -> dict:
     """Width and depth of an OpenCLIP tower (relative keys); the fused q/k/v must be 3 widths high."""
     width = rows_of(shapes, "transformer.resblocks.0.ln_1.weight", "ln_final.weight")
     cfg = {"width": width, "layers": count_blocks(shapes, "transformer.resblocks")}
-    fused = rows_of(shapes, f"transformer.resblocks.0.attn.{FUSED_PARAM}")
+    fused = rows_of(shapes, MARKER)
     if fused is not None and fused != 3 * (width or 0):
-        raise FamilyMismatch(f"transformer.resblocks.0.attn.{FUSED_PARAM} has {fused} rows, OpenCLIP's layout "
-                             f"needs q+k+v = 3 x {width}")
+        raise FamilyMismatch(f"{MARKER} has {fused} rows, OpenCLIP's layout needs q+k+v = 3 x {width}")
     return cfg
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..families import family_of, markers as family_markers
+from ..families.openclip import MARKER as OPENCLIP_MARKER
 from ..families.sd import UNET_MARKERS
 
 # Parameter key suffix -> (component, naming). The prefix before it is the root.
@@ -33,7 +34,7 @@ MARKERS: dict[str, tuple[str, str]] = {
     **{marker: ("unet", naming) for marker, naming in UNET_MARKERS.items()},  # the SD UNet
     "text_model.final_layer_norm.weight": ("te", "hf_clip"),  # not token_embedding: A1111 wraps that one
     "embeddings.position_embedding.weight": ("te", "hf_clip_flat"),  # transformers>=5 CLIPTextModel
-    "transformer.resblocks.0.attn.in_proj_weight": ("te", "openclip"),
+    OPENCLIP_MARKER: ("te", "openclip"),
     "encoder.block.0.layer.0.SelfAttention.q.weight": ("te", "t5"),  # T5 encoder (Flux, SD3)
     # diffusion transformers: the family declaration decides family and naming from the whole root
     **{marker: ("unet", "dit") for marker in family_markers()},
