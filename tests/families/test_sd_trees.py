@@ -103,3 +103,19 @@ def test_blocks_are_lbws(trees):
         if ".attentions." in d:
             seen_attention.add(block)
     assert seen_attention == set(attention)
+
+
+def test_openclip_rows_come_from_its_width():
+    """The fused q/k/v rows of an OpenCLIP tower are its width each (from ``ln_1``), not a third of
+    whatever the tensor holds: a tower whose ``in_proj`` is not 3 widths high is refused, naming it."""
+    from lora_engine.families import FamilyMismatch
+
+    w, layer = 8, "cond_stage_model.model.transformer.resblocks.0."
+    shapes = {layer + "ln_1.weight": (w,), layer + "attn.in_proj_weight": (3 * w, w), layer + "attn.in_proj_bias": (3 * w,)}
+    km = build_keymap(shapes)
+    rows = [km.lookup(f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj") for p in "qkv"]
+    assert [(t.rows, t.shape, t.bias_key) for t in rows] == [
+        ((i * w, (i + 1) * w), (w, w), layer + "attn.in_proj_bias") for i in range(3)]
+    shapes[layer + "attn.in_proj_weight"] = (2 * w, w)
+    with pytest.raises(FamilyMismatch, match=r"resblocks\.0\.attn\.in_proj_weight has 16 rows.*3 x 8"):
+        build_keymap(shapes)
