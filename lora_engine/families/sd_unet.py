@@ -17,8 +17,9 @@ number of levels, layers per block or where attention is present (SD1 has none i
 down level, SDXL none in its first); the upsampler's slot follows from attention presence.
 
 Inside a unit, attention sub-paths are identical in both namings (``Transformer2DModel`` and
-``SpatialTransformer`` share ``norm``, ``proj_in``, ``transformer_blocks.N.*``, ``proj_out``);
-resnets and samplers differ by the tables below. Facts from diffusers
+``SpatialTransformer`` share ``ATTENTION_CHILDREN`` and, per transformer block, ``TRANSFORMER_CHILDREN``);
+resnets and samplers differ by the tables below. A weighted module outside these declared layers
+(a host's add-on inside an attention) keeps its own name only. Facts from diffusers
 ``loaders/single_file_utils.py`` (``convert_ldm_unet_checkpoint``), which the tests use as oracle.
 """
 from __future__ import annotations
