@@ -2,7 +2,8 @@
 
 ``build_keymap({param key: shape})`` finds the UNet and text encoders in any host naming
 (diffusers pipeline parts, A1111 ldm/sgm, ComfyUI; see ``roots``) and lists every weighted
-module under each name a LoRA file may use for it (``unet``, ``clip``, ``openclip``). Lookups
+module under each name a LoRA file may use for it (``unet``, ``dit``, ``clip``), from the model
+family's declaration (``lora_engine.families``: SD1/SD2/SDXL, Flux.1, Chroma, SD3). Lookups
 are single dict reads. The map is one-to-one: a name that would reach two weights is dropped
 and listed in ``KeyMap.ambiguous`` (real models have none; the tests check it).
 """
