@@ -16,15 +16,22 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..errors import LoraEngineError
-from ..families import FAMILIES
+from ..families import FAMILIES, SD_FAMILIES
 from ..formats import LoraFile, load_lora
 from ..keymap.diagnose import lora_family
 
 ARCH_FROM_BASE_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2"}
+
+
+def _width_of(kind: str) -> dict[int, str]:
+    """The SD families' declared widths of one kind -> family name."""
+    return {f.widths[kind]: f.name for f in SD_FAMILIES if kind in f.widths}
+
+
 # Cross-attention context width (attn2 to_k/to_v input) and text-encoder width per architecture.
-CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-TE_WIDTH = {768: "sd1", 1024: "sd2"}
-TE_MLP_WIDTH = {3072: "sd1", 4096: "sd2"}  # CLIP-L / OpenCLIP-H fc1 output, fc2 input
+CONTEXT_WIDTH = _width_of("context")
+TE_WIDTH = _width_of("te")
+TE_MLP_WIDTH = _width_of("te_mlp")  # CLIP-L / OpenCLIP-H fc1 output, fc2 input
 
 
 @dataclass
