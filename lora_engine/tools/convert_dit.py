@@ -324,3 +324,18 @@ def convert_modules(family: Family, cfg: dict, modules: dict[str, LoraTensors], 
     named = {(UNET + underscored(p) if to == "kohya" else COMFY_PREFIX + p): m for p, m in native.items()}
     named |= {te_module(family, n, dotted.get(n))[0]: m for n, m in tes.items()}
     return Converted(named, len(named), notes)
+
+
+def kohya_dialect(modules: dict[str, LoraTensors], metadata: dict) -> tuple[dict[str, LoraTensors], list[str]]:
+    """The tools that write kohya files (merge, resize, extract) name Flux/Chroma/SD3 modules as sd-scripts
+    does: native layers (``lora_unet_double_blocks_0_img_attn_qkv``, split pieces stacked when exact) and
+    the family's text-encoder prefixes. Other LoRAs, and ones whose layout or scales do not allow it
+    exactly, keep their names (one note says why)."""
+    try:
+        family = family_from_names(list(modules), metadata)
+        if family is None:
+            return modules, []
+        conv = convert_modules(family, config_from_lora(family, modules), modules, {}, "kohya")
+    except ToolError as e:
+        return modules, [f"module names kept as they are ({e})"]
+    return conv.tensors, conv.notes
