@@ -219,13 +219,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, reference=N
 def _dit_layout(got: _Collected, reference):
     """(family, row-layout config) when the LoRA is for Flux.1/Chroma/SD3 (told by the reference model
     when given, else by its names), else None."""
+    from ..families.lora_names import AmbiguousFamily, family_from_names
     from ..keymap.roots import find_roots
-    from .convert_dit import config_from_lora, config_from_reference, family_from_names
+    from .convert_dit import config_from_lora, config_from_reference
 
     if reference is not None:
         root, _ = find_roots(reference)
         return config_from_reference(reference) if root is not None and root.family else None
-    family = family_from_names(list(got.modules) + [n for _, n, _ in got.others], got.metadata)
+    try:
+        family = family_from_names(list(got.modules) + [n for _, n, _ in got.others], got.metadata)
+    except AmbiguousFamily as e:
+        raise ToolError(f"{e}; give --reference MODEL") from None
     return None if family is None else (family, config_from_lora(family, got.modules))
 
 

@@ -31,40 +31,16 @@ import torch
 from ..errors import ToolError
 from ..families import BY_NAME, Family
 from ..families.base import Layer
+from ..families.lora_names import AmbiguousFamily, family_from_names
 from ..formats.writer import LoraTensors
 from ..keymap.target import underscored
 
 UNET = "lora_unet_"
 _BLOCK_NUM = re.compile(r"(?:double_blocks|single_blocks|joint_blocks|transformer_blocks|single_transformer_blocks"
                         r"|distilled_guidance_layer_layers)_(\d+)_")
-_FLUX_ONLY = re.compile(r"^(double_blocks_|single_blocks_|single_transformer_blocks_|x_embedder$|img_in$|txt_in$"
-                        r"|time_text_embed_guidance_|distilled_guidance_layer_|final_layer_linear$)")
-_SD3_ONLY = re.compile(r"^(joint_blocks_|pos_embed_|x_embedder_proj$|t_embedder_|y_embedder_|transformer_blocks_\d+_attn2_)")
-_SD_UNET = re.compile(r"^(down_blocks_|up_blocks_|mid_block_|input_blocks_|middle_block_|output_blocks_|conv_in|time_emb)")
 
 
 # ------------------------------------------------------------------------------------------- family, config
-
-def family_from_names(names: list[str], metadata: dict) -> Family | None:
-    """Flux/Chroma/SD3 from a LoRA's module names (and ``modelspec.architecture`` when names do not tell)."""
-    rest = [n[len(UNET):] for n in names if n.startswith(UNET)]
-    # a second text encoder that is a T5 is Flux's (diffusers text_encoder_2, OneTrainer lora_te2_), SD3's is CLIP-G
-    flux = any(_FLUX_ONLY.match(r) for r in rest) or any(n.startswith("lora_te2_encoder_block_") for n in names)
-    sd3 = any(_SD3_ONLY.match(r) for r in rest) or any(n.startswith("lora_te2_text_model_") for n in names)
-    if flux and not sd3:
-        return BY_NAME["chroma"] if any("distilled_guidance_layer" in r for r in rest) else BY_NAME["flux"]
-    if sd3 and not flux:
-        return BY_NAME["sd3"]
-    arch = (metadata.get("modelspec.architecture") or metadata.get("ss_base_model_version") or "").lower()
-    if "flux" in arch:
-        return BY_NAME["flux"]
-    if "sd3" in arch or "stable-diffusion-v3" in arch:
-        return BY_NAME["sd3"]
-    if any(r.startswith("transformer_blocks_") for r in rest) and not any(_SD_UNET.match(r) for r in rest):
-        raise ToolError("this LoRA's names fit both Flux.1 and SD3 (only transformer_blocks.N layers); give "
-                        "--reference MODEL")
-    return None
-
 
 def _blocks(rest: list[str], *prefixes: str) -> int:
     found = [int(m.group(1)) for r in rest if (m := _BLOCK_NUM.match(r)) and r.startswith(prefixes)]
@@ -336,6 +312,6 @@ def kohya_dialect(modules: dict[str, LoraTensors], metadata: dict) -> tuple[dict
         if family is None:
             return modules, []
         conv = convert_modules(family, config_from_lora(family, modules), modules, {}, "kohya")
-    except ToolError as e:
+    except (ToolError, AmbiguousFamily) as e:
         return modules, [f"module names kept as they are ({e})"]
     return conv.tensors, conv.notes
