@@ -185,3 +185,32 @@ def test_cli(flux, tmp_path, capsys):
     assert main(["convert", src, "-o", out, "--to", "comfyui"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--overwrite" in err
+
+
+def test_full_width_outputs_read_by_diffusers_kohya_converter(tmp_path):
+    """At Flux.1-dev's width (diffusers' kohya converter hard-codes linear1's 3072/12288 split): a diffusers
+    file's split pieces stacked into kohya and ComfyUI-native files are read back by diffusers as the same
+    ΔW (compared through ΔW·P on the meta-device tree, as tests/families/test_flux_converters does)."""
+    from tests.families.test_flux_converters import _ours, _theirs
+    from tests.fixtures.models.flux import FLUX_DEV
+
+    dshapes = {k: tuple(v.shape) for k, v in flux_model(FLUX_DEV, meta=True).state_dict().items()}
+    g = torch.Generator().manual_seed(8)
+    t = {}
+    for path in ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                 "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp",
+                 "transformer_blocks.3.attn.to_q", "transformer_blocks.3.attn.add_v_proj", "norm_out.linear"]:
+        o, i = dshapes[path + ".weight"]
+        t[f"transformer.{path}.lora_A.weight"] = torch.randn(4, i, generator=g) * 0.1
+        t[f"transformer.{path}.lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.1
+    src = write(t, tmp_path / "d.safetensors")
+    want = _ours(src, dshapes)
+    for to in ("kohya", "comfyui"):
+        out = tmp_path / f"{to}.safetensors"
+        convert(src, out, to)
+        theirs = _theirs(out)
+        assert set(want) <= set(theirs), to
+        for k in set(theirs) - set(want):  # k, v of a fused qkv only q reached: zero rows, zero ΔW
+            assert not theirs[k].any(), (to, k)
+        for k in want:
+            assert torch.allclose(theirs[k], want[k], atol=1e-9), (to, k)
