@@ -12,9 +12,10 @@ through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleane
 weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
 (as A1111 does), so one image of a batch can be reproduced alone.
 
-The model is a diffusers Stable Diffusion (XL), Flux.1 (``FluxPipeline``, also Chroma-free Kontext/Krea
-trees) or SD3/SD3.5 (``StableDiffusion3Pipeline``) folder, told apart by ``model_index.json``, or the built-in demo model (``"demo"`` or a demo
-base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's own sampler.
+The model is a diffusers Stable Diffusion (XL), Flux.1 (``FluxPipeline``: dev, schnell, Krea) or SD3/SD3.5
+(``StableDiffusion3Pipeline``) folder, told apart by ``model_index.json``, or the built-in demo model
+(``"demo"`` or a demo base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's
+own sampler.
 
 diffusers is an optional dependency (the ``models`` extra); it is imported only here.
 """

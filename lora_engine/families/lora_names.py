@@ -11,9 +11,10 @@ from ..errors import LoraEngineError
 from . import BY_NAME, Family
 
 UNET = "lora_unet_"
-_FLUX_ONLY = re.compile(r"^(double_blocks_|single_blocks_|single_transformer_blocks_|x_embedder$|img_in$|txt_in$"
-                        r"|time_text_embed_guidance_|distilled_guidance_layer_|final_layer_linear$)")
-_SD3_ONLY = re.compile(r"^(joint_blocks_|pos_embed_|x_embedder_proj$|t_embedder_|y_embedder_|transformer_blocks_\d+_attn2_)")
+_FLUX_ONLY = re.compile(r"^(double_blocks_|single_blocks_|single_transformer_blocks_|x_embedder$|img_in$"
+                        r"|txt_in$|time_text_embed_guidance_|distilled_guidance_layer_)")
+_SD3_ONLY = re.compile(r"^(joint_blocks_|pos_embed_|x_embedder_proj$|t_embedder_|y_embedder_"
+                       r"|transformer_blocks_\d+_attn2_)")
 _SD_UNET = re.compile(r"^(down_blocks_|up_blocks_|mid_block_|input_blocks_|middle_block_|output_blocks_|conv_in|time_emb)")
 
 

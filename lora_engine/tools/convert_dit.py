@@ -203,8 +203,9 @@ def combine(dest: str, pieces: list[tuple[torch.Tensor, LoraTensors, bool]]) -> 
         return LoraTensors(down, up, alpha)
     scales = {float(m.alpha) / m.rank for _, _, m in parts}
     if len(scales) > 1 or any(m.mid is not None or m.dora_scale is not None for _, _, m in parts):
-        raise ToolError(f"{dest}: its pieces have different scales α/r ({', '.join(f'{s:g}' for s in sorted(scales))}) "
-                        "or Tucker/DoRA factors; one module cannot hold them exactly (keep the split dialect)")
+        listed = ", ".join(f"{s:g}" for s in sorted(scales))
+        raise ToolError(f"{dest}: its pieces have different scales α/r ({listed}) or Tucker/DoRA factors; one "
+                        "module cannot hold them exactly (keep the split dialect)")
     up = torch.cat([u for u, _, _ in parts], dim=1)
     down = torch.cat([d for _, d, _ in parts], dim=0)
     return LoraTensors(down, up, scales.pop() * up.shape[1])
