@@ -89,3 +89,29 @@ def test_cli_prints_dialect(tmp_path, nshapes, capsys):
     assert main(["inspect", "--json", files["sd3"][0]]) == 0
     got = json.loads(capsys.readouterr().out)[0]
     assert got["dialect"] == "kohya" and got["architecture"] == "sd3"
+
+
+@pytest.mark.parametrize("names, family", [
+    (["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_final_layer_linear"], "sd3"),
+    (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_final_layer_linear"], "flux"),
+    (["lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_single_transformer_blocks_0_proj_mlp"], "flux"),
+    (["lora_unet_transformer_blocks_0_attn2_to_q"], "sd3"),
+    (["lora_unet_transformer_blocks_0_attn_to_q", "lora_te2_encoder_block_0_layer_0_SelfAttention_q"], "flux"),
+    (["lora_unet_transformer_blocks_0_attn_to_q", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"], "sd3"),
+    (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_distilled_guidance_layer_in_proj"], "chroma"),
+    (["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"], None),
+])
+def test_family_from_names(names, family):
+    from lora_engine.families.lora_names import family_from_names
+
+    got = family_from_names(names, {})
+    assert (got.name if got else None) == family
+
+
+def test_names_that_fit_both_families():
+    from lora_engine.families.lora_names import AmbiguousFamily, family_from_names
+
+    with pytest.raises(AmbiguousFamily):
+        family_from_names(["lora_unet_transformer_blocks_0_attn_to_q"], {})
+    assert family_from_names(["lora_unet_transformer_blocks_0_attn_to_q"],
+                             {"modelspec.architecture": "flux-1-dev/lora"}).name == "flux"
