@@ -144,3 +144,21 @@ def test_diffusers_folder_with_sharded_transformer(tmp_path):
     assert all(k[len("transformer."):] in index for k in got)
     baked = FluxPipeline.from_pretrained(str(tmp_path / "baked"), local_files_only=True)
     assert all(torch.equal(v, want["transformer." + k]) for k, v in baked.transformer.state_dict().items())
+
+
+def test_cli_bakes_a_flux_file(tmp_path, capsys):
+    from lora_engine.apps.cli import main
+
+    state = {k: v.contiguous() for k, v in native_state(flux_model(seed=1)).items()}
+    src = write(state, tmp_path / "flux.safetensors")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    lora = write(native_lora(shapes, 5, ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]),
+                 tmp_path / "l.safetensors")
+    out = str(tmp_path / "out.safetensors")
+    assert main(["bake", src, "--lora", f"{lora}:0.8", "-o", out, "--quiet"]) == 0
+    assert "2 tensors changed" in capsys.readouterr().out
+    want = _engine_merged(state, [BakeLora(lora, 0.8, 0.8)])
+    assert _check_file(out, state, want) == 2
+    assert main(["bake", src, "--lora", lora, "-o", out]) == 1  # an existing output needs --overwrite
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
