@@ -12,8 +12,8 @@ through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleane
 weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
 (as A1111 does), so one image of a batch can be reproduced alone.
 
-The model is a diffusers Stable Diffusion (XL), Flux.1 (``FluxPipeline``: dev, schnell, Krea) or SD3/SD3.5
-(``StableDiffusion3Pipeline``) folder, told apart by ``model_index.json``, or the built-in demo model
+The model is a diffusers Stable Diffusion (XL), Flux.1 (``FluxPipeline``: dev, schnell, Krea), Chroma
+(``ChromaPipeline``) or SD3/SD3.5 (``StableDiffusion3Pipeline``) folder, told apart by ``model_index.json``, or the built-in demo model
 (``"demo"`` or a demo base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's
 own sampler.
 
@@ -31,9 +31,10 @@ import torch
 from ..errors import LoraEngineError, ModelFolderError, first_line
 
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-             "StableDiffusion3Pipeline": "sd3"}
-# the guidance scale each pipeline is used with when --cfg is not given (Flux: its distilled guidance)
-DEFAULT_CFG = {"sd": 7.0, "sdxl": 7.0, "flux": 3.5, "sd3": 7.0}
+             "ChromaPipeline": "chroma", "StableDiffusion3Pipeline": "sd3"}
+# the guidance scale each pipeline is used with when --cfg is not given (Flux: its distilled guidance; the
+# pipelines' own defaults for Chroma and SD3)
+DEFAULT_CFG = {"sd": 7.0, "sdxl": 7.0, "flux": 3.5, "chroma": 5.0, "sd3": 7.0}
 # pipeline parts the engine patches: the denoiser and every text encoder (the key map finds each by its tensors)
 MODEL_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 DEMO_SCALE = 4  # the demo model draws 32x32 pixels; images are saved 4x larger, each pixel a block
