@@ -145,6 +145,11 @@ class CLIP:
 
 
 def encode_ids(cond_stage_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Every encoder's last hidden state, concatenated on the feature axis (as SDXL's clip_l + clip_g)."""
-    outs = [child.transformer.text_model(ids).last_hidden_state for _, child in cond_stage_model.named_children()]
+    """Every encoder's last hidden state, concatenated on the feature axis (as SDXL's clip_l + clip_g);
+    a T5 encoder (``t5xxl.transformer``, no ``text_model`` level) is called with the same ids."""
+    outs = []
+    for _, child in cond_stage_model.named_children():
+        te = child.transformer
+        outs.append(te.text_model(ids).last_hidden_state if hasattr(te, "text_model")
+                    else te(input_ids=ids).last_hidden_state)
     return torch.cat(outs, dim=-1)
