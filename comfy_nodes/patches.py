@@ -164,7 +164,7 @@ class PatchSet:
         return [line for r in self.reports.values() if (line := r.line())]
 
 
-def _only_present(report: LoraReport, keymap, have_model: bool, have_clip: bool) -> None:
+def only_present(report: LoraReport, keymap, have_model: bool, have_clip: bool) -> None:
     """Names for a part the node was not given (no CLIP on a model-only node) are not 'unmatched'."""
     keep = [n for n in report.unmatched
             if (have_clip or not n.startswith("lora_te")) and (have_model or not n.startswith("lora_unet_"))]
@@ -179,7 +179,7 @@ def build_patches(stack, keymap, have_model: bool = True, have_clip: bool = True
     out = PatchSet(reports=plan.reports)
     warned: set = set()
     for report in plan.reports.values():
-        _only_present(report, keymap, have_model, have_clip)
+        only_present(report, keymap, have_model, have_clip)
     for slot, contributions in plan.contributions.items():
         target = plan.targets[slot]
         dest = out.model if target.component == "unet" else out.clip
