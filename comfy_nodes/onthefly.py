@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from lora_engine.patch import OnTheFlyPatcher, PatchPlan, build_plan
 
-from .patches import PatchSet, only_present
+from .patches import NodeKeyMap, PatchSet, only_present
 
 KEY = "lora_engine_onthefly"  # our key in ModelPatcher.injections
 ONTHEFLY = "on the fly"
@@ -132,10 +132,11 @@ def inject_stack(model, clip, stack, keymap) -> tuple[object, object, PatchSet]:
     """Clones of ``model``/``clip`` whose runs add ``stack`` as side paths (joined with a lora-engine
     on-the-fly stack already on the inputs). Returns them and the reports of this node's stack."""
     cls = _injection_class()
+    keymap = NodeKeyMap(keymap, model is not None, clip is not None)
     resolved: dict = {}  # each file's key lookups, shared by the three plans
     out = PatchSet(reports=build_plan(list(stack), keymap, resolved).reports)
     for report in out.reports.values():
-        only_present(report, keymap, model is not None, clip is not None)
+        only_present(report, keymap)
     new_model, new_clip = model, clip
     for part, target in (("unet", model), ("te", clip)):
         if target is None:

@@ -235,3 +235,21 @@ def test_stack_of_two_on_flux_is_one_sum(loras):
     ours = patched_state(new_model) | patched_state(new_clip.patcher)
     assert _check(ours, want, {**msd, **csd}) > 20
     assert all(len(v) == 1 for v in new_model.patches.values())  # one patch per weight: one sum, one rounding
+
+
+@pytest.mark.parametrize("mode", ["merged", "on the fly"])
+def test_model_only_node_applies_a_flux_file_with_text_encoder_modules(loras, caplog, mode):
+    """A model-only node has no CLIP: the file's ``lora_te1_``/``lora_te2_`` names are not unmatched, and not a
+    sign of another family (``lora_te2_`` alone reads as SDXL's second encoder): the UNet part applies, quietly."""
+    model, clip, _ = comfy_dit("flux", seed=6)
+    msd, csd = _state(model), _state(clip.patcher)
+    nshapes = {k[len("diffusion_model."):]: tuple(v.shape) for k, v in msd.items()}
+    tensors = {**native_lora(nshapes, 1, flux_modules(nshapes)), **te_tensors("flux", csd, 2)}
+    write(tensors, loras / "k.safetensors")
+    (new_model,) = LoraEngineLoaderModelOnly().load(model, "k.safetensors", 0.9, "", mode)
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("lora_engine")]
+    if mode == "merged":
+        want = comfy_loraloader_oracle("flux", tensors, msd, csd, 0.9, 0.0)
+        assert _check(patched_state(new_model), want, msd) == len(flux_modules(nshapes))
+    else:
+        assert new_model.injections and not new_model.patches
