@@ -24,6 +24,7 @@ import comfy.text_encoders.flux
 from comfy.supported_models_base import ClipTarget
 import folder_paths, nodes
 from safetensors.torch import save_file
+from comfyui_common import random_model
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 LORAS = tempfile.mkdtemp(prefix="lora-engine-flux-smoke-")
@@ -33,14 +34,7 @@ CPU = torch.device("cpu")
 cfg = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 64,
        "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
        "depth_single_blocks": 2, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
-mc = comfy.supported_models.Flux(cfg)
-mc.set_inference_dtype(torch.float32, None)
-torch.manual_seed(0)
-m = mc.get_model({}, "", device="cpu")
-with torch.no_grad():
-    for p in m.diffusion_model.parameters():
-        p.copy_(torch.randn_like(p) * 0.05)
-mp = comfy.model_patcher.ModelPatcher(m, load_device=CPU, offload_device=CPU)
+m, mp = random_model(comfy.supported_models.Flux(cfg))
 msd = mp.model_state_dict()
 print("model:", type(m.diffusion_model).__name__, len(msd), "keys, e.g.",
       [k for k in msd if "double_blocks.0.img_attn.qkv" in k][:1], tuple(msd["diffusion_model.single_blocks.0.linear1.weight"].shape))
