@@ -172,4 +172,16 @@ print(f"strength change 0.5 -> 1.1 on the fly through load_models_gpu: weights u
 assert untouched and kept
 assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 assert torch.equal(run(mp), plain)
+# the CLIP (CLIP-L + T5) on the fly: CONDITIONING = merged, CLIP weights untouched
+_, clip_fly = N["LoraEngineLoader"]().load(mp, clip, "flux_kohya.safetensors", 0.0001, 0.9, "", "on the fly")
+_, clip_merged = N["LoraEngineLoader"]().load(mp, clip, "flux_kohya.safetensors", 0.0001, 0.9)
+(c_merged,) = nodes.CLIPTextEncode().encode(clip_merged, "a photo of a cat")
+(c_plain,) = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")
+(c_fly,) = nodes.CLIPTextEncode().encode(clip_fly, "a photo of a cat")
+d_fly = (c_fly[0][0] - c_merged[0][0]).abs().max().item()
+print(f"CLIP on the fly: weight patches {len(clip_fly.patcher.patches)}; CONDITIONING vs merged max|d|={d_fly:.3g} "
+      f"(vs no LoRA {(c_merged[0][0] - c_plain[0][0]).abs().max().item():.3g})")
+assert not clip_fly.patcher.patches and d_fly <= 3e-4 and (c_merged[0][0] - c_plain[0][0]).abs().max() > 1e-3
+state(clip.patcher)
+assert all(torch.equal(v, csd[k]) for k, v in clip.patcher.model_state_dict().items())
 print("ALL CHECKS PASSED")
