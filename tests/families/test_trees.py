@@ -1,5 +1,5 @@
-"""Flux.1-dev, Chroma, SD3.5-Large and SD3.5-Medium, full size on the meta device: the declaration's native tree is the one diffusers'
-single-file converter reads (names, shapes and the order of every row block), and every targetable
+"""Flux.1-dev, Chroma, SD3.5-Large, SD3.5-Medium, Qwen-Image, full size on the meta device: the declaration's native tree is
+the one diffusers' single-file converter reads (Qwen-Image: the diffusers names themselves, as ComfyUI's model has them) (names, shapes and the order of every row block), and every targetable
 layer maps both ways, one-to-one, whichever tree the model uses."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lora_engine.keymap import build_keymap
+from tests.fixtures.models.dit import QWEN_IMAGE, qwen_model
 from tests.fixtures.models.flux import CHROMA, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, flux_model, native_state, sd3_model
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -15,7 +16,8 @@ CASES = {"flux": ("flux", lambda: flux_model(FLUX_DEV, meta=True), "convert_flux
          "chroma": ("chroma", lambda: flux_model(CHROMA, meta=True, chroma=True),
                     "convert_chroma_transformer_checkpoint_to_diffusers"),
          "sd3.5-large": ("sd3", lambda: sd3_model(SD35_LARGE, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers"),
-         "sd3.5-medium": ("sd3", lambda: sd3_model(SD35_MEDIUM, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers")}
+         "sd3.5-medium": ("sd3", lambda: sd3_model(SD35_MEDIUM, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers"),
+         "qwen-image": ("qwen_image", lambda: qwen_model(QWEN_IMAGE, meta=True), dict)}
 # tensors outside every LoRA-targetable layer, native -> diffusers name (the converter needs them)
 EXTRAS = {"pos_embed": "pos_embed.pos_embed"}
 
@@ -27,7 +29,7 @@ def trees(request):
     dshapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     nshapes = {k: tuple(v.shape) for k, v in native_state(model, family).items()}
     nshapes.update({n: dshapes[d] for n, d in EXTRAS.items() if d in dshapes})
-    return family, dshapes, nshapes, getattr(single_file, converter)
+    return family, dshapes, nshapes, getattr(single_file, converter) if isinstance(converter, str) else converter
 
 
 def _labelled(shapes: dict) -> dict:
