@@ -105,7 +105,9 @@ _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "
                "t_embedder.", "y_embedder.", "x_embedder.", "distilled_guidance_layer.", *_DIT_TOP,
                # Wan: native and diffusers trees (DiffSynth writes Wan LoRAs bare)
                "blocks.", "head.", "text_embedding.", "time_projection.", "img_emb.", "condition_embedder.",
-               "patch_embedding", "scale_shift_table")
+               "patch_embedding", "scale_shift_table",
+               # Z-Image (NextDiT): native and diffusers trees
+               "layers.", "noise_refiner.", "context_refiner.", "all_x_embedder.", "all_final_layer.", "cap_embedder.")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lora_engine.engine import shapes_of
+from lora_engine.formats import load_lora
 from tests.families.test_bad_input import _apply
 from tests.families.test_flux_apply import _close, _merged, _onthefly_equals_merged, diffusers_oracle
 from tests.fixtures.files.dit import respell
@@ -61,7 +62,10 @@ def test_dialects(model, tmp_path, spelling):
     mods = _modules(shapes)
     alpha = 3.0 if spelling in ("kohya", "comfyui") else 4.0
     tensors = respell(native_lora(shapes, 5, mods, alpha=alpha), mods, spelling)
-    rep = _same_as_oracle(model, write(tensors, tmp_path / f"{spelling}.safetensors"))
+    path = write(tensors, tmp_path / f"{spelling}.safetensors")
+    lf = load_lora(path)
+    assert lf.unknown_keys == [] and len(lf.modules) == len(mods)
+    rep = _same_as_oracle(model, path)
     assert rep.touched == len(mods)
 
 
