@@ -9,13 +9,13 @@ from collections.abc import Mapping
 
 from .base import Family, FamilyMismatch, Layer, Part, TextEncoder
 from .flux import CHROMA, FLUX
-from .nextdit import Z_IMAGE
+from .nextdit import LUMINA2, Z_IMAGE
 from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3
 from .wan import WAN
 
 # Order matters where markers are shared: a variant (with ``requires``) before its parent.
-FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3, QWEN_IMAGE, WAN, Z_IMAGE)
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3, QWEN_IMAGE, WAN, Z_IMAGE, LUMINA2)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 
 

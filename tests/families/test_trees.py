@@ -1,4 +1,4 @@
-"""Flux.1-dev, Chroma, SD3.5-Large, SD3.5-Medium, Qwen-Image, Wan 2.1-I2V-14B, Wan 2.2-TI2V-5B, Z-Image-Turbo, full size on the meta device: the declaration's native tree is
+"""Flux.1-dev, Chroma, SD3.5-Large, SD3.5-Medium, Qwen-Image, Wan 2.1-I2V-14B, Wan 2.2-TI2V-5B, Z-Image-Turbo, Lumina-Image-2.0, full size on the meta device: the declaration's native tree is
 the one diffusers' single-file converter reads (Qwen-Image: the diffusers names themselves, as ComfyUI's model has them) (names, shapes and the order of every row block), and every targetable
 layer maps both ways, one-to-one, whichever tree the model uses."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lora_engine.keymap import build_keymap
-from tests.fixtures.models.dit import (QWEN_IMAGE, WAN21_I2V_14B, WAN22_TI2V_5B, Z_IMAGE_TURBO, qwen_model, wan_model,
-                                      z_image_model)
+from tests.fixtures.models.dit import (LUMINA2_FULL, QWEN_IMAGE, WAN21_I2V_14B, WAN22_TI2V_5B, Z_IMAGE_TURBO, lumina2_model, qwen_model,
+                                      wan_model, z_image_model)
 from tests.fixtures.models.flux import CHROMA, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, flux_model, native_state, sd3_model
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -22,7 +22,8 @@ CASES = {"flux": ("flux", lambda: flux_model(FLUX_DEV, meta=True), "convert_flux
          "wan2.1-i2v-14b": ("wan", lambda: wan_model(WAN21_I2V_14B, meta=True), "convert_wan_transformer_to_diffusers"),
          "wan2.2-ti2v-5b": ("wan", lambda: wan_model(WAN22_TI2V_5B, meta=True), "convert_wan_transformer_to_diffusers"),
          "z-image-turbo": ("z_image", lambda: z_image_model(Z_IMAGE_TURBO, meta=True),
-                           "convert_z_image_transformer_checkpoint_to_diffusers")}
+                           "convert_z_image_transformer_checkpoint_to_diffusers"),
+         "lumina2": ("lumina2", lambda: lumina2_model(LUMINA2_FULL, meta=True), "convert_lumina2_to_diffusers")}
 # tensors outside every LoRA-targetable layer, native -> diffusers name (the converter needs them)
 EXTRAS = {"pos_embed": "pos_embed.pos_embed", "x_pad_token": "x_pad_token", "cap_pad_token": "cap_pad_token"}
 

@@ -22,7 +22,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
-           "layers.0.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear", "cap_embedder.1"]
+           "layers.0.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0", "all_x_embedder.2-1",
+           "all_final_layer.2-1.linear", "cap_embedder.1"]
 
 
 @pytest.fixture(scope="module")
