@@ -116,3 +116,15 @@ def test_z_image_and_lumina2_are_told_apart():
     z = {k: tuple(v.shape) for k, v in native_state(z_image_model(meta=True), "z_image").items()}
     lu = {k: tuple(v.shape) for k, v in native_state(lumina2_model(meta=True), "lumina2").items()}
     assert build_keymap(z).architecture == "z_image" and build_keymap(lu).architecture == "lumina2"
+
+
+def test_lumina2_lora_on_z_image(tmp_path):
+    """A Lumina 2 LoRA in native names (the same names as Z-Image's, other widths) on Z-Image's native tree: one
+    line naming Lumina 2, nothing changed."""
+    from tests.families.test_bad_input import _apply
+    from tests.fixtures.models.dit import z_image_model
+
+    lu = {k: tuple(v.shape) for k, v in native_state(lumina2_model(meta=True), "lumina2").items()}
+    path = write(native_lora(lu, 2, _linears(lu)), tmp_path / "lumina.safetensors")
+    lines, changed = _apply(NativeTree(native_state(z_image_model(seed=2), "z_image")), path)
+    assert changed == [] and len(lines) == 1 and "Lumina 2 LoRA on an Z-Image model" in lines[0], lines
