@@ -215,3 +215,25 @@ def test_wan22_experts():
     assert len(lines) == 2 and all("\n" not in x for x in lines)
     assert lines[0] == "lightning_HIGH: made for the high-noise expert; applied to that expert only, not to both"
     assert "detail_high_noise: made for the high-noise expert, applied to the low-noise one as asked" == lines[1]
+
+
+def test_wan22_stack_on_two_experts(tmp_path):
+    """A stack on Wan 2.2's two experts (two models of one tree): each LoRA lands on the expert(s)
+    ``assign_experts`` gives it (HIGH file: self-attention, LOW file: FFN, an undeclared style: cross-attention)."""
+    from lora_engine.families.wan import HIGH_NOISE, LOW_NOISE, assign_experts
+
+    experts = {HIGH_NOISE: wan_model(seed=5), LOW_NOISE: wan_model(seed=6)}
+    ns = shapes_of(NativeTree(native_state(experts[HIGH_NOISE], "wan")))
+    parts = {"lightning_HIGH": "self_attn", "lightning_LOW": "ffn", "style": "cross_attn"}
+    files = {name: load_lora(write(native_lora(ns, i, [m for m in _linears(ns, blocks_only=True) if f".{part}." in m]),
+                                   tmp_path / f"{name}.safetensors"))
+             for i, (name, part) in enumerate(parts.items())}
+    stacks, lines = assign_experts([(name, "both" if name == "lightning_HIGH" else None) for name in files])
+    assert len(lines) == 1 and lines[0].startswith("lightning_HIGH: made for the high-noise expert")
+    for expert, model in experts.items():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        e = LoraEngine(model, build_keymap(shapes_of(model)), mode="merged")
+        e.set_stack([StackEntry(files[name]) for name in stacks[expert]])
+        changed = {k.split(".")[2] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+        e.restore()
+        assert changed == ({"attn1", "attn2"} if expert == HIGH_NOISE else {"ffn", "attn2"}), (expert, changed)
