@@ -96,7 +96,8 @@ _STRIP_PREFIXES = ("base_model.model.",)
 # canonical_module restores "text_model." so the kohya name is the usual one.
 _TE_ROOTS = ("text_model.", "text_projection")
 _DIT_TOP = ("img_in", "txt_in", "x_embedder", "context_embedder", "proj_out")  # Flux/SD3 top-level layers
-_BARE_TOP = ("text_projection", "conv_in", "conv_out", "patch_embedding", "scale_shift_table", *_DIT_TOP)  # top-level modules: no dot in their path
+# top-level modules: no dot in their path
+_BARE_TOP = ("text_projection", "conv_in", "conv_out", "patch_embedding", "scale_shift_table", *_DIT_TOP)
 _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out",
                "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.",
                # diffusion transformers (bare PEFT keys, e.g. DiffSynth): diffusers and native trees
@@ -106,8 +107,9 @@ _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "
                # Wan: native and diffusers trees (DiffSynth writes Wan LoRAs bare)
                "blocks.", "head.", "text_embedding.", "time_projection.", "img_emb.", "condition_embedder.",
                "patch_embedding", "scale_shift_table",
-               # Z-Image (NextDiT): native and diffusers trees
-               "layers.", "noise_refiner.", "context_refiner.", "all_x_embedder.", "all_final_layer.", "cap_embedder.")
+               # NextDiT (Z-Image, Lumina 2): native and diffusers trees
+               "layers.", "noise_refiner.", "context_refiner.", "all_x_embedder.", "all_final_layer.", "cap_embedder.",
+               "time_caption_embed.")
 
 
 @dataclass(frozen=True)
