@@ -67,14 +67,16 @@ def test_native_names_grouped_rows(models, tmp_path):
         assert torch.allclose(got_d[key].double(), base[key].double() + dw[a:b], atol=1e-6), key
 
 
-def test_lycoris_and_comfyui_spellings(models, tmp_path):
+@pytest.mark.parametrize("tree", ["native", "diffusers"])
+def test_other_spellings(models, tmp_path, tree):
+    """LyCORIS, ComfyUI and DiffSynth-bare spellings of the same tensors, module names of either tree."""
     d, n = models
-    nshapes = shapes_of(n)
-    mods = _linears(nshapes)
-    t = native_lora(nshapes, 5, mods, alpha=2.0)
+    shapes = shapes_of(n if tree == "native" else d)
+    mods = _linears(shapes)
+    t = native_lora(shapes, 5, mods, alpha=4.0)
     for root in (d, n):
         want, _ = _merged(root, write(t, tmp_path / "k.safetensors"))
-        for spelling in ("lycoris", "comfyui"):
+        for spelling in ("lycoris", "comfyui", "bare"):
             got, rep = _merged(root, write(respell(t, mods, spelling), tmp_path / f"{spelling}.safetensors"))
             assert rep.unmatched == [] and rep.touched, rep.line()
             assert [k for k in want if not torch.equal(got[k], want[k])] == [], spelling
