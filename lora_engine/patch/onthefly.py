@@ -6,8 +6,8 @@ Linear/Conv2d targets:
 where m_k is the plan's strength and f_k a runtime factor per LoRA (``set_factor``): a scalar, or
 a vector with one value per sample of the batch, so images of one batch can carry different
 stacks and step schedules change nothing but a number.
-Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers) get the summed
-dense delta swapped in for the duration of the forward (pre-hook) and the original Parameter
+Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers, Conv3d, bare parameters) get the summed
+dense delta (and Δb on the bias) swapped in for the duration of the forward (pre-hook) and the original Parameter
 put back right after (post-hook); the stored weight is never modified. Those take a scalar factor.
 Installing is all or nothing: each term's math runs before any hook changes (a broken adapter fails in
 ``apply``, never inside a forward), and a failure puts every hook back as it was.
@@ -95,8 +95,8 @@ class _ModuleHook:
                                              None if db is None else db.to(device=w.device, dtype=dtype))
             parts = (c.strength * dw, None if db is None else c.strength * db)
         else:
-            dw = term.cache["swap"] = summed_delta([unit], w)[0]
-            parts = (c.strength * dw,)
+            dw, db = term.cache["swap"] = summed_delta([unit], w)
+            parts = (c.strength * dw, None if db is None else c.strength * db)
         if any(nonfinite(p.to(dtype)) for p in parts if p is not None):
             return "the side path's factors are not finite"
         return None
@@ -199,10 +199,10 @@ class _ModuleHook:
             for term in slot_terms:
                 by_key.setdefault(term.target.weight_key, []).append(term)
         for key, terms in by_key.items():
-            owner_path, _, name = key.rpartition(".")
-            owner = self.patcher.root.get_submodule(owner_path)
-            original = owner._parameters[name]
+            owner, name, original = self._owned(key)
             patched = original.detach().float().clone()
+            bias_key = terms[0].target.bias_key
+            patched_b = None
             for term in terms:
                 factor = self.patcher.factor(term.contribution.lora_id)
                 if not isinstance(factor, float):
@@ -211,14 +211,31 @@ class _ModuleHook:
                     factor = float(factor.flatten()[0])
                 t = term.target
                 region = patched if t.rows is None else patched[t.rows[0]:t.rows[1]]
-                dw = term.cache.get("swap")
-                if dw is None:  # the weight is never written, so ΔW(W) is computed once
+                swap = term.cache.get("swap")
+                if swap is None:  # the weight is never written, so ΔW(W) is computed once
                     c = term.contribution
                     unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
-                    dw = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))[0]
+                    swap = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))
+                dw, db = swap
                 region += (factor * term.contribution.strength) * dw.to(region.device)
-            self.swapped[key] = (owner, name, original)
-            owner._parameters[name] = patched.to(original.dtype)
+                if db is not None and bias_key is not None:  # Δb of a norm, a Conv3d, ... swapped in alike
+                    if patched_b is None:
+                        patched_b = self._owned(bias_key)[2].detach().float().clone()
+                    region_b = patched_b if t.rows is None else patched_b[t.rows[0]:t.rows[1]]
+                    region_b += (factor * term.contribution.strength) * db.to(region_b.device).reshape(region_b.shape)
+            self._swap(key, patched)
+            if patched_b is not None:
+                self._swap(bias_key, patched_b)
+
+    def _owned(self, key: str):
+        owner_path, _, name = key.rpartition(".")
+        owner = self.patcher.root.get_submodule(owner_path)
+        return owner, name, owner._parameters[name]
+
+    def _swap(self, key: str, patched: torch.Tensor) -> None:
+        owner, name, original = self._owned(key)
+        self.swapped[key] = (owner, name, original)
+        owner._parameters[name] = patched.to(original.dtype)
 
     def _swap_out(self, module, args, out):
         for owner, name, original in self.swapped.values():
