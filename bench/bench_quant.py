@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 from lora_engine.engine import LoraEngine  # noqa: E402
 from lora_engine.formats import load_lora  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
-from lora_engine.quant import quant_weight_at  # noqa: E402
+from lora_engine.quant import logical_shape  # noqa: E402
 
 LAYERS = ("single_blocks.0.linear1", "single_blocks.0.linear2", "single_blocks.0.modulation.lin")
 
@@ -93,8 +93,7 @@ def write_loras(folder: str, root, n: int, rank: int) -> list[tuple[str, dict]]:
         g = torch.Generator().manual_seed(100 + k)
         sd = {}
         for name in LAYERS:
-            o, i = quant_weight_at(root, name + ".weight").shape if quant_weight_at(root, name + ".weight") \
-                else root.get_submodule(name).weight.shape
+            o, i = logical_shape(root.get_submodule(name).weight)
             key = "lora_unet_" + name.replace(".", "_")
             sd[key + ".lora_down.weight"] = torch.randn(rank, i, generator=g) * 0.02
             sd[key + ".lora_up.weight"] = torch.randn(o, rank, generator=g) * 0.02
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(1)
             xs = {n: torch.randn(args.tokens, root.get_submodule(n).in_features, generator=g) for n in LAYERS}
             files = write_loras(folder, root, max(stacks), args.rank)
-            io = [quant_weight_at(root, n + ".weight").shape for n in LAYERS]
+            io = [logical_shape(root.get_submodule(n).weight) for n in LAYERS]
             for n in stacks:
                 engine = LoraEngine.for_model(root, mode="onthefly")
                 engine.set_stack([StackEntry(load_lora(p)) for p, _ in files[:n]])
@@ -222,7 +221,6 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 engine.restore()
                 merged_rows.append((fmt, apply, change, time.perf_counter() - t))
-            del root
     if merged_rows:
         print("\n| format | merged apply s (1 LoRA) | change strength s | restore s |\n|---|---|---|---|")
         for fmt, a, c, r in merged_rows:

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import PatchError
 from ..finite import finite_probes, nonfinite, probe
-from ..quant import Fp8Weight, QuantError, QuantWeight, quant_weight_at
+from ..quant import Fp8Weight, QuantError, QuantWeight, is_quantized, quant_weight_at
 from .delta import merged_weight, summed_delta
 from .device_factors import DeviceFactors, plan_adapters
 from .plan import PatchPlan, changed_slots, failure_line, keeping, refuse
@@ -89,6 +89,8 @@ def _copy(t: torch.Tensor, dev) -> torch.Tensor:
 def quantized(root: torch.nn.Module, target) -> QuantWeight | None:
     """The quantized format merged mode must go through for this target (None for plain dtypes, fp8
     included); raises ``QuantError`` for a weight it cannot read."""
+    if not is_quantized(_param(root, target.weight_key)):  # the common case, without a module lookup
+        return None
     q = quant_weight_at(root, target.weight_key)
     return None if q is None or type(q) is Fp8Weight else q
 

@@ -298,10 +298,9 @@ class OnTheFlyPatcher:
     def original(self, target) -> torch.Tensor:
         """The target's weight as a float tensor: the stored one, or the fp32 dequantization of a
         quantized one (a transient copy: callers keep only what they compute from it)."""
-        q = quant_weight_at(self.root, target.weight_key)
-        if q is not None:
-            return q.dequant(target.rows)
         w = _param(self.root, target.weight_key).detach()
+        if is_quantized(w):
+            return quant_weight_at(self.root, target.weight_key).dequant(target.rows)
         return w if target.rows is None else w[target.rows[0]:target.rows[1]]
 
     def apply(self, new_plan: PatchPlan) -> int:

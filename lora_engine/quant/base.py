@@ -35,10 +35,6 @@ class QuantWeight:
         """The logical shape (what the weight is as a matrix / kernel, not its packed storage)."""
         return tuple(self.param.shape)
 
-    @property
-    def device(self) -> torch.device:
-        return self.param.device
-
     def merge_problem(self, rows: tuple[int, int] | None = None) -> str | None:
         return None
 
@@ -56,11 +52,6 @@ class QuantWeight:
 
     def put(self, stored, rows=None) -> None:
         raise NotImplementedError
-
-    def probe_tensor(self, rows=None) -> torch.Tensor | None:
-        """A float tensor whose finiteness says whether the stored weight is finite (None: the format
-        cannot hold NaN/Inf, e.g. integer blocks with finite scales checked at requantization)."""
-        return None
 
     def describe(self) -> str:
         return f"{self.format} {list(self.shape)}"

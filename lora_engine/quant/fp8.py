@@ -57,9 +57,6 @@ class Fp8Weight(QuantWeight):
     def requant(self, w: torch.Tensor, rows=None) -> None:
         row_slice(self.param.detach(), rows).copy_(w)  # copy_ rounds to nearest like .to(fp8)
 
-    def probe_tensor(self, rows=None):
-        return row_slice(self.param.detach(), rows)
-
 
 class ScaledFp8Weight(Fp8Weight):
     """fp8 storage times a per-tensor (or per-row, broadcasting) fp32 scale."""

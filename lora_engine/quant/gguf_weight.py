@@ -103,6 +103,3 @@ class GgufWeight(QuantWeight):
         blocks = gguf.quants.quantize(w.detach().reshape(n, -1).float().cpu().numpy(), self.qtype)
         view = row_slice(self._rows_view(), rows)
         view.copy_(torch.from_numpy(blocks).reshape(view.shape))
-
-    def probe_tensor(self, rows=None):
-        return None  # the blocks' scales are checked on the fp32 value before it is quantized

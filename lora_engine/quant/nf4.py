@@ -27,7 +27,6 @@ class Nf4Weight(QuantWeight):
         except ImportError as e:  # pragma: no cover
             raise QuantError(f"a bitsandbytes 4-bit weight, but bitsandbytes cannot be imported ({e})")
         self._bnbf = bnbf
-        self.state = self.param.quant_state
 
     @property
     def format(self) -> str:
