@@ -15,13 +15,18 @@ import torch
 
 from .base import QuantError, QuantWeight, row_slice
 
-try:  # optional dependency (extra "quant")
-    import gguf
-    import gguf.quants
-except ImportError:  # pragma: no cover - exercised when gguf is not installed
-    gguf = None
-
 _REQUANTIZES: dict = {}  # quant type -> whether gguf.quants can quantize it
+
+
+def _gguf():
+    """The ``gguf`` package (optional, extra "quant"), imported when a GGUF tensor is first met (it takes
+    over a second to import), or None."""
+    try:
+        import gguf
+        import gguf.quants
+    except ImportError:  # pragma: no cover - exercised when gguf is not installed
+        return None
+    return gguf
 
 
 def gguf_type(t: torch.Tensor):
@@ -29,6 +34,7 @@ def gguf_type(t: torch.Tensor):
     qtype = getattr(t, "tensor_type", None)
     if qtype is None:
         return None
+    gguf = _gguf()
     if gguf is not None:
         try:
             qtype = gguf.GGMLQuantizationType(int(qtype))
@@ -45,6 +51,7 @@ def _name(qtype) -> str:
 
 def requantizes(qtype) -> bool:
     """Whether ``gguf.quants.quantize`` supports this type (tried once on one zero block)."""
+    gguf = _gguf()
     if qtype not in _REQUANTIZES:
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         import numpy as np
@@ -60,6 +67,7 @@ def requantizes(qtype) -> bool:
 class GgufWeight(QuantWeight):
     def __init__(self, owner, name):
         super().__init__(owner, name)
+        gguf = self._gguf = _gguf()
         if gguf is None:
             raise QuantError("a GGUF tensor, but the 'gguf' package is not installed "
                              "(pip install gguf)")
@@ -95,11 +103,11 @@ class GgufWeight(QuantWeight):
 
     def dequant_stored(self, stored, rows=None) -> torch.Tensor:
         n = stored.shape[0]
-        flat = gguf.quants.dequantize(stored.cpu().numpy(), self.qtype)
+        flat = self._gguf.quants.dequantize(stored.cpu().numpy(), self.qtype)
         return torch.from_numpy(flat).reshape(n, *self.shape[1:]).to(stored.device, torch.float32)
 
     def requant(self, w: torch.Tensor, rows=None) -> None:
         n = w.shape[0]
-        blocks = gguf.quants.quantize(w.detach().reshape(n, -1).float().cpu().numpy(), self.qtype)
+        blocks = self._gguf.quants.quantize(w.detach().reshape(n, -1).float().cpu().numpy(), self.qtype)
         view = row_slice(self._rows_view(), rows)
         view.copy_(torch.from_numpy(blocks).reshape(view.shape))

@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-pytest.importorskip("gguf")
-
 # the layers the LoRAs touch (native Flux names), kept few so that a test stays a matter of seconds
 MODULES_A = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "single_blocks.0.linear2"]
 MODULES_B = ["double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj"]

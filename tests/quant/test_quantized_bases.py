@@ -24,6 +24,7 @@ from lora_engine.quant import quant_weight_at
 from tests.quant.conftest import (MODULES_A, MODULES_B, comfy_stochastic_merge, reference, same_bytes,
                                   stored_bytes)
 
+pytest.importorskip("diffusers")
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 

@@ -16,6 +16,7 @@ from lora_engine.patch import StackEntry
 from lora_engine.quant import logical_shape, quant_weight_at
 from tests.quant.conftest import same_bytes, stored_bytes
 
+pytest.importorskip("diffusers")
 gguf = pytest.importorskip("gguf")
 
 
