@@ -223,3 +223,15 @@ def test_unknown_quant_type_names_the_layer_and_the_rest_applies(base_tree, lora
 
 def test_automatic_is_merged_for_a_plain_model(base_tree):
     assert _engine(copy.deepcopy(base_tree), "automatic").mode is Mode.MERGED
+
+
+def test_backups_on_the_weights_device_are_real_copies(trees, lora_files):
+    """ComfyUI-GGUF's GGMLTensor answers ``clone()`` with itself: a backup of its blocks kept beside the weight
+    must still be a copy, or the restore would give back the merged values."""
+    root = trees("Q8_0")
+    before = stored_bytes(root)
+    engine = LoraEngine.for_model(root, mode="merged", backup_device="same")
+    engine.set_stack(_stack(lora_files, "A"))
+    assert same_bytes(before, stored_bytes(root))
+    engine.restore()
+    assert same_bytes(before, stored_bytes(root)) == []
