@@ -9,6 +9,10 @@ stacks and step schedules change nothing but a number.
 Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers, Conv3d, bare parameters) get the summed
 dense delta (and Δb on the bias) swapped in for the duration of the forward (pre-hook) and the original Parameter
 put back right after (post-hook); the stored weight is never modified. Those take a scalar factor.
+Quantized layers (fp8, scaled fp8, GGUF, bitsandbytes 4-bit: ``lora_engine.quant``) run their own
+forward untouched; a low-rank side path never reads their weight, a dense ΔW is computed once from the
+dequantized weight (fp32, dropped after) and kept in the compute dtype. A weight that cannot be read
+(unknown quant type) refuses only the terms that need it, with one line naming the layer.
 Installing is all or nothing: each term's math runs before any hook changes (a broken adapter fails in
 ``apply``, never inside a forward), and a failure puts every hook back as it was.
 """
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import LoraEngineError, PatchError
 from ..adapters.lora import LoRA
 from ..finite import nonfinite
+from ..quant import QuantError, is_quantized, logical_shape, quant_weight_at
 from .delta import summed_delta
 from .device_factors import DeviceFactors, plan_adapters
 from .lowrank_side import FusedLowRank
@@ -82,14 +87,21 @@ class _ModuleHook:
         path factors are built. Returns why the term must not be used (what the side path would
         multiply by is not finite in the layer's dtype), or None."""
         c = term.contribution
-        w = self.patcher.original(term.target)
-        dtype = w.dtype if w.is_floating_point() else torch.float32
         unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
-        if isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)) and self._is_lowrank(term):
+        layer = isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d))
+        if layer and self._is_lowrank(term):  # the weight is not read (a quantized one is never dequantized)
+            stored = _param(self.patcher.root, term.target.weight_key)
+            dtype = stored.dtype if stored.is_floating_point() and not is_quantized(stored) else torch.float32
             f = c.adapter.factors()
             m = f.scale * c.strength
             parts = (f.up * m, f.down, f.mid, None if f.bias is None else f.bias * m)
-        elif isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)):
+            return _why_not_finite(parts, dtype)
+        try:
+            w = self.patcher.original(term.target)
+        except QuantError as e:
+            return str(e)
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        if layer:
             dw, db = summed_delta([unit], w)
             term.cache[(dtype, w.device)] = (dw.to(device=w.device, dtype=dtype),
                                              None if db is None else db.to(device=w.device, dtype=dtype))
@@ -97,9 +109,7 @@ class _ModuleHook:
         else:
             dw, db = term.cache["swap"] = summed_delta([unit], w)
             parts = (c.strength * dw, None if db is None else c.strength * db)
-        if any(nonfinite(p.to(dtype)) for p in parts if p is not None):
-            return "the side path's factors are not finite"
-        return None
+        return _why_not_finite(parts, dtype)
 
     # ---- Linear / Conv2d: add the side path ---------------------------------------------------
     def _lowrank(self, term: _Term, x: torch.Tensor) -> torch.Tensor:
@@ -244,6 +254,12 @@ class _ModuleHook:
         return out
 
 
+def _why_not_finite(parts, dtype) -> str | None:
+    if any(nonfinite(p.to(dtype)) for p in parts if p is not None):
+        return "the side path's factors are not finite"
+    return None
+
+
 def hook_path(root: torch.nn.Module, weight_key: str) -> str:
     """The module whose forward sees this weight. nn.MultiheadAttention reads its ``out_proj``
     weight directly (the Linear's forward never runs), so its hook goes on the attention module."""
@@ -259,8 +275,9 @@ def _terms(module: torch.nn.Module, target, contribs) -> list[_Term]:
     layer: its adapter placed at its rows (a LoRA's up factor padded with zero rows)."""
     if target.rows is None or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
         return [_Term(c, target) for c in contribs]
-    height = module.weight.shape[0]
-    whole = replace(target, rows=None, shape=tuple(module.weight.shape))
+    shape = logical_shape(module.weight)
+    height = shape[0]
+    whole = replace(target, rows=None, shape=shape)
     return [_Term(replace(c, adapter=place_rows(c.adapter, target.rows, height)), whole) for c in contribs]
 
 
@@ -317,7 +334,11 @@ class OnTheFlyPatcher:
             del self._factors_on[key]
 
     def original(self, target) -> torch.Tensor:
+        """The target's weight as a float tensor: the stored one, or the fp32 dequantization of a
+        quantized one (a transient copy: callers keep only what they compute from it)."""
         w = _param(self.root, target.weight_key).detach()
+        if is_quantized(w):
+            return quant_weight_at(self.root, target.weight_key).dequant(target.rows)
         return w if target.rows is None else w[target.rows[0]:target.rows[1]]
 
     def apply(self, new_plan: PatchPlan) -> int:

@@ -68,3 +68,13 @@ def test_bench_threads_runs_its_commands():
     rows = _table_rows(out, "| command | threads")
     assert [(r[0], r[1], r[3]) for r in rows] == [("train", "default policy", "1.00"), ("grid", "default policy", "1.00")]
     assert re.search(r"before: .*load average", out) and "the policy now:" in out
+
+
+def test_bench_quant_runs_on_a_narrow_block():
+    out = _run("bench/bench_quant.py", "--width", "256", "--tokens", "16", "--formats", "fp8,Q8_0", "--stacks", "0,2",
+               "--reps", "1", "--threads", "1", "--merged")
+    rows = _table_rows(out, "| format | n | base s")
+    assert [(r[0], r[1]) for r in rows] == [("fp8", "0"), ("fp8", "2"), ("Q8_0", "0"), ("Q8_0", "2")]
+    assert [r[8] for r in rows] == ["0.00", "1.00"] * 2  # on the fly holds the LoRA tensors, nothing more
+    merged = _table_rows(out, "| format | merged apply s")
+    assert [r[0] for r in merged] == ["fp8", "Q8_0"]
