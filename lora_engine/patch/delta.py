@@ -7,6 +7,10 @@ Plain LoRA/LoCon terms (no Tucker ``mid``) are summed as one product
     Σ_k m_k·s_k·up_k·down_k = [m_1 s_1 up_1 | … | m_k s_k up_k] · [down_1; …; down_k]
 one GEMM of inner size Σr instead of k GEMMs plus k full-size scale and add passes; with the base
 given (``merged_weight``) the product lands in the destination buffer, then W = ΔW + W₀ in place.
+Terms placed at rows of a fused weight (``rows.PlacedLoRA``: the q, k, v, mlp LoRAs of one ``qkv`` or
+``linear1``) are one such product per row range, over their own rows only: ΔW[a:b] = U_ab · D_ab (added
+to the whole-weight product when there is one); rows no term covers hold −0.0, so W₀ + ΔW keeps W₀'s
+bits there (x + (−0) = x for every x, −0 included).
 Merged mode, on-the-fly dense deltas and ``bake`` all call this.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from ..adapters.base import COMPUTE
 from ..adapters.lora import LoRA
 from .device_factors import on_device
+from .rows import PlacedLoRA
 
 
 def _ordered(contributions) -> list:
@@ -28,6 +33,14 @@ def _lowrank(c) -> bool:
     return isinstance(c.adapter, LoRA) and c.adapter.mid is None
 
 
+def _placement(c) -> tuple[int, int] | None:
+    return c.adapter.rows if isinstance(c.adapter, PlacedLoRA) else None
+
+
+def _up(a) -> torch.Tensor:
+    return a.own_up() if isinstance(a, PlacedLoRA) else a.up
+
+
 def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
     """U (o × Σr) with m·s folded in, D (Σr × i·k·k), both fp32 on ``device``. Several terms are
     concatenated in their stored dtype first (exact: the upcast follows), so the stack costs one
@@ -36,9 +49,10 @@ def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
     if len(terms) == 1:
         c = terms[0]
         a = c.adapter
-        return (a.up.to(device=device, dtype=COMPUTE).reshape(a.up.shape[0], -1) * (a.scale * c.strength),
+        up = _up(a)
+        return (up.to(device=device, dtype=COMPUTE).reshape(up.shape[0], -1) * (a.scale * c.strength),
                 a.down.to(device=device, dtype=COMPUTE).reshape(a.rank, -1))
-    ups = [c.adapter.up.to(device).reshape(c.adapter.up.shape[0], -1) for c in terms]
+    ups = [_up(c.adapter).to(device).reshape(_up(c.adapter).shape[0], -1) for c in terms]
     downs = [c.adapter.down.to(device).reshape(c.adapter.rank, -1) for c in terms]
     u = torch.cat(ups, 1).to(COMPUTE)
     start = 0
@@ -85,10 +99,38 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
     if not lowrank:
         return dw, db
     _check_fit(lowrank, base_weight)
-    u, d = _stacked_factors(lowrank, device)
-    low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(base_weight.shape)
+    if any(_placement(c) is not None for c in lowrank):
+        low = _placed_product(lowrank, base_weight, device, into)
+    else:
+        u, d = _stacked_factors(lowrank, device)
+        low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(base_weight.shape)
     bias = _bias_terms(lowrank, device)
     return (low if dw is None else low.add_(dw)), (bias if db is None else _accumulate(bias, db))
+
+
+def _placed_product(terms, base_weight: torch.Tensor, device, into: torch.Tensor | None) -> torch.Tensor:
+    """Σ m·s·up·down of low-rank terms some of which are placed at rows: one product per row range (the
+    whole weight first), each over its own rows; −0.0 where no term reaches."""
+    groups: dict[tuple[int, int] | None, list] = {}
+    for c in terms:
+        groups.setdefault(_placement(c), []).append(c)
+    whole = groups.pop(None, None)
+    low = into if into is not None else torch.empty(base_weight.shape, dtype=COMPUTE, device=device)
+    flat = _flat(low)
+    if whole is not None:
+        u, d = _stacked_factors(whole, device)
+        torch.mm(u, d, out=flat)
+    else:
+        flat.fill_(-0.0)
+    written: list[tuple[int, int]] = []  # row ranges holding a product already (beside the whole one)
+    for (a, b) in sorted(groups):
+        u, d = _stacked_factors(groups[(a, b)], device)
+        if whole is None and not any(a < y and x < b for x, y in written):
+            torch.mm(u, d, out=flat[a:b])  # rows of their own: the same bits as a slot of these rows alone
+        else:
+            flat[a:b].add_(u @ d)
+        written.append((a, b))
+    return low
 
 
 def summed_bias(contributions, device: torch.device) -> torch.Tensor | None:

@@ -221,26 +221,24 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
 
 
 def _merge_overlaps(targets: dict, contributions: dict) -> None:
-    """Slots of one weight whose rows overlap (a fused LoRA on the whole ``qkv`` and a ``to_q`` LoRA on
-    its first rows) become one slot over the rows they span, each contribution placed at its rows, so
-    the weight gets one fp32 sum and one rounding. Disjoint row slices stay separate slots."""
+    """All slots of one weight become one slot: a split LoRA's ``to_q``/``to_k``/``to_v``/``proj_mlp`` on a
+    fused ``qkv``/``linear1`` (disjoint row slices), or a fused LoRA on the whole weight plus a ``to_q``
+    LoRA on its first rows (overlapping). The slot spans the rows they cover (the whole weight when one
+    takes it whole), each contribution placed at its rows (``place_rows``), so the weight is backed up
+    once and written once: one fp32 sum and one rounding per element."""
     by_key: dict[str, list[str]] = {}
     for slot, t in targets.items():
         by_key.setdefault(t.weight_key, []).append(slot)
     for slots in by_key.values():
         if len(slots) < 2:
             continue
-        spans = sorted((targets[s].rows or (0, targets[s].shape[0]), s) for s in slots)
         whole = next((targets[s] for s in slots if targets[s].rows is None), None)
-        overlap = whole is not None or any(b[0][0] < a[0][1] for a, b in zip(spans, spans[1:]))
-        if not overlap:
-            continue
         if whole is not None:
             start, stop, merged = 0, whole.shape[0], whole
         else:
             start, stop = min(targets[s].rows[0] for s in slots), max(targets[s].rows[1] for s in slots)
             t0 = targets[slots[0]]
-            merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]))
+            merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]), delta_rows=None)
         placed = []
         for s in slots:
             rows = targets[s].rows or (start, stop)
