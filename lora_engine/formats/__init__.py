@@ -42,6 +42,7 @@ from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
 from ..finite import nonfinite as _nonfinite
 from .keys import ModuleKey, parse_key, te_prefix_for
+from .kohya_split import split_qkv_note
 from .legacy import read_pickled
 from .peft_folder import PeftAlpha, diffusers_metadata_configs, folder_config, folder_weights, is_peft_folder
 from .safetensors_file import SafetensorsFile
@@ -74,6 +75,7 @@ class LoraFile:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     peft_config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # facts for the user whenever the file is applied
 
     @property
     def name(self) -> str:
@@ -191,6 +193,8 @@ def lora_from_tensors(
             unknown.extend(k for k in keys if parse_key(k, te_prefix)[1] == role)
         lf.modules[mk.name] = ModuleAdapter(mk.name, mk.dotted, adapter)
 
+    if (note := split_qkv_note(lf.modules, metadata)) is not None:
+        lf.notes.append(note)
     if not lf.modules:
         if lf.problems:
             raise AdapterShapeError(path, f"no usable module: {lf.problems[0]}" +

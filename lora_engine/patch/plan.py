@@ -207,6 +207,8 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
             report.skipped = report.foreign is not None and not force_foreign
         if report.skipped:
             continue
+        if report.touched:
+            report.notes[:0] = getattr(lf, "notes", ())
         for target, c in mine:
             slot = slot_of(target)
             plan.targets[slot] = target
