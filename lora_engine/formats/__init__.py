@@ -182,6 +182,10 @@ def lora_from_tensors(
             roles = {r: t for r, t in roles.items() if r != "weight"}
             if not roles:
                 continue
+        if set(roles) == {"scale"} and roles["scale"].numel() > 1:
+            # a whole norm tensor under its own name (BFL control LoRAs' ``…query_norm.scale``): it replaces
+            # the layer's weight, as ComfyUI's ``set_weight`` and diffusers' control-LoRA norms do
+            roles = {"set_weight": roles["scale"]}
         ext = _alpha_for(mk, peft_config, comp_cfgs)
         peft_style = any(k.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in keys)
         try:

@@ -21,6 +21,7 @@ import torch
 
 from ..adapters.base import COMPUTE
 from ..adapters.lora import LoRA
+from ..adapters.set_weight import multiplier
 from .device_factors import on_device
 from .rows import PlacedLoRA
 
@@ -77,10 +78,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _other_terms(others, w0: torch.Tensor, device, dw, db):
     for c in others:
         d = c.adapter.delta(w0) if device.type == "cpu" else on_device(c.adapter, device).delta(w0)
+        m = multiplier(c.adapter, c.strength)  # a set-weight: 1 (W = value) at any non-zero strength
         if d.weight is not None:
-            dw = _accumulate(dw, c.strength * d.weight.to(device))
+            dw = _accumulate(dw, m * d.weight.to(device))
         if d.bias is not None:
-            db = _accumulate(db, c.strength * d.bias.to(device).reshape(-1))
+            db = _accumulate(db, m * d.bias.to(device).reshape(-1))
     return dw, db
 
 
@@ -152,6 +154,8 @@ def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = No
     path computes; ``w0`` may be any float dtype, its upcast is exact), written into ``out`` when given
     (fp32, contiguous, w0's shape; ``w0`` itself is allowed, then W₀ is overwritten). ``None`` for the
     weight when no term changes it."""
+    if any(getattr(c.adapter, "absolute", False) for c in contributions):
+        return _set(contributions, w0, out)
     into = out if out is not None and out.data_ptr() != w0.data_ptr() else None
     dw, db = summed_delta(contributions, w0, into=into)
     if dw is None:
@@ -163,6 +167,19 @@ def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = No
     if w0.dtype != out.dtype:
         return add_base(out.copy_(dw.reshape(w0.shape)), w0), db
     return torch.add(w0, dw.reshape(w0.shape), out=out), db
+
+
+def _set(contributions, w0: torch.Tensor, out: torch.Tensor | None):
+    """W = value + Σ ΔW of the other terms: a set-weight replaces W₀ exactly (bit for bit, not W₀ + (value − W₀));
+    of several, the last in signature order (a later ``set`` patch wins in ComfyUI)."""
+    sets = [c for c in _ordered(contributions) if getattr(c.adapter, "absolute", False)]
+    rest = [c for c in contributions if not getattr(c.adapter, "absolute", False)]
+    dw, db = summed_delta(rest, w0) if rest else (None, None)
+    value = sets[-1].adapter.value.to(device=w0.device, dtype=COMPUTE).reshape(w0.shape)
+    new = value if dw is None else value + dw.reshape(w0.shape)
+    if out is None:
+        return (new.clone() if new is value else new), db
+    return out.copy_(new), db
 
 
 _UPCAST_BLOCK = 1 << 20  # elements: a 4 MB fp32 buffer, reused, stays in cache

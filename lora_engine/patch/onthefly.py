@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import LoraEngineError, PatchError
 from ..adapters.lora import LoRA
+from ..adapters.set_weight import multiplier
 from ..finite import nonfinite
 from .delta import summed_delta
 from .device_factors import DeviceFactors, plan_adapters
@@ -181,7 +182,10 @@ class _ModuleHook:
             if isinstance(factor, float) and factor == 0.0:
                 continue
             side = self._lowrank(term, x) if lowrank else self._dense(term, x)
-            out = out + side * (term.contribution.strength * _as_factor(factor, side))
+            a = term.contribution.adapter
+            if getattr(a, "absolute", False):  # a set-weight: full effect wherever the factor is not 0
+                factor = multiplier(a, factor) if isinstance(factor, float) else (factor != 0).to(factor.dtype)
+            out = out + side * (multiplier(a, term.contribution.strength) * _as_factor(factor, side))
         return out
 
     # ---- anything else: swap a dense patched tensor in for one forward -------------------------
@@ -195,7 +199,8 @@ class _ModuleHook:
             owner = self.patcher.root.get_submodule(owner_path)
             original = owner._parameters[name]
             patched = original.detach().float().clone()
-            for term in terms:
+            # set-weights first (the region takes their value exactly), then the additive terms
+            for term in sorted(terms, key=lambda t: not getattr(t.contribution.adapter, "absolute", False)):
                 factor = self.patcher.factor(term.contribution.lora_id)
                 if not isinstance(factor, float):
                     if factor.numel() != 1 and not bool((factor == factor.flatten()[0]).all()):
@@ -208,6 +213,11 @@ class _ModuleHook:
                     c = term.contribution
                     unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
                     dw = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))[0]
+                a = term.contribution.adapter
+                if getattr(a, "absolute", False):
+                    if multiplier(a, factor * term.contribution.strength):
+                        region.copy_(a.value.reshape(region.shape))
+                    continue
                 region += (factor * term.contribution.strength) * dw.to(region.device)
             self.swapped[key] = (owner, name, original)
             owner._parameters[name] = patched.to(original.dtype)

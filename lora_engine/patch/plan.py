@@ -157,6 +157,23 @@ def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     return hit[2]
 
 
+def _wider_input(ma, target) -> str | None:
+    """The line for a module whose delta reads more input channels than the layer has (the ``img_in`` of a
+    Flux Canny/Depth control LoRA, 128 wide: the latents plus the control image's latents), else None."""
+    try:
+        shape = tuple(ma.adapter.natural_shape() or ())
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    have = tuple(target.shape)
+    if len(shape) != 2 or len(have) != 2 or shape[0] != have[0] or shape[1] <= have[1]:
+        return None
+    layer = target.weight_key.rpartition(".")[0]
+    return (f"module {ma.dotted or ma.name} reads {shape[1]} input channels, this model's {layer} takes {have[1]}: "
+            f"this is a control LoRA (as Flux Canny/Depth) that needs a model whose input layer also takes the "
+            f"{shape[1] - have[1]} control-image channels (e.g. FLUX.1 Canny/Depth-dev, or a pipeline feeding a "
+            f"control image); that layer was left as it was")
+
+
 MAX_STRENGTH = 100.0  # |strength| above this is almost surely a typo (``<lora:x:1e308>``): warned about
 
 
@@ -186,6 +203,9 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
         for name, ma, target, why in _resolved(lf, keymap, resolved):
             if target is None:
                 unmatched.append(name)
+                continue
+            if why is not None and (note := _wider_input(ma, target)) is not None:
+                report.notes.append(note)
                 continue
             if why is not None:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
                 unmatched.append(name)
