@@ -204,3 +204,80 @@ def test_set_weights_ignore_strength_and_bias_scales(models, tmp_path):
     for p in linears:
         assert torch.allclose(fly[p], merged[p], atol=1e-5), p
     assert all(torch.equal(before[k], v) for k, v in n.state_dict().items())
+
+
+def test_full_size_conversion_matches_diffusers(tmp_path):
+    """At Flux.1-dev's size (19 + 38 blocks, width 3072; the converter hard-codes them), on the meta tree with an
+    ``x_embedder`` taking the 128 control channels: each diffusers layer gets the ΔW (through a random probe
+    P: ΔW·P), Δb and set norm that diffusers' ``_convert_bfl_flux_control_lora_to_diffusers`` gives it. The
+    final adaLN is checked against fp64 instead: that converter swaps the halves of ``lora_A`` too (the rank
+    rows, without B's columns), which changes the product; the engine swaps ΔW's output rows only."""
+    from diffusers import FluxPipeline
+
+    from lora_engine.patch.plan import resolve
+    from tests.fixtures.models.flux import FLUX_DEV
+
+    model = flux_model(FLUX_DEV, meta=True)
+    nshapes = {k: tuple(v.shape) for k, v in native_state(model).items()}
+    dshapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    dshapes["x_embedder.weight"] = (3072, 128)
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for key, shape in nshapes.items():
+        module, _, param = key.rpartition(".")
+        if param == "scale":
+            tensors[key] = (1 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        elif param == "weight" and len(shape) == 2:
+            i = 128 if module == "img_in" else shape[1]
+            tensors[f"{module}.lora_A.weight"] = (0.1 * torch.randn(2, i, generator=g)).to(torch.bfloat16)
+            tensors[f"{module}.lora_B.weight"] = (0.1 * torch.randn(shape[0], 2, generator=g)).to(torch.bfloat16)
+            tensors[f"{module}.lora_B.bias"] = (0.1 * torch.randn(shape[0], generator=g)).to(torch.bfloat16)
+    path = tmp_path / "control-full.safetensors"
+    save_file(tensors, str(path))
+    probes: dict[int, torch.Tensor] = {}
+
+    def probe(width):
+        return probes.setdefault(width, torch.randn(width, 3, generator=torch.Generator().manual_seed(width),
+                                                    dtype=torch.float64))
+
+    lf = load_lora(path)
+    assert not lf.unknown_keys and not lf.problems
+    ours: dict[str, torch.Tensor] = {}
+    for name, ma, target, why in resolve(lf, build_keymap(dshapes)):
+        assert target is not None and why is None, (name, why)
+        a, key = ma.adapter, target.weight_key
+        if a.kind == "set":
+            ours[key] = a.value.double()
+            continue
+        rows = target.rows or (0, dshapes[key][0])
+        bias = key[:-len("weight")] + "bias"
+        ours.setdefault(key, torch.zeros(dshapes[key][0], 3, dtype=torch.float64))
+        ours.setdefault(bias, torch.zeros(dshapes[key][0], dtype=torch.float64))
+        ours[key][rows[0]:rows[1]] += a.scale * (a.up.double() @ (a.down.double() @ probe(a.down.shape[1])))
+        ours[bias][rows[0]:rows[1]] += a.scale * a.up_bias.double()
+    theirs: dict[str, torch.Tensor] = {}
+    for k, v in FluxPipeline.lora_state_dict(str(path)).items():
+        module = k.removeprefix("transformer.")
+        if module.endswith("lora_A.weight"):
+            m = module[: -len(".lora_A.weight")]
+            theirs[m + ".weight"] = (None, v)
+        elif module.endswith("lora_B.bias"):
+            theirs[module[: -len("lora_B.bias")] + "bias"] = v.double()
+        elif module.endswith("lora_B.weight"):
+            theirs.setdefault(module[: -len(".lora_B.weight")] + ".weight.B", v)
+        else:
+            theirs[module] = v.double()
+    for key in [k for k in theirs if k.endswith(".weight.B")]:
+        w = key[: -len(".B")]
+        a = theirs[w][1].double()
+        theirs[w] = theirs.pop(key).double() @ (a @ probe(a.shape[1]))
+    assert set(ours) == set(theirs) and len(ours) > 900
+    for k, want in theirs.items():
+        if k == "norm_out.linear.weight":
+            continue
+        assert torch.allclose(ours[k], want, atol=1e-9), k
+    t = {k: v.double() for k, v in tensors.items() if k.startswith("final_layer.adaLN_modulation.1.")}
+    dn = t["final_layer.adaLN_modulation.1.lora_B.weight"] @ (t["final_layer.adaLN_modulation.1.lora_A.weight"] @ probe(3072))
+    h = dn.shape[0] // 2
+    assert torch.allclose(ours["norm_out.linear.weight"], torch.cat([dn[h:], dn[:h]]), atol=1e-9)
+    assert not torch.allclose(theirs["norm_out.linear.weight"], ours["norm_out.linear.weight"], atol=1e-3)
