@@ -281,3 +281,26 @@ def test_full_size_conversion_matches_diffusers(tmp_path):
     h = dn.shape[0] // 2
     assert torch.allclose(ours["norm_out.linear.weight"], torch.cat([dn[h:], dn[:h]]), atol=1e-9)
     assert not torch.allclose(theirs["norm_out.linear.weight"], ours["norm_out.linear.weight"], atol=1e-3)
+
+
+def test_onthefly_sets_norms_for_the_forward_only(models, tmp_path):
+    """On the fly, a diffusers RMSNorm (``attn.norm_q``) runs with the file's tensor exactly while the LoRA is
+    on (factor ≠ 0), with its own weight at factor 0, and its parameter is never written."""
+    d, _ = models
+    path, t = control_file(d, shapes_of(NativeTree(native_state(d))), tmp_path / "c.safetensors", 3, wider=False)
+    norm = d.transformer_blocks[0].attn.norm_q
+    x = torch.randn(2, 5, norm.weight.shape[0], generator=torch.Generator().manual_seed(2))
+    original = norm.weight.detach().clone()
+    with torch.no_grad():
+        base = norm(x)
+        e = LoraEngine(d, build_keymap(shapes_of(d)), mode="onthefly")
+        e.set_stack([StackEntry(load_lora(path), unet=0.3)])
+        on = norm(x)
+        e.set_factor(e.stack[0].ident, 0.0)
+        off = norm(x)
+        e.restore()
+        norm.weight.copy_(t["double_blocks.0.img_attn.norm.query_norm.scale"])
+        want = norm(x)
+        norm.weight.copy_(original)
+    assert torch.equal(on, want) and torch.equal(off, base) and not torch.equal(on, base)
+    assert torch.equal(norm.weight, original)
