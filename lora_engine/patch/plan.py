@@ -233,21 +233,39 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
             slot = slot_of(target)
             plan.targets[slot] = target
             contributions.setdefault(slot, []).append(c)
-    _merge_overlaps(plan.targets, contributions)
+    placed = None if resolved is None else resolved.setdefault(_PLACED, {})
+    _one_slot_per_weight(plan.targets, contributions, placed)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
     if resolved is not None:
-        keep = {id(e.lora) for e in stack}
+        keep = {id(e.lora) for e in stack} | {_PLACED}
         for k in [k for k in resolved if k not in keep]:
             del resolved[k]
     return plan
 
 
-def _merge_overlaps(targets: dict, contributions: dict) -> None:
+_PLACED = "placed"  # key of build_plan's ``resolved`` dict holding the placed adapters of the last plan
+
+
+def _one_slot_per_weight(targets: dict, contributions: dict, placed: dict | None = None) -> None:
     """All slots of one weight become one slot: a split LoRA's ``to_q``/``to_k``/``to_v``/``proj_mlp`` on a
     fused ``qkv``/``linear1`` (disjoint row slices), or a fused LoRA on the whole weight plus a ``to_q``
     LoRA on its first rows (overlapping). The slot spans the rows they cover (the whole weight when one
     takes it whole), each contribution placed at its rows (``place_rows``), so the weight is backed up
-    once and written once: one fp32 sum and one rounding per element."""
+    once and written once: one fp32 sum and one rounding per element. ``placed``: a dict kept between
+    calls ({(adapter id, rows, height): (adapter, placed adapter)}, pruned to this plan's), so a change of
+    strengths places nothing again."""
+    used = set()
+
+    def place(adapter, rows: tuple[int, int], height: int):
+        if placed is None:
+            return place_rows(adapter, rows, height)
+        key = (id(adapter), rows, height)
+        hit = placed.get(key)
+        if hit is None or hit[0] is not adapter:
+            hit = placed[key] = (adapter, place_rows(adapter, rows, height))
+        used.add(key)
+        return hit[1]
+
     by_key: dict[str, list[str]] = {}
     for slot, t in targets.items():
         by_key.setdefault(t.weight_key, []).append(slot)
@@ -261,16 +279,19 @@ def _merge_overlaps(targets: dict, contributions: dict) -> None:
             start, stop = min(targets[s].rows[0] for s in slots), max(targets[s].rows[1] for s in slots)
             t0 = targets[slots[0]]
             merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]), delta_rows=None)
-        placed = []
+        moved = []
         for s in slots:
             rows = targets[s].rows or (start, stop)
             for c in contributions.pop(s):
-                a = c.adapter if rows == (start, stop) else place_rows(c.adapter, (rows[0] - start, rows[1] - start), stop - start)
-                placed.append(replace(c, adapter=a))
+                a = c.adapter if rows == (start, stop) else place(c.adapter, (rows[0] - start, rows[1] - start), stop - start)
+                moved.append(replace(c, adapter=a))
             del targets[s]
         slot = slot_of(merged)
         targets[slot] = merged
-        contributions[slot] = placed
+        contributions[slot] = moved
+    if placed is not None:
+        for key in [k for k in placed if k not in used]:
+            del placed[key]
 
 
 def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:

@@ -111,8 +111,11 @@ def test_one_slot_per_fused_weight_bit_exact(tree, tmp_path):
             assert torch.equal(state[key], before[key]), key
 
     # a strength change of B rewrites only B's two weights (img qkv shared with A, img_mlp.0): the fused
-    # weight once, with all its slices
+    # weight once, with all its slices; A's placed adapters are kept, not padded again
+    lin1 = {c.module_name: c.adapter for c in plan.contributions[slots["single_blocks.0.linear1.weight"]]}
     e.set_stack([StackEntry(a, unet=0.75), StackEntry(b, unet=0.25)])
+    again = e.plan.contributions[slots["single_blocks.0.linear1.weight"]]
+    assert all(c.adapter is lin1[c.module_name] for c in again)
     assert e.stats.slots_written == 2
     assert e.stats.bytes_written == 2 * (n.get_parameter("double_blocks.0.img_attn.qkv.weight").numel()
                                          + n.get_parameter("double_blocks.0.img_mlp.0.weight").numel())
