@@ -112,26 +112,32 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
 
 def _placed_product(terms, base_weight: torch.Tensor, device, into: torch.Tensor | None) -> torch.Tensor:
     """Σ m·s·up·down of low-rank terms some of which are placed at rows: one product per row range (the
-    whole weight first), each over its own rows; −0.0 where no term reaches."""
+    whole weight first), each over its own rows; −0.0 where no term reaches. Disjoint ranges (q, k, v,
+    mlp) are written by their product directly (the bits of a slot of those rows alone), only the rows
+    between them filled."""
     groups: dict[tuple[int, int] | None, list] = {}
     for c in terms:
         groups.setdefault(_placement(c), []).append(c)
     whole = groups.pop(None, None)
     low = into if into is not None else torch.empty(base_weight.shape, dtype=COMPUTE, device=device)
     flat = _flat(low)
+    ranges = sorted(groups)
+    disjoint = whole is None and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
     if whole is not None:
         u, d = _stacked_factors(whole, device)
         torch.mm(u, d, out=flat)
+    elif disjoint:
+        for start, stop in zip([0] + [b for _, b in ranges], [a for a, _ in ranges] + [flat.shape[0]]):
+            if start < stop:
+                flat[start:stop].fill_(-0.0)
     else:
         flat.fill_(-0.0)
-    written: list[tuple[int, int]] = []  # row ranges holding a product already (beside the whole one)
-    for (a, b) in sorted(groups):
+    for a, b in ranges:
         u, d = _stacked_factors(groups[(a, b)], device)
-        if whole is None and not any(a < y and x < b for x, y in written):
-            torch.mm(u, d, out=flat[a:b])  # rows of their own: the same bits as a slot of these rows alone
+        if disjoint:
+            torch.mm(u, d, out=flat[a:b])
         else:
             flat[a:b].add_(u @ d)
-        written.append((a, b))
     return low
 
 
