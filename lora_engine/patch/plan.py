@@ -157,6 +157,9 @@ def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     return hit[2]
 
 
+_IMAGE_INPUTS = ("img_in", "x_embedder")  # Flux's image-latent input layer (native, diffusers)
+
+
 def _wider_input(ma, target) -> str | None:
     """The line for a module whose delta reads more input channels than the layer has (the ``img_in`` of a
     Flux Canny/Depth control LoRA, 128 wide: the latents plus the control image's latents), else None."""
@@ -165,9 +168,11 @@ def _wider_input(ma, target) -> str | None:
     except (RuntimeError, ValueError, IndexError):
         return None
     have = tuple(target.shape)
+    layer = target.weight_key.rpartition(".")[0]
+    if layer.rpartition(".")[2] not in _IMAGE_INPUTS:  # elsewhere a wider input is another model's layer
+        return None
     if len(shape) != 2 or len(have) != 2 or shape[0] != have[0] or shape[1] <= have[1]:
         return None
-    layer = target.weight_key.rpartition(".")[0]
     return (f"module {ma.dotted or ma.name} reads {shape[1]} input channels, this model's {layer} takes {have[1]}: "
             f"this is a control LoRA (as Flux Canny/Depth) that needs a model whose input layer also takes the "
             f"{shape[1] - have[1]} control-image channels (e.g. FLUX.1 Canny/Depth-dev, or a pipeline feeding a "
