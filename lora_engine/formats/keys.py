@@ -178,6 +178,8 @@ def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
         m = "lora_unet_" + m[len(_WAN_FUN):]
     for p in KOHYA_PREFIXES:
         if m.startswith(p) and "." not in m:
+            if m.endswith("_") and len(m) > len(p):  # a Civitai spelling: "..._attn_to_q_.alpha"; no layer ends in "_"
+                m = m.rstrip("_")
             if p.startswith("lora_te") and m.startswith(p + "encoder_layers_"):  # converted from transformers 5 paths
                 m = p + "text_model_" + m[len(p):]
             return ModuleKey(m)
