@@ -92,9 +92,10 @@ class EngineWeightMath:
         d = d.reshape(weight.shape)  # a fresh fp32 tensor: scaled and summed in place (the same bits)
         if strength != 1.0:
             d.mul_(float(strength))
-        if function is not None:
-            return (weight.to(torch.float32) + function(d)).to(weight.dtype)
-        return add_base(d, weight).to(weight.dtype)
+        f = function(d) if function is not None else d
+        if f is d:  # ComfyUI's default function is an identity lambda: add W in place
+            return add_base(d, weight).to(weight.dtype)
+        return (weight.to(torch.float32) + f).to(weight.dtype)
 
     def __repr__(self) -> str:
         names = ", ".join(sorted({c.lora_id.rsplit("/", 1)[-1] for c in self.contributions}))
