@@ -3,6 +3,7 @@ restore against diffusers, extra RAM, on-the-fly overhead, and the figures extra
 
     python bench/bench_dit.py [--models flux,sd35m] [--ranks 16,64] [--dialects kohya,diffusers] [--stacks 1,3]
                               [--reps 3] [--threads 1] [--no-diffusers] [--no-onthefly] [--otf-tokens 256]
+                              [--flux-blocks 2,4] [--sd3-blocks 4]
 
 Models (diffusers classes built from their configs on the meta device, then filled with seeded random values
 in bf16; width as released, depth reduced):
@@ -370,6 +371,8 @@ def print_tables(rows: list, otf: list) -> None:
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="flux,sd35m", help=f"comma-separated: {', '.join(MODELS)}")
+    ap.add_argument("--flux-blocks", default="2,4", help="double,single blocks of the flux model")
+    ap.add_argument("--sd3-blocks", type=int, default=4, help="blocks of the sd35m model")
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--dialects", default="kohya,diffusers")
     ap.add_argument("--stacks", default="1,3")
@@ -386,6 +389,9 @@ def parse_args():
     args.models = args.models.split(",")
     if bad := [m for m in args.models if m not in MODELS]:
         ap.error(f"unknown model(s) {bad}")
+    double, single = (int(x) for x in args.flux_blocks.split(","))
+    MODELS["flux"][1].update(num_layers=double, num_single_layers=single)
+    MODELS["sd35m"][1].update(num_layers=args.sd3_blocks, dual_attention_layers=tuple(range(args.sd3_blocks)))
     args.ranks = [int(x) for x in args.ranks.split(",")]
     args.dialects = args.dialects.split(",")
     args.stacks = [int(x) for x in args.stacks.split(",")]
