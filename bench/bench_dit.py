@@ -62,7 +62,7 @@ from bench.apply_setup import MiB, Ram, _fill, fingerprint, free_ram, n_differ, 
 from bench.bench_load import load_and_touch, raw_read  # noqa: E402
 from bench.bench_sidepath import capture_inputs, measure  # noqa: E402
 from tests.fixtures.models.flux import (FLUX_DEV, SD35_MEDIUM, TINY_FLUX, TINY_SD35M,  # noqa: E402
-                                        native_state)
+                                        NativeTree, native_state)
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # diffusers, both families
 NATIVE_BLOCKS = ("double_blocks.", "single_blocks.", "joint_blocks.")
@@ -98,6 +98,15 @@ def build(family: str, config: dict, dtype: torch.dtype, seed: int = 0):
     m = meta_model(family, config).to(dtype).to_empty(device="cpu").eval().requires_grad_(False)
     _fill(m, seed)
     return m
+
+
+def build_native(family: str, config: dict, dtype: torch.dtype, seed: int = 0):
+    """The native (BFL / SD3 reference) tree of the same config, as ComfyUI holds it: fused ``qkv`` /
+    ``linear1``; built on the meta device (the tests' ``NativeTree``), then filled in place (seeded)."""
+    tree = NativeTree(native_state(meta_model(family, config).to(dtype), family))
+    tree = tree.to_empty(device="cpu").eval().requires_grad_(False)
+    _fill(tree, seed)
+    return tree
 
 
 def block_linears(model) -> dict[str, tuple[int, int]]:
@@ -265,34 +274,30 @@ def weights(n: int) -> list[float]:
     return [1.0 - 0.2 * k for k in range(n)]
 
 
-def run_model(name: str, args, folder: str) -> dict:
-    family, config, full, label = MODELS[name]
-    t0 = time.perf_counter()
-    model = build(family, config, torch.bfloat16)
+def merged_rows(name: str, tree: str, model, family: str, config: dict, args, folder: str, scale: float,
+                diffusers: bool) -> list:
+    """Load and merged rows for every (dialect, rank) on ``model`` (the diffusers or the native tree)."""
     params = dict(model.named_parameters())
     keymap = build_keymap(shapes_of(model))
-    scale = touched_bytes(block_linears(meta_model(family, full))) / touched_bytes(block_linears(model))
-    print(f"{name}: {sum(p.numel() for p in params.values()) / 1e6:.0f}M parameters, bf16, built in "
-          f"{time.perf_counter() - t0:.0f}s; full depth ({label}) touches {scale:.2f}× its block weights; "
-          f"free RAM {free_ram() / 2 ** 30:.1f} GiB", flush=True)
+    linears = meta_model(family, config)
     rows = []
     for dialect in args.dialects:
         for rank in args.ranks:
-            files = write_files(folder, dialect, family, config, model, rank, max(args.stacks))
+            files = write_files(folder, dialect, family, config, linears, rank, max(args.stacks))
             size = os.path.getsize(files[0])
             raw_read(files[0])
             t_raw = min(timed(lambda: raw_read(files[0])) for _ in range(args.reps))
             t_load = min(timed(lambda: load_and_touch(files[0])) for _ in range(args.reps))
             loras = [load_lora(p) for p in files]
-            row = dict(model=name, dialect=dialect, rank=rank, size=size, raw=t_raw, load=t_load, scale=scale,
-                       ours={}, diff={}, loaded=None)
-            print(f"  {dialect} r={rank}: {size / MiB:.1f} MiB, raw read {t_raw:.3f}s, load+touch {t_load:.3f}s",
-                  flush=True)
+            row = dict(model=name, tree=tree, dialect=dialect, rank=rank, size=size, raw=t_raw, load=t_load,
+                       scale=scale, ours={}, diff={}, loaded=None)
+            print(f"  {tree} tree, {dialect} r={rank}: {size / MiB:.1f} MiB, raw read {t_raw:.3f}s, "
+                  f"load+touch {t_load:.3f}s", flush=True)
             for n in args.stacks:
                 row["ours"][n] = best_of(lambda: ours_merged(model, keymap, params, loras[:n], weights(n)), args.reps)
                 print(f"    ours n={n}: " + ", ".join(f"{k} {v:.3g}" for k, v in row["ours"][n].items()), flush=True)
             del loras
-            if not args.no_diffusers:
+            if diffusers:
                 t0 = time.perf_counter()
                 loaded = [diffusers_load(model, family, p, f"l{k}") for k, p in enumerate(files)]
                 row["diffusers_load"] = time.perf_counter() - t0
@@ -309,8 +314,25 @@ def run_model(name: str, args, folder: str) -> dict:
                     model.unload_lora()
             rows.append(row)
             gc.collect()
-    del model, params
+    return rows
+
+
+def run_model(name: str, args, folder: str) -> list:
+    family, config, full, label = MODELS[name]
+    t0 = time.perf_counter()
+    model = build(family, config, torch.bfloat16)
+    scale = touched_bytes(block_linears(meta_model(family, full))) / touched_bytes(block_linears(model))
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, bf16, built in "
+          f"{time.perf_counter() - t0:.0f}s; full depth ({label}) touches {scale:.2f}× its block weights; "
+          f"free RAM {free_ram() / 2 ** 30:.1f} GiB", flush=True)
+    rows = merged_rows(name, "diffusers", model, family, config, args, folder, scale, not args.no_diffusers)
+    del model
     gc.collect()
+    if args.native:
+        tree = build_native(family, config, torch.bfloat16)
+        rows += merged_rows(name, "native", tree, family, config, args, folder, scale, False)
+        del tree
+        gc.collect()
     return rows
 
 
@@ -319,16 +341,16 @@ def _r(a, b) -> str:
 
 
 def print_tables(rows: list, otf: list) -> None:
-    print("\n| model | dialect | rank | file MiB | raw read s | load+touch s | × raw | diffusers load s (3 files) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | tree | dialect | rank | file MiB | raw read s | load+touch s | × raw | diffusers load s (3 files) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dl = f"{r['diffusers_load']:.3f}" if "diffusers_load" in r else "-"
-        print(f"| {r['model']} | {r['dialect']} | {r['rank']} | {r['size'] / MiB:.1f} | {r['raw']:.4f} | "
+        print(f"| {r['model']} | {r['tree']} | {r['dialect']} | {r['rank']} | {r['size'] / MiB:.1f} | {r['raw']:.4f} | "
               f"{r['load']:.4f} | {r['load'] / r['raw']:.2f} | {dl} |")
-    print("\n| model | dialect | rank | n | touched MiB | ours apply s | diffusers apply s | ours change s | "
+    print("\n| model | tree | dialect | rank | n | touched MiB | ours apply s | diffusers apply s | ours change s | "
           "diffusers change s | change ours ÷ diffusers | ours restore s | exact | diffusers unfuse s | "
           "diffusers weights differing | RAM peak / steady ×touched | diffusers fuse peak ×touched |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
     for r in rows:
         for n, o in r["ours"].items():
             d = r["diff"].get(n, {})
@@ -336,7 +358,7 @@ def print_tables(rows: list, otf: list) -> None:
                 differing = f"{d['diff']} of {o['slots']}"
             else:
                 differing = f"(diffusers loaded it on {r['loaded']} layers)" if r["loaded"] is not None else "-"
-            print(f"| {r['model']} | {r['dialect']} | {r['rank']} | {n} | {o['touched'] / MiB:.0f} | "
+            print(f"| {r['model']} | {r['tree']} | {r['dialect']} | {r['rank']} | {n} | {o['touched'] / MiB:.0f} | "
                   f"{o['apply']:.3f} | {d.get('apply', float('nan')):.3f} | {o['change']:.3f} | "
                   f"{d.get('change', float('nan')):.3f} | {_r(o['change'], d.get('change', 0))} | "
                   f"{o['restore']:.3f} | {'yes' if o['diff'] == 0 else 'NO %d' % o['diff']} | "
@@ -344,14 +366,14 @@ def print_tables(rows: list, otf: list) -> None:
                   f"{o['peak'] / o['touched']:.2f} / {o['steady'] / o['touched']:.2f} | "
                   f"{d.get('peak', float('nan')) / o['touched']:.2f} |")
     print("\nExtrapolated to the full depth (× the touched-bytes ratio):")
-    print("\n| model (full depth) | dialect | rank | n | touched GiB | ours apply s | ours change s | ours restore s | "
+    print("\n| model (full depth) | tree | dialect | rank | n | touched GiB | ours apply s | ours change s | ours restore s | "
           "diffusers apply s | diffusers change s | diffusers unfuse s | file MiB | load+touch s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         k = r["scale"]
         for n, o in r["ours"].items():
             d = r["diff"].get(n, {})
-            print(f"| {MODELS[r['model']][3]} | {r['dialect']} | {r['rank']} | {n} | {o['touched'] * k / 2 ** 30:.2f} | "
+            print(f"| {MODELS[r['model']][3]} | {r['tree']} | {r['dialect']} | {r['rank']} | {n} | {o['touched'] * k / 2 ** 30:.2f} | "
                   f"{o['apply'] * k:.2f} | {o['change'] * k:.2f} | {o['restore'] * k:.2f} | "
                   f"{d.get('apply', float('nan')) * k:.2f} | {d.get('change', float('nan')) * k:.2f} | "
                   f"{d.get('restore', float('nan')) * k:.2f} | {r['size'] * k / MiB:.0f} | {r['load'] * k:.2f} |")
@@ -382,6 +404,8 @@ def parse_args():
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-merged", action="store_true")
     ap.add_argument("--no-onthefly", action="store_true")
+    ap.add_argument("--native", action="store_true", help="also ours on the native tree (fused qkv/linear1, as "
+                                                            "ComfyUI holds the model)")
     ap.add_argument("--otf-blocks", type=int, default=1, help="blocks of each kind in the on-the-fly model")
     ap.add_argument("--otf-tokens", type=int, default=256)
     ap.add_argument("--dir", help="folder for the LoRA files (default: a temp dir, removed)")
