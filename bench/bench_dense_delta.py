@@ -88,6 +88,11 @@ def module_tensors(kind: str, shape: tuple[int, ...], rank: int, factor: int, g:
     raise ValueError(kind)
 
 
+def roles(tensors: dict) -> dict:
+    """A module's tensors by role (``lora_down.weight`` -> ``down``), as the loader hands them to ``build_adapter``."""
+    return {SUFFIX_ROLES[suffix]: t for suffix, t in tensors.items()}
+
+
 class Layer:
     """One weight: W0 (the backup), the live weight, and per stack entry its tensors and our adapter."""
 
@@ -97,7 +102,7 @@ class Layer:
         self.w0 = torch.randn(shape, generator=g).mul_(shape[1] ** -0.5).to(dtype)
         self.w = self.w0.clone()
         self.files, self.strengths = files, strengths
-        self.contributions = [Contribution(f"l{k}", name, s, build_adapter({SUFFIX_ROLES[k]: v for k, v in f.items()})[0])
+        self.contributions = [Contribution(f"l{k}", name, s, build_adapter(roles(f))[0])
                               for k, (f, s) in enumerate(zip(files, strengths))]
 
 
@@ -114,7 +119,8 @@ def formula_patch(kind: str, w: torch.Tensor, t: dict, strength: float) -> None:
     """One stack entry added to ComfyUI's fp32 working copy ``w`` in ComfyUI's order of operations:
     the product at full size, then one scalar multiply by strength·α/r, then ``w +=``."""
     if kind == "loha":
-        diff = torch.mm(_f32(t["hada_w1_a"]), _f32(t["hada_w1_b"])) * torch.mm(_f32(t["hada_w2_a"]), _f32(t["hada_w2_b"]))
+        m1 = torch.mm(_f32(t["hada_w1_a"]), _f32(t["hada_w1_b"]))
+        diff = m1 * torch.mm(_f32(t["hada_w2_a"]), _f32(t["hada_w2_b"]))
         scale = _alpha(t, t["hada_w1_b"].shape[0])
     elif kind == "lokr":
         diff = torch.kron(_f32(t["lokr_w1"]), torch.mm(_f32(t["lokr_w2_a"]), _f32(t["lokr_w2_b"])))
@@ -254,7 +260,8 @@ def main() -> None:
           f"| max abs diff |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind, n, dt, r in rows:
         print(f"| {kind} | {n} | {dt} | {r['touched'] / MiB:.0f} | {r['comfyui']:.4f} | {r['engine']:.4f} | "
-              f"{r['engine'] / r['comfyui']:.2f} | {r['node']:.4f} | {r['node'] / r['comfyui']:.2f} | {r['diff']:.2e} |")
+              f"{r['engine'] / r['comfyui']:.2f} | {r['node']:.4f} | {r['node'] / r['comfyui']:.2f} | "
+              f"{r['diff']:.2e} |")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

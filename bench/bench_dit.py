@@ -16,8 +16,8 @@ LoRA files (fp16 factors, random, rank R, alpha R/2), N per (dialect, rank), ove
   diffusers  ``transformer.<diffusers path>.lora_A/B`` with the adapter config in the header, written by the
              project's writer (``write_diffusers``, what ``load_lora_weights`` reads)
 Measured per (model, dialect, rank), each timing min over ``--reps`` where repeated:
-  load       our ``load_lora`` + one sum over every tensor (every byte used), against a raw ``read()`` of the
-             file (warm page cache; bench_load's functions); goal ≤ 1.5×
+  load       our ``load_lora`` (header, NaN/Inf scan, adapters), and it + one fp32 sum over every tensor (every
+             byte used), against a raw ``read()`` of the file (warm page cache; bench_load's functions); goal ≤ 1.5×
   apply      ours: ``LoraEngine(merged).set_stack`` of the first n files (weights 1.0, 0.8, 0.6); diffusers:
              ``<Pipeline>.lora_state_dict`` + ``transformer.load_lora_adapter`` once per file (timed as its load),
              then ``set_adapters`` + ``fuse_lora`` (its apply)
@@ -59,7 +59,7 @@ from lora_engine.keymap import build_keymap  # noqa: E402
 from lora_engine.patch import StackEntry  # noqa: E402
 
 from bench.apply_setup import MiB, Ram, _fill, fingerprint, free_ram, n_differ, timed  # noqa: E402
-from bench.bench_load import load_and_touch, raw_read  # noqa: E402
+from bench.bench_load import load_and_touch, load_only, raw_read  # noqa: E402
 from bench.bench_sidepath import capture_inputs, measure  # noqa: E402
 from tests.fixtures.models.flux import (FLUX_DEV, SD35_MEDIUM, TINY_FLUX, TINY_SD35M,  # noqa: E402
                                         NativeTree, native_state)
@@ -260,8 +260,8 @@ def run_onthefly(name: str, args, folder: str) -> list:
             for row in rows[-len(args.stacks):]:
                 n = row[2]
                 names = [f"o{k}" for k in range(n)]
-                row[4] = measure(model, inputs, lambda: (model.enable_adapters(), model.set_adapters(names, weights(n))),
-                                 model.disable_adapters, args.rounds, args.reps, lambda m: getattr(m, "base_layer", m))
+                on = lambda: (model.enable_adapters(), model.set_adapters(names, weights(n)))  # noqa: E731
+                row[4] = measure(model, inputs, on, model.disable_adapters, args.rounds, args.reps, lambda m: getattr(m, "base_layer", m))
                 print(f"    diffusers+PEFT r={rank} n={n}: base {row[4][0]:.3f}s with {row[4][1]:.3f}s", flush=True)
             model.unload_lora()
     del model, inputs
@@ -287,10 +287,11 @@ def merged_rows(name: str, tree: str, model, family: str, config: dict, args, fo
             size = os.path.getsize(files[0])
             raw_read(files[0])
             t_raw = min(timed(lambda: raw_read(files[0])) for _ in range(args.reps))
+            t_parse = min(timed(lambda: load_only(files[0])) for _ in range(args.reps))
             t_load = min(timed(lambda: load_and_touch(files[0])) for _ in range(args.reps))
             loras = [load_lora(p) for p in files]
-            row = dict(model=name, tree=tree, dialect=dialect, rank=rank, size=size, raw=t_raw, load=t_load,
-                       scale=scale, ours={}, diff={}, loaded=None)
+            row = dict(model=name, tree=tree, dialect=dialect, rank=rank, size=size, raw=t_raw, parse=t_parse,
+                       load=t_load, scale=scale, ours={}, diff={}, loaded=None)
             print(f"  {tree} tree, {dialect} r={rank}: {size / MiB:.1f} MiB, raw read {t_raw:.3f}s, "
                   f"load+touch {t_load:.3f}s", flush=True)
             for n in args.stacks:
@@ -341,12 +342,13 @@ def _r(a, b) -> str:
 
 
 def print_tables(rows: list, otf: list) -> None:
-    print("\n| model | tree | dialect | rank | file MiB | raw read s | load+touch s | × raw | diffusers load s (3 files) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | tree | dialect | rank | file MiB | raw read s | load_lora s | × raw | load+touch s | × raw | "
+          "diffusers load s (3 files) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dl = f"{r['diffusers_load']:.3f}" if "diffusers_load" in r else "-"
         print(f"| {r['model']} | {r['tree']} | {r['dialect']} | {r['rank']} | {r['size'] / MiB:.1f} | {r['raw']:.4f} | "
-              f"{r['load']:.4f} | {r['load'] / r['raw']:.2f} | {dl} |")
+              f"{r['parse']:.4f} | {r['parse'] / r['raw']:.2f} | {r['load']:.4f} | {r['load'] / r['raw']:.2f} | {dl} |")
     print("\n| model | tree | dialect | rank | n | touched MiB | ours apply s | diffusers apply s | ours change s | "
           "diffusers change s | change ours ÷ diffusers | ours restore s | exact | diffusers unfuse s | "
           "diffusers weights differing | RAM peak / steady ×touched | diffusers fuse peak ×touched |")
@@ -366,14 +368,16 @@ def print_tables(rows: list, otf: list) -> None:
                   f"{o['peak'] / o['touched']:.2f} / {o['steady'] / o['touched']:.2f} | "
                   f"{d.get('peak', float('nan')) / o['touched']:.2f} |")
     print("\nExtrapolated to the full depth (× the touched-bytes ratio):")
-    print("\n| model (full depth) | tree | dialect | rank | n | touched GiB | ours apply s | ours change s | ours restore s | "
+    print("\n| model (full depth) | tree | dialect | rank | n | touched GiB | ours apply s | ours change s | "
+          "ours restore s | "
           "diffusers apply s | diffusers change s | diffusers unfuse s | file MiB | load+touch s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         k = r["scale"]
         for n, o in r["ours"].items():
             d = r["diff"].get(n, {})
-            print(f"| {MODELS[r['model']][3]} | {r['tree']} | {r['dialect']} | {r['rank']} | {n} | {o['touched'] * k / 2 ** 30:.2f} | "
+            print(f"| {MODELS[r['model']][3]} | {r['tree']} | {r['dialect']} | {r['rank']} | {n} | "
+                  f"{o['touched'] * k / 2 ** 30:.2f} | "
                   f"{o['apply'] * k:.2f} | {o['change'] * k:.2f} | {o['restore'] * k:.2f} | "
                   f"{d.get('apply', float('nan')) * k:.2f} | {d.get('change', float('nan')) * k:.2f} | "
                   f"{d.get('restore', float('nan')) * k:.2f} | {r['size'] * k / MiB:.0f} | {r['load'] * k:.2f} |")

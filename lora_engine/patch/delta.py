@@ -96,7 +96,10 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
     if dw is not None and dw is into:
         low = dw.add_((u @ d).view(dw.shape))
     else:
-        low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(base_weight.shape)
+        if into is not None:
+            low = torch.mm(u, d, out=_flat(into)).view(into.shape)
+        else:
+            low = (u @ d).reshape(base_weight.shape)
         low = low if dw is None else low.add_(dw)
     bias = _bias_terms(lowrank, device)
     return low, (bias if db is None else _accumulate(bias, db))
