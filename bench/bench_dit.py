@@ -3,7 +3,7 @@ restore against diffusers, extra RAM, on-the-fly overhead, and the figures extra
 
     python bench/bench_dit.py [--models flux,sd35m] [--ranks 16,64] [--dialects kohya,diffusers] [--stacks 1,3]
                               [--reps 3] [--threads 1] [--no-diffusers] [--no-onthefly] [--otf-tokens 256]
-                              [--flux-blocks 2,4] [--sd3-blocks 4]
+                              [--flux-blocks 2,4] [--sd3-blocks 4] [--trees diffusers,native]
 
 Models (diffusers classes built from their configs on the meta device, then filled with seeded random values
 in bf16; width as released, depth reduced):
@@ -321,16 +321,21 @@ def merged_rows(name: str, tree: str, model, family: str, config: dict, args, fo
 def run_model(name: str, args, folder: str) -> list:
     family, config, full, label = MODELS[name]
     t0 = time.perf_counter()
-    model = build(family, config, torch.bfloat16)
-    scale = touched_bytes(block_linears(meta_model(family, full))) / touched_bytes(block_linears(model))
-    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, bf16, built in "
-          f"{time.perf_counter() - t0:.0f}s; full depth ({label}) touches {scale:.2f}× its block weights; "
-          f"free RAM {free_ram() / 2 ** 30:.1f} GiB", flush=True)
-    rows = merged_rows(name, "diffusers", model, family, config, args, folder, scale, not args.no_diffusers)
-    del model
-    gc.collect()
-    if args.native:
+    full_bytes, bench_bytes = (touched_bytes(block_linears(meta_model(family, c))) for c in (full, config))
+    scale = full_bytes / bench_bytes
+    print(f"{name}: full depth ({label}) touches {scale:.2f}× its block weights", flush=True)
+    rows = []
+    if "diffusers" in args.trees:
+        model = build(family, config, torch.bfloat16)
+        print(f"  diffusers tree: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, bf16, built in "
+              f"{time.perf_counter() - t0:.0f}s; free RAM {free_ram() / 2 ** 30:.1f} GiB", flush=True)
+        rows += merged_rows(name, "diffusers", model, family, config, args, folder, scale, not args.no_diffusers)
+        del model
+        gc.collect()
+    if "native" in args.trees:
+        t0 = time.perf_counter()
         tree = build_native(family, config, torch.bfloat16)
+        print(f"  native tree: built in {time.perf_counter() - t0:.0f}s", flush=True)
         rows += merged_rows(name, "native", tree, family, config, args, folder, scale, False)
         del tree
         gc.collect()
@@ -408,8 +413,9 @@ def parse_args():
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-merged", action="store_true")
     ap.add_argument("--no-onthefly", action="store_true")
-    ap.add_argument("--native", action="store_true", help="also ours on the native tree (fused qkv/linear1, as "
-                                                            "ComfyUI holds the model)")
+    ap.add_argument("--trees", default="diffusers,native",
+                    help="merged runs on the diffusers tree (ours and diffusers) and/or the native tree (fused "
+                         "qkv/linear1, as ComfyUI holds the model; ours only)")
     ap.add_argument("--otf-blocks", type=int, default=1, help="blocks of each kind in the on-the-fly model")
     ap.add_argument("--otf-tokens", type=int, default=256)
     ap.add_argument("--dir", help="folder for the LoRA files (default: a temp dir, removed)")
@@ -422,6 +428,7 @@ def parse_args():
     MODELS["sd35m"][1].update(num_layers=args.sd3_blocks, dual_attention_layers=tuple(range(args.sd3_blocks)))
     args.ranks = [int(x) for x in args.ranks.split(",")]
     args.dialects = args.dialects.split(",")
+    args.trees = args.trees.split(",")
     args.stacks = [int(x) for x in args.stacks.split(",")]
     return args
 

@@ -82,7 +82,7 @@ def test_bench_dense_delta_runs_on_the_tiny_model():
 
 def test_bench_dit_runs_on_the_tiny_models():
     out = _run("bench/bench_dit.py", "--models", "tiny-flux,tiny-sd35m", "--ranks", "4", "--stacks", "1,2",
-               "--reps", "1", "--rounds", "1", "--otf-tokens", "16", "--native")
+               "--reps", "1", "--rounds", "1", "--otf-tokens", "16")
     merged = _table_rows(out, "| model | tree | dialect | rank | n | touched")
     assert [(r[0], r[1], r[2], r[4]) for r in merged] == [
         (m, t, d, n) for m in ("tiny-flux", "tiny-sd35m") for t in ("diffusers", "native")
