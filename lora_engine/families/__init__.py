@@ -1,7 +1,9 @@
 """Model families as declarations (one module per family: trees, fused row layouts from config,
 text encoders, blocks). The key map, diagnosis and block weights read them from here.
 
-``family_of(shapes)`` names the family of a denoiser root from its relative parameter keys.
+``FAMILIES``: the diffusion transformers, each told from its denoiser alone: ``family_of(shapes)``
+names the family of a denoiser root from its relative parameter keys. ``SD_FAMILIES``: SD1.x, SD2.x,
+SDXL, which share one UNet tree and are told from the whole model (``sd.sd_family``).
 """
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ from collections.abc import Mapping
 
 from .base import Family, FamilyMismatch, Layer, Part, TextEncoder
 from .flux import CHROMA, FLUX
+from .sd import SD_FAMILIES, sd_family
 from .sd3 import SD3
 
 # Order matters where markers are shared: a variant (with ``requires``) before its parent.
 FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3)
-BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+BY_NAME: dict[str, Family] = {f.name: f for f in (*FAMILIES, *SD_FAMILIES)}
 
 
 def markers() -> dict[str, str]:
@@ -29,4 +32,5 @@ def family_of(shapes: Mapping[str, tuple]) -> Family | None:
     return next((f for f in FAMILIES if f.fits(shapes)), None)
 
 
-__all__ = ["Family", "FamilyMismatch", "Layer", "Part", "TextEncoder", "FAMILIES", "BY_NAME", "family_of", "markers"]
+__all__ = ["Family", "FamilyMismatch", "Layer", "Part", "TextEncoder", "FAMILIES", "SD_FAMILIES", "BY_NAME", "family_of",
+           "markers", "sd_family"]

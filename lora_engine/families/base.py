@@ -54,13 +54,13 @@ def same(native: str, diffusers: str, native_param: str = "weight", diffusers_pa
     return Layer(native, (Part(None, diffusers),), native_param, diffusers_param)
 
 
-def stacked(native: str, pieces: list[tuple[str, int]]) -> Layer:
+def stacked(native: str, pieces: list[tuple[str, int]], native_param: str = "weight") -> Layer:
     """A native layer whose rows stack whole diffusers layers in order: ``[(path, rows), ...]``."""
     parts, start = [], 0
     for path, n in pieces:
         parts.append(Part((start, start + n), path))
         start += n
-    return Layer(native, tuple(parts))
+    return Layer(native, tuple(parts), native_param)
 
 
 def swap_scale_shift(native: str, diffusers: str, half: int) -> Layer:
@@ -94,7 +94,7 @@ class Window:
 class TextEncoder:
     """A text encoder of the family: what it is, and the kohya prefixes LoRA files use for it."""
 
-    kind: str  # "clip_l" | "clip_g" | "t5"
+    kind: str  # "clip_l" | "clip_h" | "clip_g" | "t5"
     kohya: tuple[str, ...]  # e.g. ("lora_te1_", "lora_te_") ; the first is the canonical one
     diffusers: str  # pipeline component, e.g. "text_encoder_2"
 
@@ -109,7 +109,11 @@ class Family:
     order (for block weights); ``block_re`` finds the block of a native or diffusers module path.
     ``requires``: ``{naming: key prefixes}`` that must also be present in that naming (tells a variant
     from its parent family, or a family from another sharing its marker); ``excludes``: key prefixes
-    that rule the family out.
+    that rule the family out. ``te_by_position``: the model's CLIP encoders are the declared ones in
+    order (SD: a tiny CLIP-G is not 1280 wide), else they are found by kind. ``widths``: the layer
+    widths that tell a LoRA for this family (``context``: cross-attention input, ``te``/``te_mlp``:
+    the first text encoder's width and MLP width), for ``inspect``. ``kohya_naming``: the tree whose names
+    kohya's sd-scripts writes for the denoiser (SD1/SD2: ``diffusers``, SDXL: ``ldm``, i.e. sgm).
     """
 
     name: str
@@ -124,6 +128,9 @@ class Family:
     excludes: tuple[str, ...] = ()
     lora_patterns: tuple[re.Pattern, ...] = field(default=())  # names that say "a LoRA for this family"
     window_list: Callable[[dict, list[Layer]], list[Window]] | None = None
+    te_by_position: bool = False
+    widths: Mapping[str, int] = field(default_factory=dict)
+    kohya_naming: str = "native"
 
     def fits(self, shapes: Mapping[str, tuple]) -> bool:
         """Whether a root's (relative) keys belong to this family."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,7 +43,8 @@ from ..errors import AdapterShapeError, LoraFileError
 from ..finite import nonfinite as _nonfinite
 from .keys import ModuleKey, parse_key, te_prefix_for
 from .legacy import read_pickled
-from .peft_folder import PeftAlpha, diffusers_metadata_configs, folder_config, folder_weights, is_peft_folder
+from .peft_folder import (PeftAlpha, component_folders, component_name, diffusers_metadata_configs, folder_config,
+                          folder_weights, is_peft_folder)
 from .safetensors_file import SafetensorsFile
 
 log = logging.getLogger("lora_engine")
@@ -219,8 +220,11 @@ def _alpha_for(mk: ModuleKey, peft_config: dict, comp_cfgs: dict[str, dict]) -> 
 
 
 def load_lora(path: str | os.PathLike, check_finite: bool = True) -> LoraFile:
-    """Read and interpret one LoRA file or PEFT folder. Raises :class:`LoraFileError` subclasses."""
+    """Read and interpret one LoRA file, PEFT folder, or folder of per-component PEFT folders (as
+    ``convert --to peft`` writes a LoRA on several models). Raises :class:`LoraFileError` subclasses."""
     path = os.fspath(path)
+    if component_folders(path):
+        return _load_components(path, check_finite)
     tensors, metadata, peft_config = read_tensors(path)
     if not tensors:
         raise LoraFileError(path, "file holds no tensors")
@@ -228,3 +232,21 @@ def load_lora(path: str | os.PathLike, check_finite: bool = True) -> LoraFile:
     for w in lf.warnings:
         log.warning(w)
     return lf
+
+
+def _load_components(path: str, check_finite: bool) -> LoraFile:
+    """A folder of per-component PEFT folders read as one LoRA: module names as in a kohya file of the
+    whole LoRA; keys, problems and warnings prefixed by their component."""
+    parts = component_folders(path)
+    sdxl = any(c == "text_encoder_2" for _, c in parts)
+    whole = LoraFile(path, "peft", {}, {})
+    for sub, comp in parts:
+        lf = load_lora(sub, check_finite=check_finite)
+        for name, m in lf.modules.items():
+            new = component_name(name, comp, sdxl)
+            whole.modules[new] = replace(m, name=new)
+        whole.metadata.update(lf.metadata)
+        whole.unknown_keys += [f"{comp}/{k}" for k in lf.unknown_keys]
+        whole.problems += [f"{comp}: {p}" for p in lf.problems]
+        whole.warnings += lf.warnings
+    return whole

@@ -2,7 +2,8 @@
 
 ``build_keymap({param key: shape})`` finds the UNet and text encoders in any host naming
 (diffusers pipeline parts, A1111 ldm/sgm, ComfyUI; see ``roots``) and lists every weighted
-module under each name a LoRA file may use for it (``unet``, ``clip``, ``openclip``). Lookups
+module under each name a LoRA file may use for it (``unet``, ``dit``, ``clip``), from the model
+family's declaration (``lora_engine.families``: SD1/SD2/SDXL, Flux.1, Chroma, SD3). Lookups
 are single dict reads. The map is one-to-one: a name that would reach two weights is dropped
 and listed in ``KeyMap.ambiguous`` (real models have none; the tests check it).
 """
@@ -11,15 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from ..families import BY_NAME, Family
-from .architecture import detect_architecture
-from .clip import clip_entries
+from ..families import BY_NAME, Family, sd_family
+from ..families.sd import SD1
+from .clip import clip_entries, openclip_entries
 from .diagnose import diagnose_unmatched, foreign_family
 from .dit import dit_entries, hf_entries
-from .openclip import openclip_entries
 from .roots import Root, find_roots
 from .target import Target
 from .unet import unet_entries
+
+SD_UNET = SD1  # SD1, SD2 and SDXL declare one UNet tree
 
 __all__ = ["Target", "KeyMap", "build_keymap"]
 
@@ -119,12 +121,21 @@ def _te_kind(root: Root) -> str:
     return "clip_l"
 
 
+def _te_roots(family: Family, tes: list[Root]):
+    """``(declared encoder, its root)`` pairs: by position (SD) or by kind."""
+    if family.te_by_position:
+        clip = [r for r in tes if r.naming != "t5"]
+        if len(clip) > len(family.text_encoders):
+            log.warning("model has %d text encoders; only the first %d are mapped (%s)", len(clip),
+                        len(family.text_encoders), ", ".join(r.prefix for r in clip))
+        return list(zip(family.text_encoders, clip))
+    pairs = [(decl, next((r for r in tes if _te_kind(r) == decl.kind), None)) for decl in family.text_encoders]
+    return [(decl, root) for decl, root in pairs if root is not None]
+
+
 def _family_te_entries(family: Family, tes: list[Root]):
-    """Text encoders by kind, under every kohya prefix the family's writers use for them."""
-    for decl in family.text_encoders:
-        root = next((r for r in tes if _te_kind(r) == decl.kind), None)
-        if root is None:
-            continue
+    """Text encoders, under every kohya prefix the family's writers use for them."""
+    for decl, root in _te_roots(family, tes):
         prefixes = tuple(dict.fromkeys(_normalise(p) for p in decl.kohya))
         if decl.kind == "t5":
             yield from hf_entries(root, prefixes)
@@ -136,22 +147,13 @@ def _family_te_entries(family: Family, tes: list[Root]):
 
 
 def _entries(unet: Root | None, tes: list[Root], family: Family | None):
-    if family is not None:
-        for names, paths, value in dit_entries(unet, family):
-            yield "lora_unet_", names, paths, value
-        yield from _family_te_entries(family, tes)
-        return
     if unet is not None:
-        for names, paths, target in unet_entries(unet):
-            yield "lora_unet_", names, paths, target
-    tes = [r for r in tes if r.naming != "t5"]
-    for te, prefix in zip(tes, ("lora_te_", "lora_te2_")):
-        build = openclip_entries if te.naming == "openclip" else clip_entries
-        for names, paths, target in build(te, prefix):
-            yield prefix, names, paths, target
-    if len(tes) > 2:
-        log.warning("model has %d text encoders; only the first two are mapped (%s)",
-                    len(tes), ", ".join(r.prefix for r in tes))
+        # an SD UNet of a model whose family is not told still has the one SD UNet tree
+        build = dit_entries if unet.family else unet_entries
+        for names, paths, value in build(unet, family or SD_UNET):
+            yield "lora_unet_", names, paths, value
+    if family is not None:
+        yield from _family_te_entries(family, tes)
 
 
 class _OneToOne(dict):
@@ -174,7 +176,10 @@ class _OneToOne(dict):
 def build_keymap(named_shapes: Mapping[str, tuple[int, ...]]) -> KeyMap:
     """Build the map from ``{parameter key: shape}`` of a root (a ``state_dict`` view)."""
     unet, tes = find_roots(named_shapes)
-    family = BY_NAME.get(unet.family) if unet is not None and unet.family else None
+    if unet is not None and unet.family:
+        family = BY_NAME[unet.family]
+    else:
+        family = sd_family(None if unet is None else unet.shapes, [r for r in tes if r.naming != "t5"])
     names, dotted = _OneToOne(), _OneToOne()
     for slot, kohya, paths, target in _entries(unet, tes, family):
         for name in kohya:
@@ -185,5 +190,5 @@ def build_keymap(named_shapes: Mapping[str, tuple[int, ...]]) -> KeyMap:
     if ambiguous:
         log.warning("key map: %d names reach more than one weight and were dropped (e.g. %s)",
                     len(ambiguous), ambiguous[0])
-    arch = family.name if family is not None else detect_architecture(unet, [r for r in tes if r.naming != "t5"])
+    arch = family.name if family is not None else "unknown"
     return KeyMap(dict(names), dict(dotted), arch, unet, tes, ambiguous, family)

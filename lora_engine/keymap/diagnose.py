@@ -5,12 +5,13 @@ The family of a LoRA is guessed from names alone (shapes are the patcher's busin
 - the declared diffusion-transformer families (``lora_engine.families``) by their own name patterns (Flux.1:
   ``double_blocks``/``single_blocks``/``single_transformer_blocks``; SD3: ``joint_blocks``); Flux.1/SD3 for
   diffusers names both have (a top-level ``transformer_blocks`` with ``add_q_proj``, ``ff_context``...);
-- SDXL: a second text encoder (``lora_te2_``), ``label_emb``/``add_embedding``, transformer depth > 1
-  (``…_0_transformer_blocks_1``...), attention in the first up level (``up_blocks_0_attentions``,
-  ``output_blocks_0..2_1`` other than SD1's upsampler ``output_blocks_2_1_conv``);
-- SD1.x/SD2.x: a fourth level (``down_blocks_3``, ``up_blocks_3``, ``input_blocks_10/11``,
-  ``output_blocks_9..11``) or attention in the first down level (``down_blocks_0_attentions``,
-  ``input_blocks_1_1``/``_2_1``); SD2.x when the first text encoder has more than 12 layers.
+- SDXL and SD1.x/SD2.x by the names declared in ``families.sd``: SDXL: a second text encoder
+  (``lora_te2_``), ``label_emb``/``add_embedding``, transformer depth > 1 (``…_0_transformer_blocks_1``...),
+  attention in the first up level (``up_blocks_0_attentions``, ``output_blocks_0..2_1`` other than SD1's
+  upsampler ``output_blocks_2_1_conv``); SD1.x/SD2.x: a fourth level (``down_blocks_3``, ``up_blocks_3``,
+  ``input_blocks_10/11``, ``output_blocks_9..11``) or attention in the first down level
+  (``down_blocks_0_attentions``, ``input_blocks_1_1``/``_2_1``); SD2.x when the first text encoder has
+  more layers than CLIP-L's 12.
 - The family most names point to wins.
 - OpenCLIP-native text-encoder names (``resblocks``, ``in_proj``, ``c_fc``) on an HF-CLIP model.
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import re
 
-from ..families import FAMILIES
+from ..families import FAMILIES, SD_FAMILIES
+from ..families.sd import CLIP_L_LAYERS, SD1, SD1_SD2_NAMES, SD2
 
-LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unrecognised", **{f.name: f.label for f in FAMILIES}}
+LABELS = {**{f.name: f.label for f in SD_FAMILIES}, "unknown": "unrecognised", **{f.name: f.label for f in FAMILIES}}
 # a LoRA for one of these fits a model of the other (same tree)
 _SAME_TREE = {"Chroma": "Flux.1", "Flux.1": "Chroma"}
 
@@ -29,10 +31,8 @@ _FAMILY_RULES: tuple[tuple[str, re.Pattern], ...] = (
     *((f.label, p) for f in FAMILIES if f.name != "chroma" for p in f.lora_patterns),
     # diffusers names shared by Flux.1 and SD3 (a top-level transformer_blocks: SD's are nested)
     ("Flux.1/SD3", re.compile(r"^lora_unet_transformer_blocks_\d+_(attn_add_|attn_to_add_out|ff_context|norm1_context)")),
-    ("SDXL", re.compile(r"^lora_te2_|^lora_unet_(label_emb|add_embedding)_|\d_transformer_blocks_[1-9]"
-                        r"|^lora_unet_(up_blocks_0_attentions|output_blocks_[0-2]_1_(?!conv))")),
-    ("SD1.x/SD2.x", re.compile(r"^lora_unet_(down_blocks_3|up_blocks_3|input_blocks_1[01]_|output_blocks_(9|10|11)_"
-                               r"|down_blocks_0_attentions|input_blocks_[12]_1_)")),
+    *((f.label, p) for f in SD_FAMILIES for p in f.lora_patterns),  # SDXL
+    (f"{SD1.label}/{SD2.label}", SD1_SD2_NAMES),
 )
 _TE_LAYER = re.compile(r"^lora_te1?_text_model_encoder_layers_(\d+)_")
 _OPENCLIP_NATIVE = re.compile(r"^lora_te\d?_.*(resblocks|in_proj|_c_fc|_c_proj|ln_final)")
@@ -48,8 +48,8 @@ def lora_family(names: list[str]) -> str | None:
     if hits[best]:
         return best
     layers = [int(m.group(1)) for m in map(_TE_LAYER.match, names) if m]
-    if layers and max(layers) >= 12:
-        return "SD2.x"
+    if layers and max(layers) >= CLIP_L_LAYERS:
+        return SD2.label
     return None
 
 

@@ -26,14 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..families import family_of, markers as family_markers
+from ..families.openclip import MARKER as OPENCLIP_MARKER
+from ..families.sd import UNET_MARKERS
 
 # Parameter key suffix -> (component, naming). The prefix before it is the root.
 MARKERS: dict[str, tuple[str, str]] = {
-    "time_embedding.linear_1.weight": ("unet", "diffusers"),
-    "time_embed.0.weight": ("unet", "ldm"),
+    **{marker: ("unet", naming) for marker, naming in UNET_MARKERS.items()},  # the SD UNet
     "text_model.final_layer_norm.weight": ("te", "hf_clip"),  # not token_embedding: A1111 wraps that one
     "embeddings.position_embedding.weight": ("te", "hf_clip_flat"),  # transformers>=5 CLIPTextModel
-    "transformer.resblocks.0.attn.in_proj_weight": ("te", "openclip"),
+    OPENCLIP_MARKER: ("te", "openclip"),
     "encoder.block.0.layer.0.SelfAttention.q.weight": ("te", "t5"),  # T5 encoder (Flux, SD3)
     # diffusion transformers: the family declaration decides family and naming from the whole root
     **{marker: ("unet", "dit") for marker in family_markers()},
@@ -54,7 +55,7 @@ class Root:
     naming: str  # "diffusers" | "ldm" | "native" (a DiT's original tree) | "hf_clip" | "hf_clip_flat" | "openclip" | "t5"
     prefix: str
     shapes: dict  # relative parameter key -> shape
-    family: str | None = None  # a declared DiT family ("flux", ...); None for the SD UNet and encoders
+    family: str | None = None  # a declared DiT family ("flux", ...); None for the SD UNet (told with the encoders) and encoders
 
     def full(self, rel: str) -> str:
         return self.prefix + rel

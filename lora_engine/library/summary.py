@@ -13,19 +13,25 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from ..errors import LoraEngineError
-from ..families import FAMILIES
+from ..families import FAMILIES, SD_FAMILIES
 from ..formats import LoraFile, load_lora
-from ..formats.peft_folder import component_folders, component_name
 from ..keymap.diagnose import lora_family
 
 ARCH_FROM_BASE_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2"}
+
+
+def _width_of(kind: str) -> dict[int, str]:
+    """The SD families' declared widths of one kind -> family name."""
+    return {f.widths[kind]: f.name for f in SD_FAMILIES if kind in f.widths}
+
+
 # Cross-attention context width (attn2 to_k/to_v input) and text-encoder width per architecture.
-CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-TE_WIDTH = {768: "sd1", 1024: "sd2"}
-TE_MLP_WIDTH = {3072: "sd1", 4096: "sd2"}  # CLIP-L / OpenCLIP-H fc1 output, fc2 input
+CONTEXT_WIDTH = _width_of("context")
+TE_WIDTH = _width_of("te")
+TE_MLP_WIDTH = _width_of("te_mlp")  # CLIP-L / OpenCLIP-H fc1 output, fc2 input
 
 
 @dataclass
@@ -166,33 +172,13 @@ def summarize(source: str | os.PathLike | LoraFile, check_finite: bool = True) -
 
 
 def _summarize(source: str | os.PathLike | LoraFile, check_finite: bool) -> Summary:
-    lf = source if isinstance(source, LoraFile) else _load(os.fspath(source), check_finite)
+    lf = source if isinstance(source, LoraFile) else load_lora(os.fspath(source), check_finite)
     arch, arch_src = lora_architecture(lf)
     kinds = Counter()
     for m in lf.modules.values():
         kinds[m.adapter.label] += 1
     return Summary(lf.path, lf.format, arch, arch_src, len(lf.modules), dict(kinds), _blocks(lf), dict(lf.metadata),
                    list(lf.unknown_keys), list(lf.problems), list(lf.warnings))
-
-
-def _load(path: str, check_finite: bool) -> LoraFile:
-    """``load_lora``, or a folder of per-component PEFT folders read as one LoRA (module names as in a
-    kohya file of the whole LoRA; keys, problems and warnings prefixed by their component)."""
-    parts = component_folders(path)
-    if not parts:
-        return load_lora(path, check_finite=check_finite)
-    sdxl = any(c == "text_encoder_2" for _, c in parts)
-    whole = LoraFile(path, "peft", {}, {})
-    for sub, comp in parts:
-        lf = load_lora(sub, check_finite=check_finite)
-        for name, m in lf.modules.items():
-            new = component_name(name, comp, sdxl)
-            whole.modules[new] = replace(m, name=new)
-        whole.metadata.update(lf.metadata)
-        whole.unknown_keys += [f"{comp}/{k}" for k in lf.unknown_keys]
-        whole.problems += [f"{comp}: {p}" for p in lf.problems]
-        whole.warnings += lf.warnings
-    return whole
 
 
 def format_summary(s: Summary) -> str:

@@ -12,10 +12,9 @@ name get 0, as in LBW's ``to26``. UNet modules outside every block (time embeddi
 
 Module names are canonical kohya names (``lora_unet_input_blocks_4_1_...``,
 ``lora_unet_down_blocks_1_attentions_0_...``, ``lora_te1_...``). diffusers-style UNet
-names are first rewritten to the ldm/compvis layout LBW matches on (layers_per_block=2,
-which holds for SD1, SD2 and SDXL): ``down_blocks.i.{resnets,attentions}.j`` ->
-``input_blocks.{3i+j+1}.{0,1}``, ``up_blocks.i.*.j`` -> ``output_blocks.{3i+j}``,
-``mid_block`` -> ``middle_block``. Facts from hako-mikan/sd-webui-lora-block-weight
+names are first rewritten to the ldm/compvis layout LBW matches on (``families.sd``:
+``down_blocks.i.{resnets,attentions}.j`` -> ``input_blocks.{3i+j+1}.{0,1}``, ``up_blocks.i.*.j``
+-> ``output_blocks.{3i+j}``, ``mid_block`` -> ``middle_block``). Facts from hako-mikan/sd-webui-lora-block-weight
 (b403cb7, ``scripts/lora_block_weight.py``); tables, presets and directives in docs/tag-grammar.md.
 """
 from __future__ import annotations
@@ -24,12 +23,14 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..keymap.unet_blocks import DIRECT, RESNET_RENAMES
+from ..families.sd import (SD_ATTENTION_BLOCKS, SD_BLOCKS, SDXL_ATTENTION_BLOCKS, SDXL_BLOCKS, lbw_block,
+                           ldm_unet_path)
 
-BLOCK_IDS_26 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
-BLOCK_IDS_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(3, 12))
-BLOCK_IDS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(6))
-BLOCK_IDS_20 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(9))
+# the families' block lists (``families.sd``): all blocks, or those a LoRA (attention) vector names
+BLOCK_IDS_26 = ("BASE",) + SD_BLOCKS
+BLOCK_IDS_17 = ("BASE",) + SD_ATTENTION_BLOCKS
+BLOCK_IDS_12 = ("BASE",) + SDXL_ATTENTION_BLOCKS
+BLOCK_IDS_20 = ("BASE",) + SDXL_BLOCKS
 BLOCK_TABLES: dict[int, tuple[str, ...]] = {12: BLOCK_IDS_12, 17: BLOCK_IDS_17, 20: BLOCK_IDS_20, 26: BLOCK_IDS_26}
 
 DEFAULT_PRESETS_TEXT = """\
@@ -242,56 +243,6 @@ DEFAULT_ELEMENT_PRESETS = parse_element_presets(DEFAULT_ELEMENT_PRESETS_TEXT)
 
 # ---- module name -> block ----
 
-# The diffusers -> ldm tables of the key maps, in underscore form (kohya names have no dots).
-_RESNET_PARTS = {k: v.replace(".", "_") for k, v in RESNET_RENAMES.items()}
-_DIFFUSERS_TOP = {k.replace(".", "_"): v.replace(".", "_") for k, v in DIRECT.items()}
-_DOWN_RE = re.compile(r"down_blocks_(\d+)_(resnets|attentions)_(\d+)(_.*|)\Z")
-_DOWNSAMPLE_RE = re.compile(r"down_blocks_(\d+)_downsamplers_0_conv(_.*|)\Z")
-_UP_RE = re.compile(r"up_blocks_(\d+)_(resnets|attentions)_(\d+)(_.*|)\Z")
-_UPSAMPLE_RE = re.compile(r"up_blocks_(\d+)_upsamplers_0_conv(_.*|)\Z")
-_MID_RE = re.compile(r"mid_block_(resnets|attentions)_(\d+)(_.*|)\Z")
-
-
-def _resnet_rest(rest: str) -> str:
-    for part, ldm in _RESNET_PARTS.items():
-        if rest == "_" + part or rest.startswith("_" + part + "_"):
-            return "_" + ldm + rest[len(part) + 1:]
-    return rest
-
-
-def ldm_unet_path(path: str) -> str:
-    """A UNet module path with underscores, diffusers layout -> ldm layout (ldm input unchanged).
-
-    The upsampler's sub-index (``output_blocks_N_1`` or ``_2``) depends on the model; 1 is used
-    for ``up_blocks_0`` and 2 otherwise (true for SD1/SD2). Block ids are exact either way."""
-    for pat, fn in (
-        (_DOWN_RE, lambda m: f"input_blocks_{3 * int(m[1]) + int(m[3]) + 1}_{0 if m[2] == 'resnets' else 1}"),
-        (_UP_RE, lambda m: f"output_blocks_{3 * int(m[1]) + int(m[3])}_{0 if m[2] == 'resnets' else 1}"),
-    ):
-        m = pat.match(path)
-        if m:
-            rest = m[4]
-            return fn(m) + (_resnet_rest(rest) if m[2] == "resnets" else rest)
-    m = _MID_RE.match(path)
-    if m:
-        idx = 1 if m[1] == "attentions" else 2 * int(m[2])
-        return f"middle_block_{idx}" + (_resnet_rest(m[3]) if m[1] == "resnets" else m[3])
-    m = _DOWNSAMPLE_RE.match(path)
-    if m:
-        return f"input_blocks_{3 * int(m[1]) + 3}_0_op" + m[2]
-    m = _UPSAMPLE_RE.match(path)
-    if m:
-        return f"output_blocks_{3 * int(m[1]) + 2}_{1 if m[1] == '0' else 2}_conv" + m[2]
-    for d, ldm in _DIFFUSERS_TOP.items():
-        if path == d or path.startswith(d + "_"):
-            return ldm + path[len(d):]
-    return path
-
-
-_IN_RE = re.compile(r"input_blocks_(\d+)(?:_|\Z)")
-_OUT_RE = re.compile(r"output_blocks_(\d+)(?:_|\Z)")
-
-
 def module_block(name: str) -> tuple[str | None, str]:
     """``(block id or None, ldm-style key)`` for a canonical module name.
 
@@ -301,16 +252,8 @@ def module_block(name: str) -> tuple[str | None, str]:
     if n.startswith("lora_te"):
         return "BASE", n
     path = n[len("lora_unet_"):] if n.startswith("lora_unet_") else n
-    key = "diffusion_model_" + ldm_unet_path(path)
-    m = _IN_RE.match(key, len("diffusion_model_"))
-    if m and int(m[1]) < 12:
-        return f"IN{int(m[1]):02d}", key
-    if key.startswith("diffusion_model_middle_block_") or key == "diffusion_model_middle_block":
-        return "M00", key
-    m = _OUT_RE.match(key, len("diffusion_model_"))
-    if m and int(m[1]) < 12:
-        return f"OUT{int(m[1]):02d}", key
-    return None, key
+    ldm = ldm_unet_path(path)
+    return lbw_block(ldm), "diffusion_model_" + ldm
 
 
 @dataclass(frozen=True)

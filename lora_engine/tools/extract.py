@@ -44,7 +44,8 @@ def _is_sgm(name: str) -> bool:
 
 def kohya_names(keymap, unet_naming: str = "auto") -> dict:
     """{Target: the one kohya name to write for it} over the map's 2-D/4-D targets."""
-    sgm = keymap.architecture == "sdxl" if unet_naming == "auto" else unet_naming == "sgm"
+    kohya_sgm = keymap.family is not None and keymap.family.kohya_naming == "ldm"  # SDXL
+    sgm = kohya_sgm if unet_naming == "auto" else unet_naming == "sgm"
     te1 = "lora_te1_" if keymap.architecture == "sdxl" else "lora_te_"
     chosen: dict = {}
     for name in keymap.names():

@@ -124,7 +124,7 @@ def _canonical_name(names: list[str], component: str, keymap) -> str:
     ``text_model`` paths for CLIP. ``names`` lists the host-naming name first."""
     if component == "te":
         return next((n for n in names if "_text_model_" in n), names[0])
-    want_ldm = keymap.architecture == "sdxl"
+    want_ldm = keymap.family is not None and keymap.family.kohya_naming == "ldm"
     host_is_ldm = keymap.unet_naming == "ldm"
     if want_ldm == host_is_ldm or len(names) < 2:
         return names[0]

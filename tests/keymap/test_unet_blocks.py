@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from lora_engine.keymap import build_keymap
-from lora_engine.keymap.unet_blocks import UNetNaming, layout_from_diffusers, layout_from_ldm
+from lora_engine.families.sd_unet import UNetNaming, layout_from_diffusers, layout_from_ldm
 from tests.fixtures.models.full_sd import build_full
 from tests.fixtures.models.hosts import a1111_root, shapes
 from tests.fixtures.models.ldm_view import ldm_unet_view

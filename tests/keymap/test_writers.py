@@ -43,7 +43,7 @@ def _check(names_and_weights, model) -> int:
         km = build_keymap(shapes(state))
         for name, dotted, weight in names_and_weights:
             if name.endswith("text_projection") and host.startswith("a1111"):
-                continue  # OpenCLIP stores it transposed; not mappable (documented in keymap.openclip)
+                continue  # OpenCLIP stores it transposed; not mappable (documented in families.openclip)
             target = km.lookup(name, dotted)
             assert target is not None, f"{name} ({dotted}) unmapped on {host}: {km.diagnose([name])}"
             assert torch.equal(_weight_of(state, target), weight), f"{name} on {host}"

@@ -1,4 +1,8 @@
-"""The diffusers <-> ldm/sgm correspondence of the SD UNet, derived from the module tree.
+"""The SD1/SD2/SDXL UNet tree: the diffusers <-> ldm/sgm correspondence, from the module tree.
+
+``unet_config(shapes, naming)`` reads the tree's units (and each attention's depth) from either
+naming; ``unet_layers(config)`` lists every targetable layer under both names (the family
+declarations in ``families.sd`` use them).
 
 Both namings describe the same layers in the same order; only the grouping differs:
 
@@ -13,14 +17,18 @@ number of levels, layers per block or where attention is present (SD1 has none i
 down level, SDXL none in its first); the upsampler's slot follows from attention presence.
 
 Inside a unit, attention sub-paths are identical in both namings (``Transformer2DModel`` and
-``SpatialTransformer`` share ``norm``, ``proj_in``, ``transformer_blocks.N.*``, ``proj_out``);
-resnets and samplers differ by the tables below. Facts from diffusers
+``SpatialTransformer`` share ``ATTENTION_CHILDREN`` and, per transformer block, ``TRANSFORMER_CHILDREN``);
+resnets and samplers differ by the tables below. A weighted module outside these declared layers
+(a host's add-on inside an attention) keeps its own name only. Facts from diffusers
 ``loaders/single_file_utils.py`` (``convert_ldm_unet_checkpoint``), which the tests use as oracle.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .base import Layer, count_blocks, same
 
 # diffusers ResnetBlock2D child -> ldm ResBlock child.
 RESNET_RENAMES: dict[str, str] = {
@@ -33,7 +41,10 @@ RESNET_RENAMES: dict[str, str] = {
 }
 DOWNSAMPLER_RENAMES = {"conv": "op"}
 UPSAMPLER_RENAMES = {"conv": "conv"}
-ATTENTION_RENAMES: dict[str, str] = {}  # identical sub-paths
+# Targetable children of an attention unit (identical in both namings), and of each of its transformer blocks.
+ATTENTION_CHILDREN = ("norm", "proj_in", "proj_out")
+TRANSFORMER_CHILDREN = tuple(f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")) + (
+    "norm1", "norm2", "norm3", "ff.net.0.proj", "ff.net.2")
 
 # Top-level layers outside the block structure (exceptions table).
 DIRECT: dict[str, str] = {
@@ -46,10 +57,7 @@ DIRECT: dict[str, str] = {
     "conv_out": "out.2",
 }
 
-_RENAMES = {"resnet": RESNET_RENAMES, "attention": ATTENTION_RENAMES,
-            "down": DOWNSAMPLER_RENAMES, "up": UPSAMPLER_RENAMES}
-_INVERSE = {kind: {v: k for k, v in table.items()} for kind, table in _RENAMES.items()}
-_DIRECT_INVERSE = {v: k for k, v in DIRECT.items()}
+_RENAMES = {"resnet": RESNET_RENAMES, "down": DOWNSAMPLER_RENAMES, "up": UPSAMPLER_RENAMES}
 
 
 @dataclass(frozen=True)
@@ -191,49 +199,50 @@ def layout_from_ldm(paths) -> list[Unit]:
     return units
 
 
-# ---------------------------------------------------------------- path translation
-def _rename(sub: str, table: dict[str, str]) -> str | None:
-    """Rename the leading child of ``sub`` by ``table`` (longest key first); identity if table is empty."""
-    if not table:
-        return sub
-    for old in sorted(table, key=len, reverse=True):
-        if sub == old or sub.startswith(old + "."):
-            return table[old] + sub[len(old):]
-    return None
+# ---------------------------------------------------------------- the declaration
+def unet_config(shapes: Mapping[str, tuple], naming: str) -> dict:
+    """The tree's units (from either naming: ``"diffusers"`` or ``"ldm"``) and each attention unit's
+    transformer depth, keyed by its diffusers path."""
+    units = (layout_from_diffusers if naming == "diffusers" else layout_from_ldm)(shapes)
+    own = "diffusers" if naming == "diffusers" else "ldm"
+    depth = {u.diffusers: count_blocks(shapes, f"{getattr(u, own)}.transformer_blocks")
+             for u in units if u.kind == "attention"}
+    return {"units": units, "depth": depth}
+
+
+def _children(unit: Unit, depth: Mapping[str, int]) -> list[tuple[str, str]]:
+    """``(diffusers child, ldm child)`` of every targetable layer of a unit."""
+    if unit.kind != "attention":
+        return list(_RENAMES[unit.kind].items())
+    subs = list(ATTENTION_CHILDREN) + [f"transformer_blocks.{n}.{c}" for n in range(depth[unit.diffusers])
+                                       for c in TRANSFORMER_CHILDREN]
+    return [(c, c) for c in subs]
+
+
+def unet_layers(cfg: dict) -> list[Layer]:
+    """Every targetable layer of a UNet of this config: ldm/sgm path as ``native``, the diffusers path
+    as its one part (the model keeps those it has)."""
+    layers = [same(ldm, d) for d, ldm in DIRECT.items()]
+    for u in cfg["units"]:
+        layers += [same(f"{u.ldm}.{ldm}", f"{u.diffusers}.{d}") for d, ldm in _children(u, cfg["depth"])]
+    return layers
 
 
 class UNetNaming:
-    """Translate module paths between the two namings of one UNet (built once)."""
+    """Translate module paths between the two namings of one UNet (built once, from the declaration)."""
 
-    def __init__(self, units: list[Unit]):
-        self.units = tuple(units)
-        self._by_diffusers = {u.diffusers: u for u in units}
-        self._by_ldm = {u.ldm: u for u in units}
+    def __init__(self, layers: list[Layer]):
+        self._to_ldm = {layer.parts[0].diffusers: layer.native for layer in layers}
+        self._to_diffusers = {layer.native: layer.parts[0].diffusers for layer in layers}
 
     @classmethod
     def from_paths(cls, paths, naming: str) -> "UNetNaming":
-        layout = layout_from_diffusers if naming == "diffusers" else layout_from_ldm
-        return cls(layout(paths))
+        return cls(unet_layers(unet_config(paths, naming)))
 
     def to_ldm(self, path: str) -> str | None:
         """``down_blocks.0.resnets.1.conv1`` -> ``input_blocks.2.0.in_layers.2``; None if unknown."""
-        return self._translate(path, self._by_diffusers, DIRECT, _RENAMES, "ldm")
+        return self._to_ldm.get(path)
 
     def to_diffusers(self, path: str) -> str | None:
         """``input_blocks.2.0.in_layers.2`` -> ``down_blocks.0.resnets.1.conv1``; None if unknown."""
-        return self._translate(path, self._by_ldm, _DIRECT_INVERSE, _INVERSE, "diffusers")
-
-    @staticmethod
-    def _translate(path: str, units: dict[str, Unit], direct: dict[str, str], renames: dict, to: str) -> str | None:
-        if path in direct:
-            return direct[path]
-        parts = path.split(".")
-        for n in range(len(parts) - 1, 0, -1):
-            unit = units.get(".".join(parts[:n]))
-            if unit is None:
-                continue
-            sub = _rename(".".join(parts[n:]), renames[unit.kind])
-            if sub is None:
-                return None
-            return f"{getattr(unit, to)}.{sub}"
-        return None
+        return self._to_diffusers.get(path)
