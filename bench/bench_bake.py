@@ -1,11 +1,15 @@
 """Peak memory and time of ``lora-engine bake`` on a full-size single-file checkpoint, against a
 load-everything baseline and a plain file copy, in one run on the same machine.
 
-    python bench/bench_bake.py [--arch sd15|sdxl] [--rank 32] [--dir D] [--keep]
+    python bench/bench_bake.py [--arch sd15|sdxl|flux] [--rank 32] [--double 2 --single 4] [--dir D] [--keep]
 
 Generates (streamed, never whole in RAM) an ldm/sgm-named fp16 checkpoint with the real SD1.5 or SDXL
 UNet + text-encoder shapes (models built on the meta device, random values) and a rank-R kohya LoRA on
-every attention/ff/proj/text-encoder module (sd-scripts' default targets). Then, each in a fresh
+every attention/ff/proj/text-encoder module (sd-scripts' default targets). ``--arch flux``: a bf16 Flux.1
+checkpoint in BFL naming at Flux.1-dev's full width (3072, mlp 12288, joint 4096) and reduced depth
+(``--double``/``--single`` blocks), a kohya LoRA on every double/single block Linear (lora_flux's
+targets); the peak of a streamed bake depends on the largest tensor, not the depth, so the figure holds
+for the 57-block, 23.8 GB Flux.1-dev. Then, each in a fresh
 process so ``ru_maxrss`` is its own peak:
   copy      ``shutil.copyfile`` (the memory-bound floor for reading + writing the file)
   bake      ``lora_engine.tools.bake.bake`` (streamed)
@@ -41,7 +45,16 @@ CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, nu
               projection_dim=1280, hidden_act="gelu")
 
 
-def _meta_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+def _flux_shapes(double: int, single: int) -> dict[str, tuple[int, ...]]:
+    from tests.fixtures.models.flux import FLUX_DEV, flux_model, native_state
+
+    model = flux_model(dict(FLUX_DEV, num_layers=double, num_single_layers=single), meta=True)
+    return {k: tuple(v.shape) for k, v in native_state(model).items()}
+
+
+def _meta_shapes(arch: str, double: int = 2, single: int = 4) -> dict[str, tuple[int, ...]]:
+    if arch == "flux":
+        return _flux_shapes(double, single)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -63,26 +76,31 @@ def _meta_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate(ckpt: str, lora: str, arch: str, rank: int) -> tuple[int, int]:
+def generate(ckpt: str, lora: str, arch: str, rank: int, double: int = 2, single: int = 4) -> tuple[int, int]:
     from safetensors.torch import save_file
 
     from lora_engine.keymap import build_keymap
 
-    shapes = _meta_shapes(arch)
+    shapes = _meta_shapes(arch, double, single)
     g = torch.Generator().manual_seed(0)
-    entries = [Entry(k, torch.float16, s) for k, s in shapes.items()]
+    dtype = torch.bfloat16 if arch == "flux" else torch.float16
+    entries = [Entry(k, dtype, s) for k, s in shapes.items()]
     with atomic_file(ckpt) as fh:
         w = StreamWriter(fh, entries, {"format": "pt"})
         for e in w.order:
-            w.write(e.key, (torch.randn(e.shape, generator=g) * 0.02).half())
+            w.write(e.key, (torch.randn(e.shape, generator=g) * 0.02).to(dtype))
         w.close()
     keymap = build_keymap(shapes)
     wanted = ("attn1", "attn2", "ff_net", "proj_in", "proj_out", "self_attn", "mlp_fc")
+    if arch == "flux":
+        wanted = ("_double_blocks_", "_single_blocks_")
     sd, seen = {}, set()
     for name in keymap.names():
         t = keymap.lookup(name)
         if (t.weight_key, t.rows) in seen or len(t.shape) not in (2, 4) or not any(x in name for x in wanted):
             continue
+        if arch == "flux" and (t.rows is not None or "norm" in name):
+            continue  # kohya names the fused native layers (qkv, linear1), not their row slices
         if arch == "sdxl" and any(x in name for x in ("_down_blocks_", "_up_blocks_", "_mid_block_")):
             continue  # SDXL kohya files use sgm names
         seen.add((t.weight_key, t.rows))
@@ -92,6 +110,8 @@ def generate(ckpt: str, lora: str, arch: str, rank: int) -> tuple[int, int]:
             t.shape[0], rank, *([1, 1] if len(t.shape) == 4 else []))
         sd[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float16)
     save_file(sd, lora)
+    largest = max(int(torch.Size(s).numel()) * dtype.itemsize for s in shapes.values())
+    print(f"largest tensor {largest / 2**20:.0f} MiB, LoRA file {os.path.getsize(lora) / 2**20:.0f} MiB")
     return os.path.getsize(ckpt), len(seen)
 
 
@@ -132,7 +152,9 @@ def run_child(kind: str, ckpt: str, lora: str, out: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "flux"])
+    ap.add_argument("--double", type=int, default=2, help="flux: double blocks (Flux.1-dev: 19)")
+    ap.add_argument("--single", type=int, default=4, help="flux: single blocks (Flux.1-dev: 38)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--dir")
     ap.add_argument("--keep", action="store_true")
@@ -142,8 +164,9 @@ def main() -> None:
     ckpt, lora = os.path.join(folder, "model.safetensors"), os.path.join(folder, "lora.safetensors")
     try:
         t0 = time.perf_counter()
-        size, modules = generate(ckpt, lora, args.arch, args.rank)
-        print(f"{args.arch}: checkpoint {size / 2**30:.2f} GiB fp16, LoRA rank {args.rank} on {modules} modules "
+        size, modules = generate(ckpt, lora, args.arch, args.rank, args.double, args.single)
+        what = f"bf16, {args.double} double + {args.single} single blocks" if args.arch == "flux" else "fp16"
+        print(f"{args.arch}: checkpoint {size / 2**30:.2f} GiB {what}, LoRA rank {args.rank} on {modules} modules "
               f"(generated in {time.perf_counter() - t0:.0f}s; generator peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
         kinds = ["copy", "bake"] + ([] if args.skip_baseline else ["baseline"])

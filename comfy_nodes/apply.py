@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lora_engine.keymap import build_keymap
 
+from . import onthefly
 from .patches import PatchSet, build_patches, fold_into_previous
 
 log = logging.getLogger("lora_engine")
@@ -92,13 +93,21 @@ def patch_models(model, clip, patches: PatchSet) -> tuple[object, object]:
     return new_model, new_clip
 
 
-def apply_stack(model, clip, stack) -> Applied:
-    """Plan ``stack`` (``lora_engine.patch.StackEntry`` list) for these models and patch clones.
+def apply_stack(model, clip, stack, mode: str = onthefly.MERGED) -> Applied:
+    """Plan ``stack`` (``lora_engine.patch.StackEntry`` list) for these models and patch clones: weight
+    patches (``mode`` "merged"), or side paths injected at each run (``"on the fly"``, :mod:`.onthefly`).
 
     Logs one warning line per LoRA with unmatched or unusable modules (the core's diagnosis)."""
     keymap = keymap_for(model, clip)
-    patches = build_patches(stack, keymap, have_model=model is not None, have_clip=clip is not None)
-    new_model, new_clip = patch_models(model, clip, patches)
+    if mode == onthefly.ONTHEFLY and not onthefly.supported(model if model is not None else clip.patcher):
+        log.warning("lora-engine: this ComfyUI has no model injections (ModelPatcher.set_injections); "
+                    "the LoRAs are merged into the weights instead of running on the fly")
+        mode = onthefly.MERGED
+    if mode == onthefly.ONTHEFLY:
+        new_model, new_clip, patches = onthefly.inject_stack(model, clip, stack, keymap)
+    else:
+        patches = build_patches(stack, keymap, have_model=model is not None, have_clip=clip is not None)
+        new_model, new_clip = patch_models(model, clip, patches)
     lines = patches.warnings()
     for line in lines:
         log.warning("lora-engine: %s", line)

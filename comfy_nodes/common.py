@@ -30,5 +30,15 @@ def block_weights() -> tuple:
                        "tooltip": "optional block weights: an LBW preset (INS, OUTD, ...) or a 12/17/20/26-value vector"})
 
 
+def mode() -> tuple:
+    """How the LoRAs reach the model: merged into the weights (ComfyUI's way; no cost per step) or on the fly
+    (side paths at run time; a strength change re-patches nothing)."""
+    from .onthefly import MERGED, MODES
+
+    return (list(MODES), {"default": MERGED, "tooltip":
+                          "merged: added into the weights when the model loads (no cost per step; a strength "
+                          "change re-patches every weight). on the fly: run beside each layer, weights untouched "
+                          "(a strength change re-patches nothing; a little extra work per step)"})
+
 
 log = logging.getLogger("lora_engine")

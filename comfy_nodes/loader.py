@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import common
 from .apply import apply_stack
 from .loading import file_signature, stack_entry
+from .onthefly import MERGED
 
 
 class LoraEngineLoader:
@@ -17,16 +18,16 @@ class LoraEngineLoader:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "lora_name": common.lora_combo(),
                              "strength_model": common.strength(), "strength_clip": common.strength()},
-                "optional": {"block_weights": common.block_weights()}}
+                "optional": {"block_weights": common.block_weights(), "mode": common.mode()}}
 
     @classmethod
     def IS_CHANGED(cls, lora_name, **_):
         return file_signature(lora_name)
 
-    def load(self, model, clip, lora_name, strength_model, strength_clip, block_weights=""):
+    def load(self, model, clip, lora_name, strength_model, strength_clip, block_weights="", mode=MERGED):
         if strength_model == 0 and strength_clip == 0:
             return (model, clip)
-        applied = apply_stack(model, clip, [stack_entry(lora_name, strength_clip, strength_model, block_weights)])
+        applied = apply_stack(model, clip, [stack_entry(lora_name, strength_clip, strength_model, block_weights)], mode)
         return (applied.model, applied.clip)
 
 
@@ -40,14 +41,14 @@ class LoraEngineLoaderModelOnly:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "lora_name": common.lora_combo(),
                              "strength_model": common.strength()},
-                "optional": {"block_weights": common.block_weights()}}
+                "optional": {"block_weights": common.block_weights(), "mode": common.mode()}}
 
     @classmethod
     def IS_CHANGED(cls, lora_name, **_):
         return file_signature(lora_name)
 
-    def load(self, model, lora_name, strength_model, block_weights=""):
+    def load(self, model, lora_name, strength_model, block_weights="", mode=MERGED):
         if strength_model == 0:
             return (model,)
-        applied = apply_stack(model, None, [stack_entry(lora_name, 0.0, strength_model, block_weights)])
+        applied = apply_stack(model, None, [stack_entry(lora_name, 0.0, strength_model, block_weights)], mode)
         return (applied.model,)

@@ -163,22 +163,46 @@ class PatchSet:
         return [line for r in self.reports.values() if (line := r.line())]
 
 
-def _only_present(report: LoraReport, keymap, have_model: bool, have_clip: bool) -> None:
-    """Names for a part the node was not given (no CLIP on a model-only node) are not 'unmatched'."""
-    keep = [n for n in report.unmatched
-            if (have_clip or not n.startswith("lora_te")) and (have_model or not n.startswith("lora_unet_"))]
+class NodeKeyMap:
+    """The key map as a node sees it: names of a part the node was not given (the text-encoder modules on a
+    model-only node) are neither 'unmatched' nor evidence that the LoRA was made for another model family
+    (a Flux LoRA's ``lora_te2_`` T5 names would otherwise read as SDXL's second encoder)."""
+
+    def __init__(self, keymap, have_model: bool = True, have_clip: bool = True):
+        self.keymap, self.have_model, self.have_clip = keymap, have_model, have_clip
+
+    def __getattr__(self, name):
+        return getattr(self.keymap, name)
+
+    def present(self, names) -> list[str]:
+        return [n for n in names if (self.have_clip or not n.startswith("lora_te"))
+                and (self.have_model or not n.startswith("lora_unet_"))]
+
+    def diagnose(self, names) -> str:
+        keep = self.present(names)
+        return self.keymap.diagnose(keep) if keep else ""
+
+    def foreign_family(self, names):
+        keep = self.present(names)
+        return self.keymap.foreign_family(keep) if keep else None
+
+
+def only_present(report: LoraReport, keymap: NodeKeyMap) -> None:
+    """Drop the names of a part the node was not given from a LoRA's unmatched list."""
+    keep = keymap.present(report.unmatched)
     if len(keep) != len(report.unmatched):
         report.unmatched = keep
-        report.diagnosis = keymap.diagnose(keep) if keep else ""
+        report.diagnosis = keymap.diagnose(keep)
 
 
 def build_patches(stack, keymap, have_model: bool = True, have_clip: bool = True) -> PatchSet:
     """Plan ``stack`` (``StackEntry`` list) on ``keymap`` and turn each slot into patches."""
+    keymap = NodeKeyMap(keymap, have_model, have_clip)
     plan = build_plan(list(stack), keymap)
     out = PatchSet(reports=plan.reports)
     warned: set = set()
     for report in plan.reports.values():
-        _only_present(report, keymap, have_model, have_clip)
+        only_present(report, keymap)
     for slot, contributions in plan.contributions.items():
         target = plan.targets[slot]
         dest = out.model if target.component == "unet" else out.clip

@@ -18,6 +18,7 @@ from lora_engine.syntax.prompt import LoraTag, parse_prompt
 
 from . import common, loading
 from .apply import apply_stack, keymap_for
+from .onthefly import MERGED
 from .patches import build_patches
 from .schedule import attach, hook_group, keyframes
 
@@ -92,18 +93,19 @@ class LoraEnginePromptTags:
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
                              "text": ("STRING", {"multiline": True, "dynamicPrompts": False})},
                 "optional": {"steps": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
-                                               "sampling steps, to place whole-number start=/stop= (0: fractions only)"})}}
+                                               "sampling steps, to place whole-number start=/stop= (0: fractions only)"}),
+                             "mode": common.mode()}}
 
     @classmethod
     def IS_CHANGED(cls, text, **_):
         return "|".join(loading.tag_signature(t.name) for t in parse_prompt(text).tags)
 
-    def apply(self, model, clip, text, steps=0):
+    def apply(self, model, clip, text, steps=0, mode=MERGED):
         parsed = parse_prompt(text)
         plan = plan_tags(parsed.tags, int(steps), _hooks_available())
         for w in list(parsed.warnings) + plan.warnings:
             common.log.warning("lora-engine: %s", w)
-        applied = apply_stack(model, clip, plan.static)
+        applied = apply_stack(model, clip, plan.static, mode)
         cond = encode(applied.clip, parsed.cleaned_text)
         keymap = keymap_for(model, clip) if plan.scheduled else None
         for entry, frames in plan.scheduled:

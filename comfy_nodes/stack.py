@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import common
 from .apply import apply_stack
 from .loading import file_signature, stack_entry
+from .onthefly import MERGED
 
 ROWS = 6
 
@@ -20,7 +21,7 @@ class LoraEngineStack:
 
     @classmethod
     def INPUT_TYPES(cls):
-        optional = {"clip": ("CLIP",)}
+        optional = {"clip": ("CLIP",), "mode": common.mode()}
         for i in range(1, ROWS + 1):
             optional[f"on_{i}"] = ("BOOLEAN", {"default": True})
             optional[f"lora_{i}"] = common.lora_combo(optional=True)
@@ -44,9 +45,9 @@ class LoraEngineStack:
                 out.append((name, sm, sc))
         return out
 
-    def apply(self, model, clip=None, **kw):
+    def apply(self, model, clip=None, mode=MERGED, **kw):
         stack = [stack_entry(name, sc if clip is not None else 0.0, sm) for name, sm, sc in self.rows(kw)]
         if not stack:
             return (model, clip)
-        applied = apply_stack(model, clip, stack)
+        applied = apply_stack(model, clip, stack, mode)
         return (applied.model, applied.clip)

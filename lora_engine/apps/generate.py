@@ -7,13 +7,15 @@
 Flow: :func:`lora_engine.syntax.prompt.parse_prompt` removes the tags from both prompts; each name is
 resolved by :class:`lora_engine.library.index.LoraLibrary`, read through :class:`lora_engine.library.parsed.LoraCache`
 and applied by :class:`lora_engine.engine.LoraEngine` (merged mode) over a container whose children
-are the pipeline's ``unet``, ``text_encoder`` (and ``text_encoder_2``), so canonical kohya names map
+are the pipeline's ``unet`` or ``transformer`` and its text encoders, so canonical kohya names map
 through :func:`lora_engine.keymap.build_keymap`. The pipeline runs on the cleaned prompt and the
 weights are restored bit-exact afterwards (also on error or Ctrl+C). Image ``i`` uses seed ``seed + i``
 (as A1111 does), so one image of a batch can be reproduced alone.
 
-The model is a diffusers Stable Diffusion (XL) folder, or the built-in demo model (``"demo"`` or a demo
-base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's own sampler.
+The model is a diffusers Stable Diffusion (XL), Flux.1 (``FluxPipeline``: dev, schnell, Krea), Chroma
+(``ChromaPipeline``) or SD3/SD3.5 (``StableDiffusion3Pipeline``) folder, told apart by ``model_index.json``, or the built-in demo model
+(``"demo"`` or a demo base file, :class:`DemoPipeline`): the same tags, library, cache and engine, the demo's
+own sampler.
 
 diffusers is an optional dependency (the ``models`` extra); it is imported only here.
 """
@@ -28,7 +30,13 @@ import torch
 
 from ..errors import LoraEngineError, ModelFolderError, first_line
 
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+             "ChromaPipeline": "chroma", "StableDiffusion3Pipeline": "sd3"}
+# the guidance scale each pipeline is used with when --cfg is not given (Flux: its distilled guidance; the
+# pipelines' own defaults for Chroma and SD3)
+DEFAULT_CFG = {"sd": 7.0, "sdxl": 7.0, "flux": 3.5, "chroma": 5.0, "sd3": 7.0}
+# pipeline parts the engine patches: the denoiser and every text encoder (the key map finds each by its tensors)
+MODEL_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 DEMO_SCALE = 4  # the demo model draws 32x32 pixels; images are saved 4x larger, each pixel a block
 
 
@@ -42,7 +50,7 @@ class GenerateOptions:
     width: int | None = None  # None: the pipeline's default size
     height: int | None = None
     seed: int = 0
-    cfg: float | None = None  # None: the model's default (7 for Stable Diffusion, 3 for the demo model)
+    cfg: float | None = None  # None: the model's default (7 for Stable Diffusion and SD3, 3.5 for Flux, 3 for the demo)
     count: int = 1
 
 
@@ -55,7 +63,7 @@ class GenerateResult:
 
 def pipeline_class(model_dir: str) -> str:
     """The pipeline class named by ``model_dir/model_index.json``; one-line error if it is not a
-    Stable Diffusion (XL) diffusers folder."""
+    Stable Diffusion (XL), Flux or SD3 diffusers folder."""
     if not os.path.isdir(model_dir):
         raise ModelFolderError(model_dir, "no such folder")
     index = os.path.join(model_dir, "model_index.json")
@@ -67,7 +75,7 @@ def pipeline_class(model_dir: str) -> str:
     except (OSError, ValueError, AttributeError) as e:
         raise ModelFolderError(model_dir, f"model_index.json unreadable ({type(e).__name__}: {e})") from None
     if name not in PIPELINES:
-        raise ModelFolderError(model_dir, f"pipeline {name!r} not supported (want {' or '.join(PIPELINES)})")
+        raise ModelFolderError(model_dir, f"pipeline {name!r} not supported (want {', '.join(PIPELINES)})")
     return name
 
 
@@ -98,7 +106,7 @@ class DemoPipeline:
 
 
 def load_pipeline(model_dir: str):
-    """``StableDiffusion(XL)Pipeline.from_pretrained`` on a local folder (fp32), never downloading; the
+    """``<pipeline class>.from_pretrained`` on a local folder (fp32), never downloading; the
     demo model (``"demo"`` or a demo base file) as a :class:`DemoPipeline`."""
     from .demo.base import is_demo_base
 
@@ -120,10 +128,11 @@ def load_pipeline(model_dir: str):
 
 
 def pipeline_root(pipe) -> torch.nn.Module:
-    """Container module with the pipeline's ``unet``, ``text_encoder`` and ``text_encoder_2``
-    as children (the diffusers naming the key map knows). Shares the pipeline's parameters."""
+    """Container module with the pipeline's ``unet`` or ``transformer`` and ``text_encoder``,
+    ``text_encoder_2`` (, ``text_encoder_3``) as children (the diffusers naming the key map knows).
+    Shares the pipeline's parameters."""
     root = torch.nn.Module()
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in MODEL_PARTS:
         mod = getattr(pipe, name, None)
         if isinstance(mod, torch.nn.Module):
             setattr(root, name, mod)
@@ -173,10 +182,13 @@ def generate(opts: GenerateOptions, pipe=None, progress: Callable[[int, int], No
     _check(opts)
     pipe = pipe if pipe is not None else load_pipeline(opts.model_dir)
     demo = isinstance(pipe, DemoPipeline)
+    kind = None if demo else PIPELINES.get(type(pipe).__name__, "sd")
     if opts.cfg is None:
-        opts = replace(opts, cfg=DemoPipeline.default_cfg if demo else 7.0)
+        opts = replace(opts, cfg=DemoPipeline.default_cfg if demo else DEFAULT_CFG[kind])
     parsed, negative = parse_prompt(opts.prompt), parse_prompt(opts.negative)
     warnings = list(parsed.warnings) + list(negative.warnings)
+    if kind == "flux" and negative.cleaned_text.strip():
+        warnings.append("negative prompt: Flux.1 has distilled guidance and does not use it")
     if negative.tags:
         warnings.append("negative prompt: LoRA tags there are removed and not applied")
     loras = loras or Loras(opts.lora_dirs)

@@ -1,6 +1,8 @@
 """Model checkpoints as the tools read them: a single-file safetensors checkpoint (ldm/sgm as A1111
-and ComfyUI load it, or any flat state dict), or a diffusers folder (``unet/``, ``text_encoder/``,
-``text_encoder_2/`` with ``*.safetensors`` weights, possibly sharded or with variants like ``fp16``).
+and ComfyUI load it, or any flat state dict), or a diffusers folder (``unet/`` or ``transformer/`` (Flux, SD3),
+``text_encoder/``, ``text_encoder_2/``, ``text_encoder_3/`` with ``*.safetensors`` weights, possibly sharded
+(``-00001-of-00003`` with an index json, which names the same keys in the same shards after a bake) or with
+variants like ``fp16``).
 
 Keys are seen under one namespace: a single file's own keys, or ``<component>.<key>`` for a
 diffusers folder (the prefixes ``build_keymap`` recognises). Headers are read up front; tensor
@@ -17,7 +19,7 @@ import torch
 from ..errors import LoraFileError
 from .safetensors_file import SafetensorsFile, TensorInfo
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _WEIGHT_RE = re.compile(r"^(?P<stem>[^.]+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
 CHUNK = 16 << 20
 
@@ -113,10 +115,10 @@ def open_checkpoint(path: str | os.PathLike, variant: str = "") -> Checkpoint:
     path = os.fspath(path)
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
-            raise LoraFileError(path, "folder is not a diffusers model (no unet/ or text_encoder/)")
+            raise LoraFileError(path, "folder is not a diffusers model (no unet/, transformer/ or text_encoder/)")
         files = diffusers_weight_files(path, variant).get(variant, [])
         if not files:
-            raise LoraFileError(path, f"no {variant or 'default'}-variant .safetensors weights under unet/ or text_encoder*/")
+            raise LoraFileError(path, f"no {variant or 'default'}-variant .safetensors weights under unet/, transformer/ or text_encoder*/")
         parts = [Part(rel, rel.split("/")[0] + ".", SafetensorsFile(os.path.join(path, rel))) for rel in files]
         return Checkpoint(path, "diffusers", parts)
     if not path.lower().endswith(".safetensors"):

@@ -112,9 +112,13 @@ class KeyMap:
 
 
 def _te_kind(root: Root) -> str:
-    """``t5``, ``clip_g`` (width 1280) or ``clip_l``."""
+    """``t5``, ``clip_g`` or ``clip_l``: by ComfyUI's attribute name (``clip_g.transformer.``) where the
+    host names it, else by width (CLIP-G is 1280 wide)."""
     if root.naming == "t5":
         return "t5"
+    for kind in ("clip_g", "clip_l"):
+        if root.prefix.startswith(kind + "."):
+            return kind
     for key in ("text_model.final_layer_norm.weight", "final_layer_norm.weight", "ln_final.weight"):
         if key in root.shapes:
             return "clip_g" if root.shapes[key][0] == 1280 else "clip_l"

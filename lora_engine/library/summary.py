@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import LoraEngineError
 from ..families import FAMILIES, SD_FAMILIES
+from ..families.lora_names import AmbiguousFamily, family_from_names
 from ..formats import LoraFile, load_lora
+from ..formats.dialect import dialect, file_keys
 from ..keymap.diagnose import lora_family
 
 ARCH_FROM_BASE_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2"}
@@ -48,6 +50,7 @@ class Summary:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    dialect: str = ""  # the writer's key spelling (formats.dialect): kohya, diffusers/PEFT, ComfyUI-native, XLabs, ...
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,6 +90,12 @@ _DIT_LABELS = {f.label: f.name for f in FAMILIES if f.name != "chroma"} | {"Flux
 def _arch_from_keys(lf: LoraFile) -> tuple[str, str]:
     names = list(lf.modules)
     dit = _DIT_LABELS.get(lora_family([n for n in names if n.startswith("lora_unet_")]) or "")
+    if dit == "flux/sd3":  # diffusers transformer_blocks names: a layer or text encoder only one family has
+        try:
+            family = family_from_names(names, {})
+        except AmbiguousFamily:
+            family = None
+        dit = family.name if family is not None else dit
     if dit is not None:
         return dit, "diffusion-transformer key names"
     if any(n.startswith("lora_te2_") for n in names):
@@ -178,13 +187,23 @@ def _summarize(source: str | os.PathLike | LoraFile, check_finite: bool) -> Summ
     for m in lf.modules.values():
         kinds[m.adapter.label] += 1
     return Summary(lf.path, lf.format, arch, arch_src, len(lf.modules), dict(kinds), _blocks(lf), dict(lf.metadata),
-                   list(lf.unknown_keys), list(lf.problems), list(lf.warnings))
+                   list(lf.unknown_keys), list(lf.problems), list(lf.warnings), dialect=_dialect_of(lf))
+
+
+def _dialect_of(lf: LoraFile) -> str:
+    if lf.format == "peft" and os.path.isdir(lf.path):
+        return "PEFT"
+    try:
+        return dialect(file_keys(lf.path), lf.format)
+    except (LoraEngineError, OSError):  # a LoraFile built in memory, or a file gone since
+        return lf.format
 
 
 def format_summary(s: Summary) -> str:
     if s.error:  # one line; the error names the file
         return f"error: {s.error}"
-    lines = [s.path, f"  format: {s.format}    architecture: {s.architecture} ({s.architecture_source})",
+    lines = [s.path, f"  format: {s.format}    dialect: {s.dialect or s.format}    architecture: {s.architecture} "
+             f"({s.architecture_source})",
              f"  modules: {s.modules}    types: " + ", ".join(f"{k}×{v}" for k, v in sorted(s.adapter_types.items()))]
     for b, info in s.blocks.items():
         ranks = ",".join(map(str, info["ranks"])) or "-"

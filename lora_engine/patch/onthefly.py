@@ -57,6 +57,14 @@ class _ModuleHook:
         self.handles = []
         self.swapped: dict[str, tuple] = {}
         self.fused_cache: dict = {}  # rebuilt after any change of terms
+        if not patcher.suspended:
+            self.attach()
+
+    def attach(self) -> None:
+        """Register the torch hooks (again, after ``remove``); terms and built side paths are kept."""
+        if self.handles:
+            return
+        module = self.module
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             self.handles.append(module.register_forward_hook(self._add_hook))
         else:
@@ -249,6 +257,19 @@ class OnTheFlyPatcher:
         self._factors_on: dict[tuple, torch.Tensor] = {}  # (lora id, device, dtype) -> the factor there
         self.device_factors = device_factors
         self.adapters_on_device = DeviceFactors()  # adapters moved once to a GPU model's device
+        self.suspended = False
+
+    def suspend(self) -> None:
+        """Take the hooks off the modules (the model runs as if unpatched) but keep the plan, the terms and
+        their built side paths, so ``resume`` costs nothing (a host that attaches the LoRAs per run)."""
+        self.suspended = True
+        for hook in self.hooks.values():
+            hook.remove()
+
+    def resume(self) -> None:
+        self.suspended = False
+        for hook in self.hooks.values():
+            hook.attach()
 
     def on_device(self, contribution: Contribution, device: torch.device) -> Contribution:
         """The contribution with its adapter's tensors on ``device`` (kept there while in the plan)."""

@@ -29,13 +29,15 @@ from ..formats.writer import LoraTensors, write_diffusers, write_kohya, write_pe
 from .naming import titled
 from .progress import Ticker
 
-COMPONENT_OF = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
+COMPONENT_OF = (("lora_unet_", "unet"), ("lora_te3_", "text_encoder_3"), ("lora_te2_", "text_encoder_2"),
+                ("lora_te1_", "text_encoder"),
                 ("lora_te_", "text_encoder"))
-# Multi-word module names of diffusers UNets and HF CLIP text models (kohya's "_" rule is lossy for them).
+# Multi-word module names of diffusers UNets, HF CLIP and T5 text models (kohya's "_" rule is lossy for them).
 WORDS = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
          "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "time_embedding",
          "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
-         "out_proj", "text_projection", "conv_norm_out", "final_layer_norm", "layer_norm1", "layer_norm2")
+         "out_proj", "text_projection", "conv_norm_out", "final_layer_norm", "layer_norm1", "layer_norm2",
+         "wi_0", "wi_1")
 _WORD_PARTS = sorted((tuple(w.split("_")) for w in WORDS), key=len, reverse=True)
 _ROLE_SUFFIX = {}
 for _suffix, _role in SUFFIX_ROLES.items():
@@ -94,7 +96,8 @@ def _alpha(lf: LoraFile, name: str, ma, raw: dict[str, torch.Tensor], rank: int)
     cfg = lf.peft_config or None
     if cfg is None:
         comps = diffusers_metadata_configs(lf.metadata)
-        cfg = comps.get(component_of(name)[0]) or comps.get("")
+        comp = component_of(name)[0]
+        cfg = comps.get(comp) or (comps.get("transformer") if comp == "unet" else None) or comps.get("")
     if cfg:
         spec = PeftAlpha(cfg).for_module(ma.dotted)
         if spec.alpha is not None:
@@ -198,14 +201,55 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str, reference=N
     if isinstance(reference, (str, os.PathLike)):
         from ..formats.checkpoint import open_checkpoint
         reference = open_checkpoint(reference).shapes()
-    if to == "kohya":
+    dit = _dit_layout(got, reference)
+    if dit is not None:
+        res = _to_dit(got, out, to, *dit)
+    elif to == "comfyui":
+        raise ToolError("--to comfyui is for Flux.1/Chroma/SD3 LoRAs (ComfyUI reads SD kohya files as they are)")
+    elif to == "kohya":
         res = _to_kohya(got, out)
     elif to in ("peft", "diffusers"):
         res = _to_peft(got, out, to, reference, overwrite)
     else:
-        raise ToolError(f"unknown target format {to!r} (kohya, peft, diffusers)")
+        raise ToolError(f"unknown target format {to!r} (kohya, peft, diffusers, comfyui)")
     ticker.tick(os.path.basename(out))
     return res
+
+
+def _dit_layout(got: _Collected, reference):
+    """(family, row-layout config) when the LoRA is for Flux.1/Chroma/SD3 (told by the reference model
+    when given, else by its names), else None."""
+    from ..families.lora_names import AmbiguousFamily, family_from_names
+    from ..keymap.roots import find_roots
+    from .convert_dit import config_from_lora, config_from_reference
+
+    if reference is not None:
+        root, _ = find_roots(reference)
+        return config_from_reference(reference) if root is not None and root.family else None
+    try:
+        family = family_from_names(list(got.modules) + [n for _, n, _ in got.others], got.metadata)
+    except AmbiguousFamily as e:
+        raise ToolError(f"{e}; give --reference MODEL") from None
+    return None if family is None else (family, config_from_lora(family, got.modules))
+
+
+def _to_dit(got: _Collected, out: str, to: str, family, cfg) -> ConvertResult:
+    from .convert_dit import DIALECTS, convert_modules
+
+    if to not in DIALECTS:
+        raise ToolError(f"{family.label} LoRAs convert to {', '.join(DIALECTS)} (not {to!r})")
+    if got.others:
+        lf, name, kind = got.others[0]
+        raise ToolError(f"{lf.path}: {len(got.others)} non-LoRA module(s) (e.g. {name}, {kind}) are not converted "
+                        f"between {family.label} dialects, only LoRA")
+    conv = convert_modules(family, cfg, got.modules, got.dotted, to)
+    meta = titled(got.metadata, out) if got.metadata else {}
+    if to == "diffusers":
+        write_diffusers(out, conv.tensors, meta)
+    else:  # ss_network_dim/alpha are recomputed (a stacked module's rank grew)
+        kept = {k: v for k, v in got.metadata.items() if k not in ("ss_network_dim", "ss_network_alpha")}
+        write_kohya(out, conv.tensors, titled(kept, out))
+    return ConvertResult(out, conv.modules, warnings=conv.notes)
 
 
 def _to_kohya(got: _Collected, out: str) -> ConvertResult:

@@ -20,9 +20,11 @@ import torch
 
 from ..adapters.base import COMPUTE
 from ..errors import ToolError
+from ..families import FAMILIES
 from ..formats.writer import BuiltLora, LoraTensors, write_kohya
 from ..keymap import build_keymap
 from ..formats.checkpoint import open_checkpoint
+from .convert_dit import kohya_dialect
 from .lowrank import factor
 from .naming import titled
 from .progress import Ticker
@@ -43,14 +45,16 @@ def _is_sgm(name: str) -> bool:
 
 
 def kohya_names(keymap, unet_naming: str = "auto") -> dict:
-    """{Target: the one kohya name to write for it} over the map's 2-D/4-D targets."""
+    """{Target: the one kohya name to write for it} over the map's 2-D/4-D targets. On a diffusion
+    transformer (Flux, SD3) whole weights only, under the model's own name (the first the map lists):
+    the other tree's names for row slices of a fused weight would count those rows twice."""
     kohya_sgm = keymap.family is not None and keymap.family.kohya_naming == "ldm"  # SDXL
     sgm = kohya_sgm if unet_naming == "auto" else unet_naming == "sgm"
-    te1 = "lora_te1_" if keymap.architecture == "sdxl" else "lora_te_"
+    te1 = "lora_te1_" if keymap.architecture in ("sdxl", "flux", "chroma", "sd3") else "lora_te_"
     chosen: dict = {}
     for name in keymap.names():
         t = keymap.lookup(name)
-        if len(t.shape) not in (2, 4):
+        if len(t.shape) not in (2, 4) or (keymap.family in FAMILIES and t.rows is not None):
             continue
         if name.startswith("lora_te_"):
             name = te1 + name[len("lora_te_"):]
@@ -98,6 +102,9 @@ def extract_lora(base_path: str, tuned_path: str, rank: int, conv_rank: int | No
     _bias_warning(base, tuned, names, result)
     if not result.modules:
         raise ToolError(f"{tuned_path}: no targeted weight differs from {base_path} by more than {min_diff}")
+    if keymap.family in FAMILIES:  # a diffusion transformer: sd-scripts' native names, fused where exact
+        result.modules, notes = kohya_dialect(result.modules, {})
+        result.warnings += notes
     result.metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": _version(keymap.architecture),
                        "ss_training_comment": f"extracted by lora-engine: {os.path.basename(tuned_path)} − "
                                               f"{os.path.basename(base_path)}"}
@@ -122,7 +129,8 @@ def _bias_warning(base, tuned, names: dict, result: BuiltLora) -> None:
 
 
 def _version(arch: str) -> str:
-    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(arch, "unknown")
+    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "chroma": "chroma",
+            "sd3": "sd3"}.get(arch, "unknown")
 
 
 def extract_file(base_path: str, tuned_path: str, out: str | os.PathLike, rank: int, **kwargs) -> BuiltLora:

@@ -29,6 +29,7 @@ from ..formats.writer import BuiltLora, LoraTensors, write_kohya
 from ..keymap.diagnose import LABELS
 from ..library.summary import lora_architecture
 from ..patch.plan import MAX_STRENGTH
+from .convert_dit import kohya_dialect
 from .lowrank import adapter_bias, dense_delta, factor, factor_product, locon_factors
 from .naming import titled, unify_te_names
 from .progress import Ticker
@@ -123,6 +124,8 @@ def mixed_families(inputs: list[MergeInput]) -> str | None:
         arch, source = lora_architecture(inp.lora)
         if arch != "unknown":
             seen.setdefault(arch, (os.path.basename(inp.lora.path), source))
+    if "flux/sd3" in seen and ({"flux", "sd3"} & set(seen)):
+        del seen["flux/sd3"]  # diffusers transformer_blocks names only: either, so no clash with one of them
     if len(seen) < 2:
         return None
     return "inputs made for different model families: " + ", ".join(
@@ -160,6 +163,8 @@ def merge_loras(inputs: list[MergeInput], rank: int | None = None, method: str =
             result.modules[name] = module
             result.reports.append(ModuleReport(name, module.rank, kept))
         ticker.tick(name)
+    result.modules, notes = kohya_dialect(result.modules, {})
+    result.warnings += notes
     result.metadata = _merge_metadata(inputs, rank, method, param)
     return result
 

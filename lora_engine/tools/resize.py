@@ -11,12 +11,13 @@ Per module the report gives the retained Frobenius fraction √(Σ_{j≤k}S_j²/
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..formats import LoraFile, load_lora
 from ..formats.writer import LoraTensors, write_kohya
+from .convert_dit import kohya_dialect
 from .lowrank import dense_delta, factor, factor_product, locon_factors
 from .naming import titled
 from .progress import Ticker
@@ -35,6 +36,7 @@ class ResizeResult:
     modules: dict[str, LoraTensors]
     reports: list[ResizeReport]
     metadata: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def resize_module(name: str, adapter, rank: int, method: str = "fixed", param: float | None = None,
@@ -73,7 +75,8 @@ def resize_lora(lf: LoraFile, rank: int, method: str = "fixed", param: float | N
     how = f"{method} {param}" if method != "fixed" else "fixed"
     note = f"resized by lora-engine to rank {rank} ({how})"
     meta["ss_training_comment"] = (meta["ss_training_comment"] + "; " + note) if meta.get("ss_training_comment") else note
-    return ResizeResult(modules, reports, meta)
+    modules, notes = kohya_dialect(modules, lf.metadata)
+    return ResizeResult(modules, reports, meta, notes)
 
 
 def resize_file(path: str | os.PathLike, out: str | os.PathLike, rank: int, **kwargs) -> ResizeResult:

@@ -133,3 +133,29 @@ def test_per_sample_factors_are_prepared_once_per_change_not_per_layer(tmp_path,
     assert len(built) == 2 * n_modules and len(converted) == 2
     assert not torch.allclose(first, third)
     eng.restore()
+
+
+def test_suspend_and_resume_keep_the_built_side_paths(tmp_path):
+    """``suspend`` takes every hook off (the plain model runs), ``resume`` puts them back with the same terms
+    and side paths (a host that attaches LoRAs per run pays nothing to re-attach); ``apply`` while suspended
+    hooks nothing until ``resume``."""
+    from lora_engine.patch import OnTheFlyPatcher, build_plan
+
+    m, root, km = make_host("sd1", "diffusers")
+    write_lycoris(tmp_path / "lora.safetensors", "sd1", "locon")
+    lf = LoraCache().get(tmp_path / "lora.safetensors")
+    base = _unet_out(m)
+    runner = OnTheFlyPatcher(root)
+    runner.apply(build_plan([StackEntry(lf, unet=0.8)], km))
+    fly = _unet_out(m)
+    built = {(p, k): v[0] for p, h in runner.hooks.items() for k, v in h.fused_cache.items()}
+    assert len(built) > 10 and (fly - base).abs().max() > 1e-3
+    runner.suspend()
+    torch.testing.assert_close(_unet_out(m), base, rtol=0, atol=0)
+    runner.apply(build_plan([StackEntry(lf, unet=0.8)], km))  # same plan: nothing changes, still off
+    torch.testing.assert_close(_unet_out(m), base, rtol=0, atol=0)
+    runner.resume()
+    torch.testing.assert_close(_unet_out(m), fly, rtol=0, atol=0)
+    assert all(runner.hooks[p].fused_cache[k][0] is v for (p, k), v in built.items())
+    runner.restore()
+    torch.testing.assert_close(_unet_out(m), base, rtol=0, atol=0)

@@ -1,5 +1,6 @@
 """`lora-engine bake CHECKPOINT --lora FILE[:TE[:UNET]]… -o OUT`: base + Σ deltas as a new checkpoint
-(single-file ldm/sgm safetensors or diffusers folder), streamed tensor by tensor, written atomically."""
+(single-file ldm/sgm or Flux/SD3 (BFL/ComfyUI) safetensors, or diffusers folder), streamed tensor by tensor,
+written atomically."""
 from __future__ import annotations
 
 from ...syntax.file_weights import split_weights
@@ -10,7 +11,8 @@ def register(sub) -> None:
     p = sub.add_parser("bake", help="bake LoRAs into a checkpoint (single-file .safetensors or diffusers folder)")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:TE[:UNET]]",
-                   help="LoRA and strengths: one number sets both, two set text encoder then UNet (default 1)")
+                   help="LoRA and strengths: one number sets both, two set text encoder then UNet/transformer "
+                   "(default 1)")
     p.add_argument("-o", "--out", required=True, help="output file or folder (must not be the input)")
     add_overwrite(p)
     p.add_argument("--force", action="store_true",

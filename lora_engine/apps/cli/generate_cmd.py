@@ -1,5 +1,6 @@
 """``lora-engine generate MODEL "PROMPT"``: text-to-image with ``<lora:…>`` tags through a local diffusers
-Stable Diffusion (XL) folder or the built-in demo model (``demo``). Writes PNGs, prints their paths and
+Stable Diffusion (XL), Flux.1, Chroma or SD3 folder (the pipeline named in its ``model_index.json``) or the
+built-in demo model (``demo``). Writes PNGs, prints their paths and
 every warning."""
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ DEMO_LORA_DIR = "demo_out"  # where `lora-engine demo` writes its LoRA
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="text-to-image with <lora:...> tags through a diffusers folder or the demo model",
-                       description="Text-to-image with <lora:...> tags through a local diffusers Stable Diffusion (XL) "
-                       "folder or the built-in demo model; writes PNGs and prints their paths and every warning.")
+                       description="Text-to-image with <lora:...> tags through a local diffusers Stable Diffusion (XL), "
+                       "Flux.1, Chroma or SD3 folder or the built-in demo model; writes PNGs and prints their paths and "
+                       "every warning.")
     p.add_argument("model_dir", metavar="MODEL", help="diffusers model folder (has model_index.json), or 'demo' "
                    "(the built-in demo model) or a demo base file")
     p.add_argument("prompt", metavar="PROMPT", help='prompt with A1111 tags, e.g. "a cat <lora:style:0.8>"')
@@ -26,8 +28,8 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed; image i uses seed + i (default 0)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7; 3 for the "
-                   "demo model)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 7; Flux.1: 3.5, its "
+                   "distilled guidance; Chroma: 5; 3 for the demo model)")
     p.add_argument("--count", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--out", default="generate_out", help="output folder (default: generate_out; files are never "
                    "replaced: a taken name gets -1, -2, ...)")

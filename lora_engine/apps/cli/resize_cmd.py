@@ -26,6 +26,8 @@ def run(args) -> int:
     if not args.quiet:
         for r in res.reports:
             print(f"{r.name}  rank {r.old_rank} -> {r.new_rank}  retained Frobenius {r.retained_fro:.4f}")
+    for w in res.warnings:
+        print(f"note: {w}")
     kept = [r.retained_fro for r in res.reports]
     print(f"wrote {args.out}: {len(kept)} modules, dim {res.metadata['ss_network_dim']}, retained Frobenius "
           f"mean {sum(kept) / max(len(kept), 1):.4f}, min {min(kept, default=1.0):.4f}")

@@ -18,6 +18,7 @@ import torch
 import comfy.hooks, comfy.model_management, comfy.model_patcher, comfy.sd, comfy.supported_models, comfy.utils
 import folder_paths, nodes
 from safetensors.torch import save_file, load_file
+from comfyui_common import random_model
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 LORAS = tempfile.mkdtemp(prefix="lora-engine-smoke-")
@@ -29,14 +30,7 @@ cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatia
        "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
        "use_linear_in_transformer": False, "context_dim": 32, "num_heads": 2,
        "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False}
-mc = comfy.supported_models.SD15(cfg)
-mc.set_inference_dtype(torch.float32, None)
-torch.manual_seed(0)
-m = mc.get_model({}, "", device="cpu")
-with torch.no_grad():
-    for p in m.diffusion_model.parameters():
-        p.copy_(torch.randn_like(p) * 0.05)
-mp = comfy.model_patcher.ModelPatcher(m, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+m, mp = random_model(comfy.supported_models.SD15(cfg))
 print("model keys", len(mp.model_state_dict()))
 
 # ---- LoRA files (kohya names of ComfyUI's own ldm layout) in the registered loras folder ----------------------

@@ -15,6 +15,13 @@ their signatures and semantics, no code taken):
   narrows ``offset``, scales by ``strength_model``, calls an adapter's ``calculate_weight(weight, key,
   strength, strength_model, offset, function, intermediate_dtype, original_weights)``, or adds a
   ``("diff", (tensor,))`` patch as ``weight += strength · diff``;
+- injections (objects with ``inject(patcher)``/``eject(patcher)``, as ``comfy.patcher_extension.PatcherInjection``;
+  ``set_injections(key,
+  injections)``, ``inject_model()`` at the end of ``patch_model``, ``eject_model()`` first in
+  ``unpatch_model``; ``clone()`` copies the lists and ``is_injected``), and ``partially_load`` /
+  :func:`load_model_gpu` as ComfyUI's model management keeps a model loaded between runs: the clone of an
+  already loaded model is detached without unpatching, and weights are re-patched only when the new
+  clone's ``patches_uuid`` differs from the one the weights carry. ``weight_writes`` counts patched weights;
 - ``CLIP`` with ``cond_stage_model``, ``patcher``, ``clone()``, ``add_patches(...)``, ``tokenize(text)``
   and ``encode_from_tokens_scheduled(tokens)`` (patches the text encoders for the encode, then
   restores them, as ComfyUI's model management does). The tokenizer is a word hash (tiny vocab).
@@ -71,13 +78,39 @@ class ModelPatcher:
         self.patches: dict[str, list] = {}
         self.backup: dict[str, torch.Tensor] = {}
         self.patches_uuid = uuid.uuid4()
+        self.injections: dict[str, list] = {}
+        self.is_injected = False
+        for attr, value in (("current_weight_patches_uuid", None), ("weight_writes", 0), ("loaded_by", None)):
+            if not hasattr(model, attr):
+                setattr(model, attr, value)
 
     def clone(self) -> "ModelPatcher":
         n = ModelPatcher(self.model, self.load_device, self.offload_device)
         n.patches = {k: list(v) for k, v in self.patches.items()}
         n.backup = self.backup
         n.patches_uuid = self.patches_uuid
+        n.injections = {k: list(v) for k, v in self.injections.items()}
+        n.is_injected = self.is_injected
         return n
+
+    def set_injections(self, key: str, injections: list) -> None:
+        self.injections[key] = injections
+
+    def inject_model(self) -> None:
+        if self.is_injected:
+            return
+        for injections in self.injections.values():
+            for inj in injections:
+                inj.inject(self)
+                self.is_injected = True
+
+    def eject_model(self) -> None:
+        if not self.is_injected:
+            return
+        for injections in self.injections.values():
+            for inj in injections:
+                inj.eject(self)
+        self.is_injected = False
 
     def model_state_dict(self, filter_prefix=None) -> dict:
         sd = self.model.state_dict()
@@ -102,17 +135,48 @@ class ModelPatcher:
         temp = weight.to(device=device_to or weight.device, dtype=torch.float32, copy=True)
         out = calculate_weight(self.patches[key], temp, key)
         _set(self.model, key, out.to(weight.dtype))
+        self.model.weight_writes += 1
 
     def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-        for key in self.patches:
-            self.patch_weight_to_device(key, device_to)
+        self.eject_model()
+        if load_weights:
+            for key in self.patches:
+                self.patch_weight_to_device(key, device_to)
+            self.model.current_weight_patches_uuid = self.patches_uuid
+        self.inject_model()
         return self.model
 
     @torch.no_grad()
     def unpatch_model(self, device_to=None, unpatch_weights=True) -> None:
-        for key, w in self.backup.items():
-            _set(self.model, key, w)
-        self.backup.clear()
+        self.eject_model()
+        if unpatch_weights:
+            for key, w in self.backup.items():
+                _set(self.model, key, w)
+            self.backup.clear()
+            self.model.current_weight_patches_uuid = None
+
+    def partially_load(self, device_to=None, extra_memory=0, force_patch_weights=False) -> None:
+        """Load for a run: weights re-patched only if they carry another clone's patches."""
+        self.eject_model()
+        stale = self.model.current_weight_patches_uuid not in (None, self.patches_uuid)
+        if stale:
+            self.unpatch_model()
+        self.patch_model(load_weights=stale or self.model.current_weight_patches_uuid is None)
+
+    def detach(self, unpatch_all=True) -> None:
+        self.eject_model()
+        if unpatch_all:
+            self.unpatch_model()
+
+
+def load_model_gpu(patcher: ModelPatcher) -> None:
+    """``comfy.model_management.load_models_gpu([patcher])`` for one model: another loaded clone of the same
+    module tree is detached without unpatching its weights, then the patcher is (partially) loaded."""
+    current = patcher.model.loaded_by
+    if current is not None and current is not patcher:
+        current.detach(unpatch_all=False)
+    patcher.model.loaded_by = patcher
+    patcher.partially_load()
 
 
 class CLIP:
@@ -145,6 +209,11 @@ class CLIP:
 
 
 def encode_ids(cond_stage_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Every encoder's last hidden state, concatenated on the feature axis (as SDXL's clip_l + clip_g)."""
-    outs = [child.transformer.text_model(ids).last_hidden_state for _, child in cond_stage_model.named_children()]
+    """Every encoder's last hidden state, concatenated on the feature axis (as SDXL's clip_l + clip_g);
+    a T5 encoder (``t5xxl.transformer``, no ``text_model`` level) is called with the same ids."""
+    outs = []
+    for _, child in cond_stage_model.named_children():
+        te = child.transformer
+        outs.append(te.text_model(ids).last_hidden_state if hasattr(te, "text_model")
+                    else te(input_ids=ids).last_hidden_state)
     return torch.cat(outs, dim=-1)
