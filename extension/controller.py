@@ -22,13 +22,14 @@ from .settings import Settings
 class ModeChooser:
     """The ``automatic`` mode: merged while the stack stays put, on the fly when the batch needs
     per-image/negative/scheduled factors or the stack changed at each of the last two generations
-    (a merge that is undone next time costs more than hooks)."""
+    (a merge that is undone next time costs more than hooks). Over a model with quantized weights (A1111's
+    FP8 weight option) it is always on the fly: the fp8 layers run as they are, nothing is re-quantized."""
 
     def __init__(self):
         self.last: dict[str, tuple] = {}
         self.changes: dict[str, int] = {}
 
-    def choose(self, setting: str, batch, pass_kind: str, current: EngineMode) -> EngineMode:
+    def choose(self, setting: str, batch, pass_kind: str, current: EngineMode, quantized: bool = False) -> EngineMode:
         sig = tuple(sorted(v.ident for v in batch.variants))
         prev = self.last.get(pass_kind)
         self.last[pass_kind] = sig
@@ -39,6 +40,8 @@ class ModeChooser:
             return EngineMode.ONTHEFLY
         if not batch.variants:
             return current
+        if quantized:
+            return EngineMode.ONTHEFLY
         if not batch.uniform or self.changes[pass_kind] >= 2:
             return EngineMode.ONTHEFLY
         return EngineMode.MERGED

@@ -78,7 +78,7 @@ class LoraNetwork:
                 batch = dataclasses.replace(batch, negatives=batch.te_distinct().negatives)
             self._strip_negatives(p, batch, hires)
         runtime = c.runtime_for(model)
-        mode = c.modes.choose(s.mode, batch, "hires" if hires else "first", runtime.engine.mode)
+        mode = c.modes.choose(s.mode, batch, "hires" if hires else "first", runtime.engine.mode, runtime.quantized())
         warnings = list(batch.warnings) + runtime.apply(batch, mode)
         c.cond_guard.update(p, (mode, batch.te_signature()))
         self._record(p, batch, warnings, s.warnings)

@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from lora_engine.engine import LoraEngine, Mode as EngineMode
+from lora_engine.engine import LoraEngine, Mode as EngineMode, has_quantized_weights
 from lora_engine.errors import LoraEngineError
 
 from .batch import BatchStacks
@@ -83,6 +83,10 @@ class ModelRuntime:
         self._cursor = 0
         self._handles = []
         self._merged_active: tuple | None = None
+
+    def quantized(self) -> bool:
+        """Whether the model holds quantized weights now (A1111's FP8 weight option can be toggled)."""
+        return has_quantized_weights(self.sd_model)
 
     # ---- applying a batch -------------------------------------------------------------------
     def apply(self, batch: BatchStacks, mode: EngineMode) -> list[str]:

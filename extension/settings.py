@@ -27,7 +27,7 @@ class Option:
 OPTIONS = (
     Option("lora_engine_mode", "automatic", "How LoRAs are applied", "radio", MODES,
            "merged: fastest steps; on the fly: weights untouched, per-image/negative/scheduled LoRAs; "
-           "automatic: merged for static stacks, on the fly otherwise"),
+           "automatic: merged for static stacks, on the fly otherwise and over FP8 weights"),
     Option("lora_engine_cache_mb", 2048, "LoRA file cache size (MB of tensors kept in RAM)", "number"),
     Option("lora_engine_folders", "", "Extra LoRA folders (separated by ;), in addition to --lora-dir and "
            "--lyco-dir-backcompat"),

@@ -16,11 +16,26 @@ import torch
 
 from .patch import MergedPatcher, OnTheFlyPatcher, PatchPlan, StackEntry, build_plan
 from .patch.plan import MAX_STRENGTH
+from .quant import is_quantized, logical_shape
 
 
 class Mode(str, enum.Enum):
     MERGED = "merged"  # deltas added into the weights; fastest per step; restore by copy
     ONTHEFLY = "onthefly"  # hooks on touched modules; weights untouched; runtime factors per LoRA / per sample
+
+
+AUTOMATIC = "automatic"
+
+
+def has_quantized_weights(root: torch.nn.Module) -> bool:
+    """Whether any parameter is stored quantized (fp8, GGUF blocks, bitsandbytes 4-bit)."""
+    return any(is_quantized(p) for p in root.parameters())
+
+
+def automatic_mode(root: torch.nn.Module) -> Mode:
+    """"automatic": on the fly over a quantized model (its layers run their own kernels, nothing is
+    re-quantized, nothing to restore), merged otherwise."""
+    return Mode.ONTHEFLY if has_quantized_weights(root) else Mode.MERGED
 
 
 def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -31,21 +46,24 @@ def shapes_of(root: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     for k, v in root.state_dict(keep_vars=True).items():
         if id(v) not in seen:
             seen.add(id(v))
-            out[k] = tuple(v.shape)
+            out[k] = logical_shape(v)
+    for k, p in root.named_parameters():  # a host may write packed tensors into its state dict
+        if k in out and is_quantized(p):
+            out[k] = logical_shape(p)
     return out
 
 
 class LoraEngine:
     def __init__(self, root: torch.nn.Module, keymap, mode: Mode | str = Mode.MERGED, backup_device: str = "cpu",
                  device_factors: bool = True, force_foreign: bool = False, max_strength: float = MAX_STRENGTH):
-        """``backup_device``: "cpu" or "same" (the weight's device) for merged mode's originals.
+        """``mode``: merged, on the fly, or "automatic" (``automatic_mode``). ``backup_device``: "cpu" or "same" (the weight's device) for merged mode's originals.
         ``device_factors``: keep the stack's LoRA tensors on a GPU model's device while they are in the
         stack (about each LoRA's file size of GPU memory) instead of copying them over at every change.
         ``force_foreign``: apply the fitting part of LoRAs made for another model family (default: none
         of them, with the diagnosis in ``warnings()``). ``max_strength``: |strength| warned about."""
         self.root = root
         self.keymap = keymap
-        self.mode = Mode(mode)
+        self.mode = automatic_mode(root) if mode == AUTOMATIC else Mode(mode)
         self.backup_device = backup_device
         self.device_factors = device_factors
         self.force_foreign = force_foreign
@@ -70,7 +88,7 @@ class LoraEngine:
         return OnTheFlyPatcher(self.root, device_factors=self.device_factors)
 
     def set_mode(self, mode: Mode | str) -> None:
-        mode = Mode(mode)
+        mode = automatic_mode(self.root) if mode == AUTOMATIC else Mode(mode)
         if mode is self.mode:
             return
         stack = self.stack

@@ -19,7 +19,8 @@ PROVIDERS = {
     "gradio": ("ui",),
     "prodigyopt": ("train",),
     "lion_pytorch": ("train",),
-    "bitsandbytes": ("train-8bit",),
+    "bitsandbytes": ("train-8bit", "quant"),
+    "gguf": ("quant",),
 }
 # Distribution names in pyproject.toml whose import name differs.
 IMPORT_NAMES = {"pillow": "PIL", "lion-pytorch": "lion_pytorch"}

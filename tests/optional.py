@@ -21,8 +21,8 @@ import pytest
 
 from lora_engine.extras import IMPORT_NAMES
 
-OPTIONAL = ("diffusers", "transformers", "peft", "lycoris", "gradio", "playwright", "bitsandbytes", "PIL", "tqdm",
-            "prodigyopt", "lion_pytorch", "hypothesis")
+OPTIONAL = ("diffusers", "transformers", "peft", "lycoris", "gradio", "playwright", "bitsandbytes", "gguf", "PIL",
+            "tqdm", "prodigyopt", "lion_pytorch", "hypothesis")
 # What else a package needs to work here: diffusers' model classes import transformers (through
 # ``diffusers.loaders.peft``) when peft is installed, as in the test extra.
 ALSO_NEEDS = {"diffusers": ("transformers",)}

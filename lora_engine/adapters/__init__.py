@@ -48,8 +48,14 @@ def _scale(roles: dict, rank: int | None, ext: AlphaSpec) -> float:
 
 
 def _lora(r: dict, ext: AlphaSpec):
+    """A ``diff_b`` next to the factors (Wan files) is a bias delta taken as it is, Δb = diff_b, as ComfyUI and
+    diffusers (``lora_B.bias`` after folding α/r into the factors) apply it: held as ``up_bias`` = diff_b / s."""
     a = LoRA(down=r.pop("down"), up=r.pop("up"), scale=0.0, mid=r.pop("mid", None), up_bias=r.pop("up_bias", None))
-    return LoRA(a.down, a.up, _scale(r, a.rank, ext), a.mid, a.up_bias)
+    scale = _scale(r, a.rank, ext)
+    up_bias = a.up_bias
+    if up_bias is None and "diff_b" in r and scale != 0.0:
+        up_bias = r.pop("diff_b").float() / scale  # fp32: s · (diff_b / s) is diff_b within an ulp
+    return LoRA(a.down, a.up, scale, a.mid, up_bias)
 
 
 def _loha(r: dict, ext: AlphaSpec):

@@ -11,11 +11,16 @@ from collections.abc import Mapping
 
 from .base import Family, FamilyMismatch, Layer, Part, TextEncoder
 from .flux import CHROMA, FLUX
+from .nextdit import LUMINA2, Z_IMAGE
+from .qwen_image import QWEN_IMAGE
 from .sd import SD_FAMILIES, sd_family
 from .sd3 import SD3
+from .wan import WAN
 
-# Order matters where markers are shared: a variant (with ``requires``) before its parent.
-FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3)
+# Order matters where markers are shared: a variant (with ``requires``) before its parent. SD3's diffusers marker
+# (``add_q_proj``) is Qwen-Image's too (SD3 requires ``pos_embed.proj``); Z-Image and Lumina 2 share their native
+# marker (each requires its own modulation index).
+FAMILIES: tuple[Family, ...] = (CHROMA, FLUX, SD3, QWEN_IMAGE, WAN, Z_IMAGE, LUMINA2)
 BY_NAME: dict[str, Family] = {f.name: f for f in (*FAMILIES, *SD_FAMILIES)}
 
 

@@ -37,7 +37,8 @@ class Part:
 @dataclass(frozen=True)
 class Layer:
     """One targetable layer: its native module path, its diffusers parts, and the parameter name
-    each tree gives its weight (norm scales are ``scale`` natively, ``weight`` in diffusers)."""
+    each tree gives its weight (norm scales are ``scale`` natively, ``weight`` in diffusers; ``""``:
+    the path is itself a parameter, as Wan's ``blocks.N.modulation``, see :func:`param_key`)."""
 
     native: str
     parts: tuple[Part, ...]
@@ -47,6 +48,11 @@ class Layer:
     @property
     def one_to_one(self) -> bool:
         return len(self.parts) == 1 and self.parts[0].native_rows is None and self.parts[0].diffusers_rows is None
+
+
+def param_key(module: str, param: str) -> str:
+    """The parameter key of a layer's weight: ``module.param``, or ``module`` when ``param`` is ``""``."""
+    return f"{module}.{param}" if param else module
 
 
 def same(native: str, diffusers: str, native_param: str = "weight", diffusers_param: str = "weight") -> Layer:

@@ -77,6 +77,7 @@ _TE_PROCESSOR_TARGET = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "t
                         "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "out_proj": "out_proj"}
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+_WAN_FUN = "lora_unet__"
 # Other underscore prefixes and the kohya prefix they stand for.
 UNDERSCORE_ALIASES = {"oft_unet_": "lora_unet_", "lycoris_": "lora_unet_", "lora_transformer_": "lora_unet_"}
 # Dotted component prefixes -> kohya prefix ("text_encoder" is resolved per file: te_ or te1_).
@@ -95,13 +96,20 @@ _STRIP_PREFIXES = ("base_model.model.",)
 # canonical_module restores "text_model." so the kohya name is the usual one.
 _TE_ROOTS = ("text_model.", "text_projection")
 _DIT_TOP = ("img_in", "txt_in", "x_embedder", "context_embedder", "proj_out")  # Flux/SD3 top-level layers
-_BARE_TOP = ("text_projection", "conv_in", "conv_out", *_DIT_TOP)  # top-level modules: no dot in their path
+# top-level modules: no dot in their path
+_BARE_TOP = ("text_projection", "conv_in", "conv_out", "patch_embedding", "scale_shift_table", *_DIT_TOP)
 _UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out",
                "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out.",
                # diffusion transformers (bare PEFT keys, e.g. DiffSynth): diffusers and native trees
                "transformer_blocks.", "single_transformer_blocks.", "double_blocks.", "single_blocks.", "joint_blocks.",
                "final_layer.", "norm_out.", "time_in.", "vector_in.", "guidance_in.", "time_text_embed.", "pos_embed.",
-               "t_embedder.", "y_embedder.", "x_embedder.", "distilled_guidance_layer.", *_DIT_TOP)
+               "t_embedder.", "y_embedder.", "x_embedder.", "distilled_guidance_layer.", *_DIT_TOP,
+               # Wan: native and diffusers trees (DiffSynth writes Wan LoRAs bare)
+               "blocks.", "head.", "text_embedding.", "time_projection.", "img_emb.", "condition_embedder.",
+               "patch_embedding", "scale_shift_table",
+               # NextDiT (Z-Image, Lumina 2): native and diffusers trees
+               "layers.", "noise_refiner.", "context_refiner.", "all_x_embedder.", "all_final_layer.", "cap_embedder.",
+               "time_caption_embed.")
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,8 @@ def canonical_module(raw_module: str, te_prefix: str) -> ModuleKey | None:
     for p in _STRIP_PREFIXES:
         if m.startswith(p):
             m = m[len(p):]
+    if m.startswith(_WAN_FUN):  # Wan "Fun" LoRAs: "lora_unet__blocks_0_…", one "_" too many
+        m = "lora_unet_" + m[len(_WAN_FUN):]
     for p in KOHYA_PREFIXES:
         if m.startswith(p) and "." not in m:
             if p.startswith("lora_te") and m.startswith(p + "encoder_layers_"):  # converted from transformers 5 paths

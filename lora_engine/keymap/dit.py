@@ -15,7 +15,7 @@ Weighted modules the declaration does not list keep their own name.
 from __future__ import annotations
 
 from ..families import Family
-from ..families.base import Layer, Part, Window
+from ..families.base import Layer, Part, Window, param_key
 from .roots import Root
 from .target import Target, module_target, underscored, weighted_modules
 
@@ -31,7 +31,7 @@ def _region_shape(shape: tuple, rows) -> tuple:
 
 
 def _target(root: Root, module: str, param: str, rows, delta_rows) -> Target:
-    wkey = f"{module}.{param}"
+    wkey = param_key(module, param)
     bias = f"{module}.bias"
     return Target(root.full(wkey), root.full(bias) if bias in root.shapes else None, rows, "unet",
                   _region_shape(root.shapes[wkey], rows), delta_rows)
@@ -52,7 +52,7 @@ def _by_diffusers(layer: Layer) -> dict[str, list[Part]]:
 
 
 def _native_model(root: Root, layer: Layer):
-    if f"{layer.native}.{layer.native_param}" not in root.shapes:
+    if param_key(layer.native, layer.native_param) not in root.shapes:
         return
     yield _names(layer.native), [layer.native], _target(root, layer.native, layer.native_param, None, None)
     for dpath, parts in _by_diffusers(layer).items():
@@ -61,7 +61,7 @@ def _native_model(root: Root, layer: Layer):
 
 
 def _diffusers_model(root: Root, layer: Layer):
-    if any(f"{p.diffusers}.{layer.diffusers_param}" not in root.shapes for p in layer.parts):
+    if any(param_key(p.diffusers, layer.diffusers_param) not in root.shapes for p in layer.parts):
         return
     for dpath in _by_diffusers(layer):
         yield _names(dpath), [dpath], _target(root, dpath, layer.diffusers_param, None, None)

@@ -13,6 +13,12 @@ bits; no copy of the pre-apply values is held). A written weight that is not fin
 overflowed, or a finite sum beyond fp16's range) is refused: that slot keeps its previous value. The check
 is one sum of each written weight in its dtype (see ``finite``), read back for all slots at the end of the
 apply (one wait for a GPU's queue, not one per slot). ``restore`` walks the backups, not the plan.
+
+Quantized weights (scaled fp8, GGUF blocks, bitsandbytes 4-bit; see ``lora_engine.quant``) are merged
+through their format: W = Q(D(stored₀) + Σ m·ΔW) with the same format, scale and block layout; the
+backup is the exact stored bytes (and scales) of the touched rows. A layer whose format cannot be
+re-quantized, or cannot be read at all, is left as it was (one line in the LoRA's report); the LoRA
+is applied to every other layer. Plain fp8 weights take the common path (one round-to-nearest cast).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 
 from ..errors import PatchError
 from ..finite import finite_probes, nonfinite, probe
+from ..quant import Fp8Weight, QuantError, QuantWeight, is_quantized, quant_weight_at
 from .delta import merged_weight, summed_delta
 from .device_factors import DeviceFactors, plan_adapters
 from .plan import PatchPlan, changed_slots, failure_line, keeping, refuse
@@ -61,11 +68,31 @@ def _plus(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 class Backup(NamedTuple):
-    """A slot's original weight (and bias) region, and the target that locates it in the model."""
+    """A slot's original weight (and bias) region, and the target that locates it in the model. For a
+    quantized weight, ``weight`` is its format's exact copy of the stored bytes (``quant.stored``)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     target: object
+    quant: QuantWeight | None = None
+
+    def original(self) -> torch.Tensor:
+        """W₀ as a tensor the delta functions read (fp32 for a quantized weight)."""
+        return self.weight if self.quant is None else self.quant.dequant_stored(self.weight, self.target.rows)
+
+
+def _copy(t: torch.Tensor, dev) -> torch.Tensor:
+    """A real copy (a host's tensor subclass may answer ``clone`` with itself, as ComfyUI-GGUF's does)."""
+    return t.to(dev, copy=True) if dev else torch.Tensor.clone(t)
+
+
+def quantized(root: torch.nn.Module, target) -> QuantWeight | None:
+    """The quantized format merged mode must go through for this target (None for plain dtypes, fp8
+    included); raises ``QuantError`` for a weight it cannot read."""
+    if not is_quantized(_param(root, target.weight_key)):  # the common case, without a module lookup
+        return None
+    q = quant_weight_at(root, target.weight_key)
+    return None if q is None or type(q) is Fp8Weight else q
 
 
 @dataclass
@@ -83,15 +110,19 @@ class MergedPatcher:
     def _backup(self, slot: str, target) -> Backup:
         if slot not in self.backups:
             dev = None if self.backup_device == "same" else torch.device(self.backup_device)
-            w = target.region(_param(self.root, target.weight_key)).detach()
+            q = quantized(self.root, target)
             b = None
             if target.bias_key is not None:
                 try:
                     b = target.region(_param(self.root, target.bias_key)).detach()
                 except (KeyError, AttributeError):
                     b = None
-            self.backups[slot] = Backup(w.to(dev, copy=True) if dev else w.clone(),
-                                        None if b is None else (b.to(dev, copy=True) if dev else b.clone()), target)
+            if q is not None:
+                w = q.stored(target.rows)  # already a copy, on the weight's device
+                w = w if dev is None else tuple_to(w, dev)
+            else:
+                w = _copy(target.region(_param(self.root, target.weight_key)).detach(), dev)
+            self.backups[slot] = Backup(w, None if b is None else _copy(b, dev), target, q)
         return self.backups[slot]
 
     def _scratch_for(self, w: torch.Tensor) -> torch.Tensor:
@@ -110,7 +141,10 @@ class MergedPatcher:
         """W = cast(W₀ + Σ m·ΔW) (and b likewise) into the model; returns the probes of what was written
         (``finite.probe``, not read back: see ``_refuse_non_finite``)."""
         first = slot not in self.backups
-        w0, b0, _ = self._backup(slot, target)
+        backup = self._backup(slot, target)
+        if backup.quant is not None:
+            return self._write_quantized(backup, contributions)
+        w0, b0 = backup.weight, backup.bias
         w = target.region(_param(self.root, target.weight_key))
         if first and (w0.device != w.device or w.dtype != torch.float32):
             w0 = w.detach()  # still W₀: read it where it is (its sum goes through the scratch buffer)
@@ -131,22 +165,45 @@ class MergedPatcher:
                 w.copy_(new)  # copy_ casts with the same rounding as .to(w.dtype)
             probes.append(probe(w))  # of the cast weight: fp16 overflows at 65504
             self.stats.bytes_written += w.numel() * w.element_size()
-        if db is not None and target.bias_key is not None:
-            try:
-                b = target.region(_param(self.root, target.bias_key))
-            except (KeyError, AttributeError):
-                b = None
-            if b is not None:
-                b.copy_(_plus(db, b0.to(b.device, torch.float32)))
-                probes.append(probe(b))
+        probes += self._write_bias(target, db, b0)
+        self.stats.slots_written += 1
+        return [p for p in probes if p is not None]
+
+    def _write_bias(self, target, db, b0) -> list:
+        if db is None or target.bias_key is None:
+            return []
+        try:
+            b = target.region(_param(self.root, target.bias_key))
+        except (KeyError, AttributeError):
+            return []
+        b.copy_(_plus(db, b0.to(b.device, torch.float32)))
+        return [probe(b)]
+
+    def _write_quantized(self, backup: Backup, contributions) -> list[torch.Tensor]:
+        """W = Q(D(stored₀) + Σ m·ΔW) in the weight's own format; the probe is of the fp32 sum (a NaN
+        or Inf there would otherwise hide in a block's scale)."""
+        q, target = backup.quant, backup.target
+        w0 = backup.original()
+        if self.device_factors and w0.device.type != "cpu":
+            contributions = [replace(c, adapter=self.adapters_on_device.get(c.adapter, w0.device)) for c in contributions]
+        new, db = merged_weight(contributions, w0, out=w0)
+        probes = []
+        if new is not None:
+            probes.append(probe(new))
+            q.requant(new, target.rows)
+            self.stats.bytes_written += new.numel()  # fp32 elements requantized
+        probes += self._write_bias(target, db, backup.bias)
         self.stats.slots_written += 1
         return [p for p in probes if p is not None]
 
     @torch.no_grad()
     def _put_back(self, slot: str) -> None:
         """Copy a slot's originals into the model (the backup is kept)."""
-        w0, b0, target = self.backups[slot]
-        target.region(_param(self.root, target.weight_key)).copy_(w0)
+        w0, b0, target, q = self.backups[slot]
+        if q is not None:
+            q.put(w0, target.rows)
+        else:
+            target.region(_param(self.root, target.weight_key)).copy_(w0)
         if b0 is not None:
             target.region(_param(self.root, target.bias_key)).copy_(b0)
 
@@ -173,6 +230,7 @@ class MergedPatcher:
         touched: list[str] = []
         fresh = set()  # slots first backed up by this call
         probes: list[tuple[str, torch.Tensor]] = []
+        refused: set[str] = set()
         try:
             for slot in changed:
                 touched.append(slot)
@@ -180,10 +238,16 @@ class MergedPatcher:
                     if slot in self.backups:
                         self._put_back(slot)
                     continue
+                why = self._unmergeable(slot, new_plan.targets[slot])
+                if why is not None:
+                    refused.add(slot)
+                    refuse(new_plan, slot, why)
+                    self._previous(slot, old)
+                    continue
                 if slot not in self.backups:
                     fresh.add(slot)
                 probes += [(slot, p) for p in self._write(slot, new_plan.targets[slot], new_plan.contributions[slot])]
-            refused = self._refuse_non_finite(probes, new_plan, old)
+            refused |= self._refuse_non_finite(probes, new_plan, old)
         except BaseException as e:
             message = self._failure(new_plan, touched[-1], e) if isinstance(e, Exception) and touched else None
             self._roll_back(touched, fresh, old)
@@ -201,6 +265,18 @@ class MergedPatcher:
             self.adapters_on_device.retain(plan_adapters(self.plan))  # LoRAs that left the stack leave the device
         return self.stats
 
+    def _unmergeable(self, slot: str, target) -> str | None:
+        """Why a slot's weight cannot take a merge (its quantized format cannot be read or written), or None."""
+        if slot in self.backups:
+            q = self.backups[slot].quant
+        else:
+            try:
+                q = quantized(self.root, target)
+            except QuantError as e:
+                return str(e)
+        why = None if q is None else q.merge_problem(target.rows)
+        return None if why is None else f"{target.weight_key}: {why}"
+
     def _refuse_non_finite(self, probes: list, new_plan: PatchPlan, old: PatchPlan) -> set[str]:
         """Slots whose written weight or bias holds NaN/Inf where the original did not get their previous
         value back; the LoRAs that caused it get a note. The probes are read back together (one wait
@@ -209,8 +285,11 @@ class MergedPatcher:
         refused = set()
         for slot in sorted(suspects):
             backup = self.backups[slot]
-            w = backup.target.region(_param(self.root, backup.target.weight_key))
-            worse = _worse(w, backup.weight)
+            if backup.quant is not None:
+                worse = _worse(backup.quant.dequant(backup.target.rows), backup.original())
+            else:
+                w = backup.target.region(_param(self.root, backup.target.weight_key))
+                worse = _worse(w, backup.weight)
             if not worse and backup.bias is not None:
                 worse = _worse(backup.target.region(_param(self.root, backup.target.bias_key)), backup.bias)
             if worse:
@@ -225,9 +304,10 @@ class MergedPatcher:
         sum does). Runs only for a refused slot."""
         if len(contributions) == 1:
             return list(contributions)
-        w0 = self.backups[slot].weight
+        w0 = self.backups[slot].original()
+        dtype = w0.dtype if self.backups[slot].quant is None else torch.float32
         alone = [c for c in contributions
-                 if (w := merged_weight([c], w0)[0]) is not None and nonfinite(w.to(w0.dtype))]
+                 if (w := merged_weight([c], w0)[0]) is not None and nonfinite(w.to(dtype))]
         return alone or list(contributions)
 
     def _roll_back(self, touched: list[str], fresh: set, old: PatchPlan) -> None:
@@ -279,7 +359,16 @@ def _culprit(contributions, backup: Backup | None):
         return None
     for c in contributions:
         try:
-            summed_delta([c], backup.weight)
+            summed_delta([c], backup.original())
         except Exception:
             return c
     return None
+
+
+def tuple_to(stored, dev):
+    """A quantized backup (a tensor, or a tuple of tensors and format state) moved to ``dev``."""
+    if isinstance(stored, torch.Tensor):
+        return stored.to(dev)
+    if isinstance(stored, tuple):
+        return tuple(tuple_to(s, dev) for s in stored)
+    return stored

@@ -6,9 +6,13 @@ Linear/Conv2d targets:
 where m_k is the plan's strength and f_k a runtime factor per LoRA (``set_factor``): a scalar, or
 a vector with one value per sample of the batch, so images of one batch can carry different
 stacks and step schedules change nothing but a number.
-Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers) get the summed
-dense delta swapped in for the duration of the forward (pre-hook) and the original Parameter
+Other targets (fused ``in_proj_weight`` of nn.MultiheadAttention, norm layers, Conv3d, bare parameters) get the summed
+dense delta (and Δb on the bias) swapped in for the duration of the forward (pre-hook) and the original Parameter
 put back right after (post-hook); the stored weight is never modified. Those take a scalar factor.
+Quantized layers (fp8, scaled fp8, GGUF, bitsandbytes 4-bit: ``lora_engine.quant``) run their own
+forward untouched; a low-rank side path never reads their weight, a dense ΔW is computed once from the
+dequantized weight (fp32, dropped after) and kept in the compute dtype. A weight that cannot be read
+(unknown quant type) refuses only the terms that need it, with one line naming the layer.
 Installing is all or nothing: each term's math runs before any hook changes (a broken adapter fails in
 ``apply``, never inside a forward), and a failure puts every hook back as it was.
 """
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import LoraEngineError, PatchError
 from ..adapters.lora import LoRA
 from ..finite import nonfinite
+from ..quant import QuantError, is_quantized, logical_shape, quant_weight_at
 from .delta import summed_delta
 from .device_factors import DeviceFactors, plan_adapters
 from .lowrank_side import FusedLowRank
@@ -82,24 +87,29 @@ class _ModuleHook:
         path factors are built. Returns why the term must not be used (what the side path would
         multiply by is not finite in the layer's dtype), or None."""
         c = term.contribution
-        w = self.patcher.original(term.target)
-        dtype = w.dtype if w.is_floating_point() else torch.float32
         unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
-        if isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)) and self._is_lowrank(term):
+        layer = isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d))
+        if layer and self._is_lowrank(term):  # the weight is not read (a quantized one is never dequantized)
+            stored = _param(self.patcher.root, term.target.weight_key)
+            dtype = stored.dtype if stored.is_floating_point() and not is_quantized(stored) else torch.float32
             f = c.adapter.factors()
             m = f.scale * c.strength
             parts = (f.up * m, f.down, f.mid, None if f.bias is None else f.bias * m)
-        elif isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)):
+            return _why_not_finite(parts, dtype)
+        try:
+            w = self.patcher.original(term.target)
+        except QuantError as e:
+            return str(e)
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        if layer:
             dw, db = summed_delta([unit], w)
             term.cache[(dtype, w.device)] = (dw.to(device=w.device, dtype=dtype),
                                              None if db is None else db.to(device=w.device, dtype=dtype))
             parts = (c.strength * dw, None if db is None else c.strength * db)
         else:
-            dw = term.cache["swap"] = summed_delta([unit], w)[0]
-            parts = (c.strength * dw,)
-        if any(nonfinite(p.to(dtype)) for p in parts if p is not None):
-            return "the side path's factors are not finite"
-        return None
+            dw, db = term.cache["swap"] = summed_delta([unit], w)
+            parts = (c.strength * dw, None if db is None else c.strength * db)
+        return _why_not_finite(parts, dtype)
 
     # ---- Linear / Conv2d: add the side path ---------------------------------------------------
     def _lowrank(self, term: _Term, x: torch.Tensor) -> torch.Tensor:
@@ -199,10 +209,10 @@ class _ModuleHook:
             for term in slot_terms:
                 by_key.setdefault(term.target.weight_key, []).append(term)
         for key, terms in by_key.items():
-            owner_path, _, name = key.rpartition(".")
-            owner = self.patcher.root.get_submodule(owner_path)
-            original = owner._parameters[name]
+            owner, name, original = self._owned(key)
             patched = original.detach().float().clone()
+            bias_key = terms[0].target.bias_key
+            patched_b = None
             for term in terms:
                 factor = self.patcher.factor(term.contribution.lora_id)
                 if not isinstance(factor, float):
@@ -211,20 +221,43 @@ class _ModuleHook:
                     factor = float(factor.flatten()[0])
                 t = term.target
                 region = patched if t.rows is None else patched[t.rows[0]:t.rows[1]]
-                dw = term.cache.get("swap")
-                if dw is None:  # the weight is never written, so ΔW(W) is computed once
+                swap = term.cache.get("swap")
+                if swap is None:  # the weight is never written, so ΔW(W) is computed once
                     c = term.contribution
                     unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
-                    dw = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))[0]
+                    swap = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))
+                dw, db = swap
                 region += (factor * term.contribution.strength) * dw.to(region.device)
-            self.swapped[key] = (owner, name, original)
-            owner._parameters[name] = patched.to(original.dtype)
+                if db is not None and bias_key is not None:  # Δb of a norm, a Conv3d, ... swapped in alike
+                    if patched_b is None:
+                        patched_b = self._owned(bias_key)[2].detach().float().clone()
+                    region_b = patched_b if t.rows is None else patched_b[t.rows[0]:t.rows[1]]
+                    region_b += (factor * term.contribution.strength) * db.to(region_b.device).reshape(region_b.shape)
+            self._swap(key, patched)
+            if patched_b is not None:
+                self._swap(bias_key, patched_b)
+
+    def _owned(self, key: str):
+        owner_path, _, name = key.rpartition(".")
+        owner = self.patcher.root.get_submodule(owner_path)
+        return owner, name, owner._parameters[name]
+
+    def _swap(self, key: str, patched: torch.Tensor) -> None:
+        owner, name, original = self._owned(key)
+        self.swapped[key] = (owner, name, original)
+        owner._parameters[name] = patched.to(original.dtype)
 
     def _swap_out(self, module, args, out):
         for owner, name, original in self.swapped.values():
             owner._parameters[name] = original
         self.swapped = {}
         return out
+
+
+def _why_not_finite(parts, dtype) -> str | None:
+    if any(nonfinite(p.to(dtype)) for p in parts if p is not None):
+        return "the side path's factors are not finite"
+    return None
 
 
 def hook_path(root: torch.nn.Module, weight_key: str) -> str:
@@ -242,8 +275,9 @@ def _terms(module: torch.nn.Module, target, contribs) -> list[_Term]:
     layer: its adapter placed at its rows (a LoRA's up factor padded with zero rows)."""
     if target.rows is None or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
         return [_Term(c, target) for c in contribs]
-    height = module.weight.shape[0]
-    whole = replace(target, rows=None, shape=tuple(module.weight.shape))
+    shape = logical_shape(module.weight)
+    height = shape[0]
+    whole = replace(target, rows=None, shape=shape)
     return [_Term(replace(c, adapter=place_rows(c.adapter, target.rows, height)), whole) for c in contribs]
 
 
@@ -300,7 +334,11 @@ class OnTheFlyPatcher:
             del self._factors_on[key]
 
     def original(self, target) -> torch.Tensor:
+        """The target's weight as a float tensor: the stored one, or the fp32 dequantization of a
+        quantized one (a transient copy: callers keep only what they compute from it)."""
         w = _param(self.root, target.weight_key).detach()
+        if is_quantized(w):
+            return quant_weight_at(self.root, target.weight_key).dequant(target.rows)
         return w if target.rows is None else w[target.rows[0]:target.rows[1]]
 
     def apply(self, new_plan: PatchPlan) -> int:

@@ -96,3 +96,13 @@ def test_bench_dit_runs_on_the_tiny_models():
     otf = _table_rows(out, "| model | rank | n | Σ base ms")
     assert [(r[0], r[2]) for r in otf] == [(m, n) for m in ("tiny-flux", "tiny-sd35m") for n in ("1", "2")]
     assert all(float(r[6]) > 0 for r in otf)  # a LoRA FLOP share was counted
+
+
+def test_bench_quant_runs_on_a_narrow_block():
+    out = _run("bench/bench_quant.py", "--width", "256", "--tokens", "16", "--formats", "fp8,Q8_0", "--stacks", "0,2",
+               "--reps", "1", "--threads", "1", "--merged")
+    rows = _table_rows(out, "| format | n | base s")
+    assert [(r[0], r[1]) for r in rows] == [("fp8", "0"), ("fp8", "2"), ("Q8_0", "0"), ("Q8_0", "2")]
+    assert [r[8] for r in rows] == ["0.00", "1.00"] * 2  # on the fly holds the LoRA tensors, nothing more
+    merged = _table_rows(out, "| format | merged apply s")
+    assert [r[0] for r in merged] == ["fp8", "Q8_0"]

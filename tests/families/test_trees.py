@@ -1,5 +1,5 @@
-"""Flux.1-dev, Chroma, SD3.5-Large and SD3.5-Medium, full size on the meta device: the declaration's native tree is the one diffusers'
-single-file converter reads (names, shapes and the order of every row block), and every targetable
+"""Flux.1-dev, Chroma, SD3.5-Large, SD3.5-Medium, Qwen-Image, Wan 2.1-I2V-14B, Wan 2.2-TI2V-5B, Z-Image-Turbo, Lumina-Image-2.0, full size on the meta device: the declaration's native tree is
+the one diffusers' single-file converter reads (Qwen-Image: the diffusers names themselves, as ComfyUI's model has them) (names, shapes and the order of every row block), and every targetable
 layer maps both ways, one-to-one, whichever tree the model uses."""
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lora_engine.keymap import build_keymap
+from tests.fixtures.models.dit import (LUMINA2_FULL, QWEN_IMAGE, WAN21_I2V_14B, WAN22_TI2V_5B, Z_IMAGE_TURBO, lumina2_model, qwen_model,
+                                      wan_model, z_image_model)
 from tests.fixtures.models.flux import CHROMA, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, flux_model, native_state, sd3_model
 
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -15,9 +17,15 @@ CASES = {"flux": ("flux", lambda: flux_model(FLUX_DEV, meta=True), "convert_flux
          "chroma": ("chroma", lambda: flux_model(CHROMA, meta=True, chroma=True),
                     "convert_chroma_transformer_checkpoint_to_diffusers"),
          "sd3.5-large": ("sd3", lambda: sd3_model(SD35_LARGE, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers"),
-         "sd3.5-medium": ("sd3", lambda: sd3_model(SD35_MEDIUM, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers")}
+         "sd3.5-medium": ("sd3", lambda: sd3_model(SD35_MEDIUM, meta=True), "convert_sd3_transformer_checkpoint_to_diffusers"),
+         "qwen-image": ("qwen_image", lambda: qwen_model(QWEN_IMAGE, meta=True), dict),
+         "wan2.1-i2v-14b": ("wan", lambda: wan_model(WAN21_I2V_14B, meta=True), "convert_wan_transformer_to_diffusers"),
+         "wan2.2-ti2v-5b": ("wan", lambda: wan_model(WAN22_TI2V_5B, meta=True), "convert_wan_transformer_to_diffusers"),
+         "z-image-turbo": ("z_image", lambda: z_image_model(Z_IMAGE_TURBO, meta=True),
+                           "convert_z_image_transformer_checkpoint_to_diffusers"),
+         "lumina2": ("lumina2", lambda: lumina2_model(LUMINA2_FULL, meta=True), "convert_lumina2_to_diffusers")}
 # tensors outside every LoRA-targetable layer, native -> diffusers name (the converter needs them)
-EXTRAS = {"pos_embed": "pos_embed.pos_embed"}
+EXTRAS = {"pos_embed": "pos_embed.pos_embed", "x_pad_token": "x_pad_token", "cap_pad_token": "cap_pad_token"}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -27,7 +35,7 @@ def trees(request):
     dshapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     nshapes = {k: tuple(v.shape) for k, v in native_state(model, family).items()}
     nshapes.update({n: dshapes[d] for n, d in EXTRAS.items() if d in dshapes})
-    return family, dshapes, nshapes, getattr(single_file, converter)
+    return family, dshapes, nshapes, getattr(single_file, converter) if isinstance(converter, str) else converter
 
 
 def _labelled(shapes: dict) -> dict:

@@ -20,6 +20,7 @@ import os
 import re
 import time
 
+from ...families import FAMILIES
 from ...library.index import LoraEntry
 
 THUMB = 200
@@ -28,7 +29,8 @@ SHOWN_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_bas
               "ss_training_comment")
 BADGE_COLOURS = {"SD1": "#2e7d32", "SD2": "#1565c0", "SDXL": "#6a1b9a", "Flux.1": "#e65100", "Chroma": "#ad1457",
                  "SD3": "#00838f", "other": "#616161", "unknown": "#9e9e9e"}
-ARCH_FILTERS = ("all", "SD1", "SD2", "SDXL", "Flux.1", "SD3", "other", "unknown")
+# every declared diffusion transformer by its label (Chroma LoRAs read as Flux.1: the same tree)
+ARCH_FILTERS = ("all", "SD1", "SD2", "SDXL", *(f.label for f in FAMILIES if f.name != "chroma"), "other", "unknown")
 SORTS = ("name", "newest", "oldest", "largest", "smallest")
 MAX_CARDS = 200  # a page with thousands of cards is unusable; the search narrows it
 GRID_STYLE = "display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px;align-items:start"

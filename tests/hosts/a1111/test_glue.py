@@ -332,6 +332,9 @@ def test_automatic_mode_follows_how_the_stack_changes():
     assert m.choose("automatic", batch("v", per_image=True), "first", Mode.MERGED) is Mode.ONTHEFLY
     assert m.choose("merged", batch("w", per_image=True), "first", Mode.MERGED) is Mode.MERGED
     assert m.choose("automatic", BatchStacks(1, (), ("a",), ("",), ()), "first", Mode.ONTHEFLY) is Mode.ONTHEFLY
+    # over fp8 weights (the FP8 weight option) automatic is on the fly even for a static stack
+    assert m.choose("automatic", batch("v"), "first", Mode.MERGED, quantized=True) is Mode.ONTHEFLY
+    assert m.choose("merged", batch("v"), "first", Mode.MERGED, quantized=True) is Mode.MERGED
 
 
 def test_text_encoder_calls_are_routed_to_their_image():
