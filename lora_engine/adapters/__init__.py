@@ -20,8 +20,9 @@ from .loha import LoHa
 from .lora import LoRA
 from .norm import Norm
 from .oft import OFT
+from .set_weight import SetWeight
 
-__all__ = ["Delta", "LowRankFactors", "LoRA", "LoHa", "LoKr", "IA3", "GLoRA", "Full", "Norm", "OFT", "DoRA",
+__all__ = ["Delta", "LowRankFactors", "LoRA", "LoHa", "LoKr", "IA3", "GLoRA", "Full", "Norm", "OFT", "DoRA", "SetWeight",
            "build_adapter", "check_roles", "AlphaSpec"]
 
 
@@ -105,6 +106,11 @@ def _oft(r: dict, ext: AlphaSpec):
     return OFT(r.pop("oft_blocks"), alpha, r.pop("rescale", None))
 
 
+def _set(r: dict, ext: AlphaSpec):
+    r.pop("alpha", None)
+    return SetWeight(r.pop("set_weight"))
+
+
 # (identifying roles (any of), builder) in LyCORIS's detection order.
 REGISTRY = [
     (("up", "down"), _lora),
@@ -115,6 +121,7 @@ REGISTRY = [
     (("w_norm",), _norm),
     (("oft_blocks", "oft_diag"), _oft),
     (("a1",), _glora),
+    (("set_weight",), _set),
 ]
 
 

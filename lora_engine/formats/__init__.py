@@ -42,6 +42,7 @@ from ..adapters.base import Adapter
 from ..errors import AdapterShapeError, LoraFileError
 from ..finite import nonfinite as _nonfinite
 from .keys import ModuleKey, parse_key, te_prefix_for
+from .kohya_split import split_qkv_note
 from .legacy import read_pickled
 from .peft_folder import (PeftAlpha, component_folders, component_name, diffusers_metadata_configs, folder_config,
                           folder_weights, is_peft_folder)
@@ -75,6 +76,7 @@ class LoraFile:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     peft_config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # facts for the user whenever the file is applied
 
     @property
     def name(self) -> str:
@@ -181,6 +183,10 @@ def lora_from_tensors(
             roles = {r: t for r, t in roles.items() if r != "weight"}
             if not roles:
                 continue
+        if set(roles) == {"scale"} and roles["scale"].numel() > 1:
+            # a whole norm tensor under its own name (BFL control LoRAs' ``…query_norm.scale``): it replaces
+            # the layer's weight, as ComfyUI's ``set_weight`` and diffusers' control-LoRA norms do
+            roles = {"set_weight": roles["scale"]}
         ext = _alpha_for(mk, peft_config, comp_cfgs)
         peft_style = any(k.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in keys)
         try:
@@ -192,6 +198,8 @@ def lora_from_tensors(
             unknown.extend(k for k in keys if parse_key(k, te_prefix)[1] == role)
         lf.modules[mk.name] = ModuleAdapter(mk.name, mk.dotted, adapter)
 
+    if (note := split_qkv_note(lf.modules, metadata)) is not None:
+        lf.notes.append(note)
     if not lf.modules:
         if lf.problems:
             raise AdapterShapeError(path, f"no usable module: {lf.problems[0]}" +

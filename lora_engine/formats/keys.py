@@ -60,6 +60,7 @@ SUFFIX_ROLES: dict[str, str] = {
     "b2.weight": "b2",
     "diff": "diff",
     "diff_b": "diff_b",
+    "set_weight": "set_weight",  # ComfyUI: the layer's weight replaced
     "w_norm": "w_norm",
     "b_norm": "b_norm",
     "oft_blocks": "oft_blocks",

@@ -75,6 +75,11 @@ def foreign_family(keymap, names: list[str]) -> str | None:
     return family
 
 
+def _article(label: str) -> str:
+    """"an SD1.x", "an SDXL" (the letters are spoken), "a Flux.1", "a Qwen-Image"."""
+    return "an" if label.startswith(("SD", "A", "E", "I", "O", "U")) else "a"
+
+
 def diagnose_unmatched(keymap, names: list[str]) -> str:
     """E.g. ``"SDXL LoRA on an SD1.x model: 412 keys matched no module (e.g. lora_te2_...)"``."""
     names = list(names)
@@ -84,7 +89,7 @@ def diagnose_unmatched(keymap, names: list[str]) -> str:
     arch = LABELS.get(keymap.architecture, keymap.architecture)
     family = lora_family(names)
     if family is not None and not _matches_model(family, keymap.architecture):
-        return f"{family} LoRA on an {arch} model: {count}"
+        return f"{family} LoRA on {_article(arch)} {arch} model: {count}"
     te_names = [n for n in names if n.startswith("lora_te")]
     if te_names and not keymap.te_namings:
         return f"text-encoder keys but this model part has no text encoder: {count}"

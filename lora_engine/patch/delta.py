@@ -7,6 +7,10 @@ Plain LoRA/LoCon terms (no Tucker ``mid``) are summed as one product
     Σ_k m_k·s_k·up_k·down_k = [m_1 s_1 up_1 | … | m_k s_k up_k] · [down_1; …; down_k]
 one GEMM of inner size Σr instead of k GEMMs plus k full-size scale and add passes; with the base
 given (``merged_weight``) the product lands in the destination buffer, then W = ΔW + W₀ in place.
+Terms placed at rows of a fused weight (``rows.PlacedLoRA``: the q, k, v, mlp LoRAs of one ``qkv`` or
+``linear1``) are one such product per row range, over their own rows only: ΔW[a:b] = U_ab · D_ab (added
+to the whole-weight product when there is one); rows no term covers hold −0.0, so W₀ + ΔW keeps W₀'s
+bits there (x + (−0) = x for every x, −0 included).
 Merged mode, on-the-fly dense deltas and ``bake`` all call this.
 """
 from __future__ import annotations
@@ -17,7 +21,9 @@ import torch
 
 from ..adapters.base import COMPUTE
 from ..adapters.lora import LoRA
+from ..adapters.set_weight import multiplier
 from .device_factors import on_device
+from .rows import PlacedLoRA
 
 
 def _ordered(contributions) -> list:
@@ -28,6 +34,14 @@ def _lowrank(c) -> bool:
     return isinstance(c.adapter, LoRA) and c.adapter.mid is None
 
 
+def _placement(c) -> tuple[int, int] | None:
+    return c.adapter.rows if isinstance(c.adapter, PlacedLoRA) else None
+
+
+def _up(a) -> torch.Tensor:
+    return a.own_up() if isinstance(a, PlacedLoRA) else a.up
+
+
 def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
     """U (o × Σr) with m·s folded in, D (Σr × i·k·k), both fp32 on ``device``. Several terms are
     concatenated in their stored dtype first (exact: the upcast follows), so the stack costs one
@@ -36,9 +50,10 @@ def _stacked_factors(terms, device) -> tuple[torch.Tensor, torch.Tensor]:
     if len(terms) == 1:
         c = terms[0]
         a = c.adapter
-        return (a.up.to(device=device, dtype=COMPUTE).reshape(a.up.shape[0], -1) * (a.scale * c.strength),
+        up = _up(a)
+        return (up.to(device=device, dtype=COMPUTE).reshape(up.shape[0], -1) * (a.scale * c.strength),
                 a.down.to(device=device, dtype=COMPUTE).reshape(a.rank, -1))
-    ups = [c.adapter.up.to(device).reshape(c.adapter.up.shape[0], -1) for c in terms]
+    ups = [_up(c.adapter).to(device).reshape(_up(c.adapter).shape[0], -1) for c in terms]
     downs = [c.adapter.down.to(device).reshape(c.adapter.rank, -1) for c in terms]
     u = torch.cat(ups, 1).to(COMPUTE)
     start = 0
@@ -66,14 +81,15 @@ def _other_terms(others, w0: torch.Tensor, device, into: torch.Tensor | None):
     dw = db = None
     for c in others:
         a = c.adapter if device.type == "cpu" else on_device(c.adapter, device)
-        term = a.scaled_delta(w0, c.strength, out=into if dw is None else None)
+        m = multiplier(c.adapter, c.strength)  # a set-weight: 1 (W = value) at any non-zero strength
+        term = a.scaled_delta(w0, m, out=into if dw is None else None)
         if term is not None:
             if dw is None and into is not None:
                 dw = into if term.data_ptr() == into.data_ptr() else into.copy_(term.reshape(into.shape))
             else:
                 dw = _accumulate(dw, term.to(device))
         if a.has_bias_delta:
-            db = _accumulate(db, c.strength * a.bias_delta().to(device=device, dtype=COMPUTE).reshape(-1))
+            db = _accumulate(db, m * a.bias_delta().to(device=device, dtype=COMPUTE).reshape(-1))
     return dw, db
 
 
@@ -92,17 +108,50 @@ def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device 
     if not lowrank:
         return dw, db
     _check_fit(lowrank, base_weight)
-    u, d = _stacked_factors(lowrank, device)
-    if dw is not None and dw is into:
-        low = dw.add_((u @ d).view(dw.shape))
+    target = None if dw is not None and dw is into else into  # ``into`` already holds the other terms
+    if any(_placement(c) is not None for c in lowrank):
+        low = _placed_product(lowrank, base_weight, device, target)
     else:
-        if into is not None:
-            low = torch.mm(u, d, out=_flat(into)).view(into.shape)
+        u, d = _stacked_factors(lowrank, device)
+        if target is not None:
+            low = torch.mm(u, d, out=_flat(target)).view(target.shape)
         else:
             low = (u @ d).reshape(base_weight.shape)
-        low = low if dw is None else low.add_(dw)
+    if dw is not None:
+        low = dw.add_(low) if dw is into else low.add_(dw)
     bias = _bias_terms(lowrank, device)
     return low, (bias if db is None else _accumulate(bias, db))
+
+
+def _placed_product(terms, base_weight: torch.Tensor, device, into: torch.Tensor | None) -> torch.Tensor:
+    """Σ m·s·up·down of low-rank terms some of which are placed at rows: one product per row range (the
+    whole weight first), each over its own rows; −0.0 where no term reaches. Disjoint ranges (q, k, v,
+    mlp) are written by their product directly (the bits of a slot of those rows alone), only the rows
+    between them filled."""
+    groups: dict[tuple[int, int] | None, list] = {}
+    for c in terms:
+        groups.setdefault(_placement(c), []).append(c)
+    whole = groups.pop(None, None)
+    low = into if into is not None else torch.empty(base_weight.shape, dtype=COMPUTE, device=device)
+    flat = _flat(low)
+    ranges = sorted(groups)
+    disjoint = whole is None and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    if whole is not None:
+        u, d = _stacked_factors(whole, device)
+        torch.mm(u, d, out=flat)
+    elif disjoint:
+        for start, stop in zip([0] + [b for _, b in ranges], [a for a, _ in ranges] + [flat.shape[0]]):
+            if start < stop:
+                flat[start:stop].fill_(-0.0)
+    else:
+        flat.fill_(-0.0)
+    for a, b in ranges:
+        u, d = _stacked_factors(groups[(a, b)], device)
+        if disjoint:
+            torch.mm(u, d, out=flat[a:b])
+        else:
+            flat[a:b].add_(u @ d)
+    return low
 
 
 def summed_bias(contributions, device: torch.device) -> torch.Tensor | None:
@@ -124,6 +173,8 @@ def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = No
     path computes; ``w0`` may be any float dtype, its upcast is exact), written into ``out`` when given
     (fp32, contiguous, w0's shape; ``w0`` itself is allowed, then W₀ is overwritten). ``None`` for the
     weight when no term changes it."""
+    if any(getattr(c.adapter, "absolute", False) for c in contributions):
+        return _set(contributions, w0, out)
     into = out if out is not None and out.data_ptr() != w0.data_ptr() else None
     dw, db = summed_delta(contributions, w0, into=into)
     if dw is None:
@@ -135,6 +186,19 @@ def merged_weight(contributions, w0: torch.Tensor, out: torch.Tensor | None = No
     if w0.dtype != out.dtype:
         return add_base(out.copy_(dw.reshape(w0.shape)), w0), db
     return torch.add(w0, dw.reshape(w0.shape), out=out), db
+
+
+def _set(contributions, w0: torch.Tensor, out: torch.Tensor | None):
+    """W = value + Σ ΔW of the other terms: a set-weight replaces W₀ exactly (bit for bit, not W₀ + (value − W₀));
+    of several, the last in signature order (a later ``set`` patch wins in ComfyUI)."""
+    sets = [c for c in _ordered(contributions) if getattr(c.adapter, "absolute", False)]
+    rest = [c for c in contributions if not getattr(c.adapter, "absolute", False)]
+    dw, db = summed_delta(rest, w0) if rest else (None, None)
+    value = sets[-1].adapter.value.to(device=w0.device, dtype=COMPUTE).reshape(w0.shape)
+    new = value if dw is None else value + dw.reshape(w0.shape)
+    if out is None:
+        return (new.clone() if new is value else new), db
+    return out.copy_(new), db
 
 
 _UPCAST_BLOCK = 1 << 20  # elements: a 4 MB fp32 buffer, reused, stays in cache

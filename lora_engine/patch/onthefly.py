@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import LoraEngineError, PatchError
 from ..adapters.lora import LoRA
+from ..adapters.set_weight import multiplier
 from ..finite import nonfinite
 from ..quant import QuantError, is_quantized, logical_shape, quant_weight_at
 from .delta import summed_delta
@@ -199,7 +200,10 @@ class _ModuleHook:
             if isinstance(factor, float) and factor == 0.0:
                 continue
             side = self._lowrank(term, x) if lowrank else self._dense(term, x)
-            out = out + side * (term.contribution.strength * _as_factor(factor, side))
+            a = term.contribution.adapter
+            if getattr(a, "absolute", False):  # a set-weight: full effect wherever the factor is not 0
+                factor = multiplier(a, factor) if isinstance(factor, float) else (factor != 0).to(factor.dtype)
+            out = out + side * (multiplier(a, term.contribution.strength) * _as_factor(factor, side))
         return out
 
     # ---- anything else: swap a dense patched tensor in for one forward -------------------------
@@ -213,7 +217,8 @@ class _ModuleHook:
             patched = original.detach().float().clone()
             bias_key = terms[0].target.bias_key
             patched_b = None
-            for term in terms:
+            # set-weights first (the region takes their value exactly), then the additive terms
+            for term in sorted(terms, key=lambda t: not getattr(t.contribution.adapter, "absolute", False)):
                 factor = self.patcher.factor(term.contribution.lora_id)
                 if not isinstance(factor, float):
                     if factor.numel() != 1 and not bool((factor == factor.flatten()[0]).all()):
@@ -226,6 +231,11 @@ class _ModuleHook:
                     c = term.contribution
                     unit = Contribution(c.lora_id, c.module_name, 1.0, c.adapter)
                     swap = term.cache["swap"] = summed_delta([unit], self.patcher.original(t))
+                a = term.contribution.adapter
+                if getattr(a, "absolute", False):
+                    if multiplier(a, factor * term.contribution.strength):
+                        region.copy_(a.value.reshape(region.shape))
+                    continue
                 dw, db = swap
                 region += (factor * term.contribution.strength) * dw.to(region.device)
                 if db is not None and bias_key is not None:  # Δb of a norm, a Conv3d, ... swapped in alike

@@ -157,6 +157,28 @@ def _resolved(lora: LoraFile, keymap: TargetMap, cache: dict | None) -> tuple:
     return hit[2]
 
 
+_IMAGE_INPUTS = ("img_in", "x_embedder")  # Flux's image-latent input layer (native, diffusers)
+
+
+def _wider_input(ma, target) -> str | None:
+    """The line for a module whose delta reads more input channels than the layer has (the ``img_in`` of a
+    Flux Canny/Depth control LoRA, 128 wide: the latents plus the control image's latents), else None."""
+    try:
+        shape = tuple(ma.adapter.natural_shape() or ())
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    have = tuple(target.shape)
+    layer = target.weight_key.rpartition(".")[0]
+    if layer.rpartition(".")[2] not in _IMAGE_INPUTS:  # elsewhere a wider input is another model's layer
+        return None
+    if len(shape) != 2 or len(have) != 2 or shape[0] != have[0] or shape[1] <= have[1]:
+        return None
+    return (f"module {ma.dotted or ma.name} reads {shape[1]} input channels, this model's {layer} takes {have[1]}: "
+            f"this is a control LoRA (as Flux Canny/Depth) that needs a model whose input layer also takes the "
+            f"{shape[1] - have[1]} control-image channels (e.g. FLUX.1 Canny/Depth-dev, or a pipeline feeding a "
+            f"control image); that layer was left as it was")
+
+
 MAX_STRENGTH = 100.0  # |strength| above this is almost surely a typo (``<lora:x:1e308>``): warned about
 
 
@@ -187,6 +209,9 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
             if target is None:
                 unmatched.append(name)
                 continue
+            if why is not None and (note := _wider_input(ma, target)) is not None:
+                report.notes.append(note)
+                continue
             if why is not None:  # same name, other architecture (e.g. an SDXL LoRA on SD1)
                 unmatched.append(name)
                 report.wrong_shape.append(f"{name}: {why}")
@@ -207,50 +232,71 @@ def build_plan(stack: list[StackEntry], keymap: TargetMap, resolved: dict | None
             report.skipped = report.foreign is not None and not force_foreign
         if report.skipped:
             continue
+        if report.touched:
+            report.notes[:0] = getattr(lf, "notes", ())
         for target, c in mine:
             slot = slot_of(target)
             plan.targets[slot] = target
             contributions.setdefault(slot, []).append(c)
-    _merge_overlaps(plan.targets, contributions)
+    placed = None if resolved is None else resolved.setdefault(_PLACED, {})
+    _one_slot_per_weight(plan.targets, contributions, placed)
     plan.contributions = {k: tuple(v) for k, v in contributions.items()}
     if resolved is not None:
-        keep = {id(e.lora) for e in stack}
+        keep = {id(e.lora) for e in stack} | {_PLACED}
         for k in [k for k in resolved if k not in keep]:
             del resolved[k]
     return plan
 
 
-def _merge_overlaps(targets: dict, contributions: dict) -> None:
-    """Slots of one weight whose rows overlap (a fused LoRA on the whole ``qkv`` and a ``to_q`` LoRA on
-    its first rows) become one slot over the rows they span, each contribution placed at its rows, so
-    the weight gets one fp32 sum and one rounding. Disjoint row slices stay separate slots."""
+_PLACED = "placed"  # key of build_plan's ``resolved`` dict holding the placed adapters of the last plan
+
+
+def _one_slot_per_weight(targets: dict, contributions: dict, placed: dict | None = None) -> None:
+    """All slots of one weight become one slot: a split LoRA's ``to_q``/``to_k``/``to_v``/``proj_mlp`` on a
+    fused ``qkv``/``linear1`` (disjoint row slices), or a fused LoRA on the whole weight plus a ``to_q``
+    LoRA on its first rows (overlapping). The slot spans the rows they cover (the whole weight when one
+    takes it whole), each contribution placed at its rows (``place_rows``), so the weight is backed up
+    once and written once: one fp32 sum and one rounding per element. ``placed``: a dict kept between
+    calls ({(adapter id, rows, height): (adapter, placed adapter)}, pruned to this plan's), so a change of
+    strengths places nothing again."""
+    used = set()
+
+    def place(adapter, rows: tuple[int, int], height: int):
+        if placed is None:
+            return place_rows(adapter, rows, height)
+        key = (id(adapter), rows, height)
+        hit = placed.get(key)
+        if hit is None or hit[0] is not adapter:
+            hit = placed[key] = (adapter, place_rows(adapter, rows, height))
+        used.add(key)
+        return hit[1]
+
     by_key: dict[str, list[str]] = {}
     for slot, t in targets.items():
         by_key.setdefault(t.weight_key, []).append(slot)
     for slots in by_key.values():
         if len(slots) < 2:
             continue
-        spans = sorted((targets[s].rows or (0, targets[s].shape[0]), s) for s in slots)
         whole = next((targets[s] for s in slots if targets[s].rows is None), None)
-        overlap = whole is not None or any(b[0][0] < a[0][1] for a, b in zip(spans, spans[1:]))
-        if not overlap:
-            continue
         if whole is not None:
             start, stop, merged = 0, whole.shape[0], whole
         else:
             start, stop = min(targets[s].rows[0] for s in slots), max(targets[s].rows[1] for s in slots)
             t0 = targets[slots[0]]
-            merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]))
-        placed = []
+            merged = replace(t0, rows=(start, stop), shape=(stop - start, *t0.shape[1:]), delta_rows=None)
+        moved = []
         for s in slots:
             rows = targets[s].rows or (start, stop)
             for c in contributions.pop(s):
-                a = c.adapter if rows == (start, stop) else place_rows(c.adapter, (rows[0] - start, rows[1] - start), stop - start)
-                placed.append(replace(c, adapter=a))
+                a = c.adapter if rows == (start, stop) else place(c.adapter, (rows[0] - start, rows[1] - start), stop - start)
+                moved.append(replace(c, adapter=a))
             del targets[s]
         slot = slot_of(merged)
         targets[slot] = merged
-        contributions[slot] = placed
+        contributions[slot] = moved
+    if placed is not None:
+        for key in [k for k in placed if k not in used]:
+            del placed[key]
 
 
 def changed_slots(old: PatchPlan, new: PatchPlan) -> set[str]:

@@ -7,8 +7,10 @@
   normalised per output row keeps its magnitude's rows; one normalised per input column, or any
   type that reads W₀ (IA3, GLoRA, OFT), spans the whole fused weight and cannot be split.
 - ``place_rows(a, rows, height)``: ``a``'s delta placed at ``rows`` of a weight ``height`` rows high, zero
-  elsewhere (a q LoRA on a fused ``qkv`` Linear run as one side path). LoRA: the up matrix padded with
-  zero rows, still a plain LoRA of the same scale; other types compute their delta from W₀[rows].
+  elsewhere (a q LoRA on a fused ``qkv`` Linear run as one side path; the q, k, v LoRAs of one fused
+  weight merged as one slot). LoRA: a :class:`PlacedLoRA`, the up matrix padded with zero rows — still a
+  plain LoRA of the same scale for every consumer — that remembers which rows are its own, so a merged
+  write multiplies only those; other types compute their delta from W₀[rows].
 """
 from __future__ import annotations
 
@@ -47,6 +49,17 @@ class _Moved(AdapterBase):
     @property
     def has_bias_delta(self) -> bool:
         return self.source.has_bias_delta
+
+
+@dataclass(frozen=True)
+class PlacedLoRA(LoRA):
+    """A LoRA whose up matrix is zero outside rows ``rows`` (its source's up padded to the whole weight):
+    ΔW[rows] = s · up[rows] · down, ΔW = 0 elsewhere. ``own_up()`` is the unpadded part."""
+
+    rows: tuple[int, int] = (0, 0)
+
+    def own_up(self) -> torch.Tensor:
+        return self.up[self.rows[0]:self.rows[1]]
 
 
 @dataclass(frozen=True)
@@ -129,13 +142,18 @@ def take_rows(adapter, rows: tuple[int, int]):
 def place_rows(adapter, rows: tuple[int, int], height: int):
     """``adapter`` (fitting rows ``rows``) as an adapter of the whole ``height``-row weight."""
     a, b = rows
-    if isinstance(adapter, LoRA):
-        up = adapter.up.new_zeros((height, *adapter.up.shape[1:]))
-        up[a:b] = adapter.up
-        bias = None
-        if adapter.up_bias is not None:
-            bias = adapter.up_bias.new_zeros(height)
-            bias[a:b] = adapter.up_bias.reshape(-1)
-        return replace(adapter, up=up, up_bias=bias)
-    return PlacedRows(adapter, a, b, height)
+    if isinstance(adapter, PlacedLoRA):  # placed again (a slot's span onto the whole layer): shift its rows
+        own, (a, b) = adapter.own_up(), (a + adapter.rows[0], a + adapter.rows[1])
+        bias = None if adapter.up_bias is None else adapter.up_bias.reshape(-1)[adapter.rows[0]:adapter.rows[1]]
+    elif isinstance(adapter, LoRA):
+        own, bias = adapter.up, adapter.up_bias
+    else:
+        return PlacedRows(adapter, a, b, height)
+    up = adapter.up.new_zeros((height, *adapter.up.shape[1:]))
+    up[a:b] = own
+    placed_bias = None
+    if bias is not None:
+        placed_bias = bias.new_zeros(height)
+        placed_bias[a:b] = bias.reshape(-1)
+    return PlacedLoRA(adapter.down, up, adapter.scale, adapter.mid, placed_bias, rows=(a, b))
 

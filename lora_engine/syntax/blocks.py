@@ -16,6 +16,14 @@ names are first rewritten to the ldm/compvis layout LBW matches on (``families.s
 ``down_blocks.i.{resnets,attentions}.j`` -> ``input_blocks.{3i+j+1}.{0,1}``, ``up_blocks.i.*.j``
 -> ``output_blocks.{3i+j}``, ``mid_block`` -> ``middle_block``). Facts from hako-mikan/sd-webui-lora-block-weight
 (b403cb7, ``scripts/lora_block_weight.py``); tables, presets and directives in docs/tag-grammar.md.
+
+Flux (LBW's ``BLOCKIDFLUX``): 61 entries, CLIP, T5, IN, D00..D18 (double blocks), S00..S37 (single blocks),
+OUT — whatever the model's depth. A module's Flux block: its text encoder's kind (CLIP-L: CLIP, T5-XXL: T5,
+from the family's ``text_encoders``), its double/single block (the family's ``block_of``, either tree), IN for
+the input embedders and OUT for the final layer (the family's top-level layers, classified on their native
+name as LBW does: ``final_layer`` is OUT, the rest IN); any other module keeps ratio 1. A 61-entry vector
+weighs only Flux blocks and a 12–26-entry vector only SD blocks (the other modules keep 1). LBW has no
+SD3 layout.
 """
 from __future__ import annotations
 
@@ -31,7 +39,10 @@ BLOCK_IDS_26 = ("BASE",) + SD_BLOCKS
 BLOCK_IDS_17 = ("BASE",) + SD_ATTENTION_BLOCKS
 BLOCK_IDS_12 = ("BASE",) + SDXL_ATTENTION_BLOCKS
 BLOCK_IDS_20 = ("BASE",) + SDXL_BLOCKS
-BLOCK_TABLES: dict[int, tuple[str, ...]] = {12: BLOCK_IDS_12, 17: BLOCK_IDS_17, 20: BLOCK_IDS_20, 26: BLOCK_IDS_26}
+BLOCK_IDS_FLUX = ("CLIP", "T5", "IN") + tuple(f"D{i:02d}" for i in range(19)) + tuple(f"S{i:02d}" for i in range(38)) \
+    + ("OUT",)
+BLOCK_TABLES: dict[int, tuple[str, ...]] = {12: BLOCK_IDS_12, 17: BLOCK_IDS_17, 20: BLOCK_IDS_20, 26: BLOCK_IDS_26,
+                                            61: BLOCK_IDS_FLUX}
 
 DEFAULT_PRESETS_TEXT = """\
 NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
@@ -44,7 +55,7 @@ OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
 OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
 OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
 ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5
-"""
+FLUXALL:""" + ",".join(["1"] * 61) + "\n"
 
 DEFAULT_ELEMENT_PRESETS_TEXT = """\
 ATTNDEEPON:IN05-OUT05:attn:1
@@ -96,14 +107,20 @@ class BlockValue:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """A block-weight vector expanded to the 26 slots of ``BLOCK_IDS_26``.
+    """A block-weight vector expanded to the 26 slots of ``BLOCK_IDS_26`` (SD), or the 61 of
+    ``BLOCK_IDS_FLUX``.
 
-    ``length`` is the vector length as written (12, 17, 20 or 26); ``source`` the preset
+    ``length`` is the vector length as written (12, 17, 20, 26 or 61); ``source`` the preset
     name or the literal vector text."""
 
     values: tuple[BlockValue, ...]
     length: int
     source: str
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The block id of each value."""
+        return BLOCK_IDS_FLUX if len(self.values) == len(BLOCK_IDS_FLUX) else BLOCK_IDS_26
 
     def resolve(self, x: float = 1.0, rng: random.Random | None = None) -> tuple[float, ...]:
         """The 26 ratios, with ``R``/``U`` drawn from ``rng`` and ``X`` replaced by ``x``."""
@@ -129,16 +146,17 @@ def _parse_value(token: str) -> BlockValue:
 
 
 def parse_vector(text: str, source: str | None = None) -> BlockSpec:
-    """Parse ``"1,0,0.5,..."`` (12/17/20/26 entries) into a 26-slot :class:`BlockSpec`.
+    """Parse ``"1,0,0.5,..."`` (12/17/20/26 entries) into a 26-slot :class:`BlockSpec`, or a 61-entry
+    Flux vector into its 61 slots.
 
     Raises ValueError with a one-line reason."""
     tokens = [t for t in text.split(",")]
     n = len(tokens)
-    if n == 61:
-        raise ValueError("61-entry (Flux) block vectors are not supported")
     if n not in BLOCK_TABLES:
-        raise ValueError(f"block vector has {n} values; expected 12, 17, 20 or 26")
+        raise ValueError(f"block vector has {n} values; expected 12, 17, 20, 26 or 61 (Flux)")
     vals = [_parse_value(t) for t in tokens]
+    if n == len(BLOCK_IDS_FLUX):
+        return BlockSpec(tuple(vals), n, source if source is not None else text)
     slots = {bid: BlockValue("num", 0.0) for bid in BLOCK_IDS_26}
     for bid, v in zip(BLOCK_TABLES[n], vals):
         slots[bid] = v
@@ -147,7 +165,7 @@ def parse_vector(text: str, source: str | None = None) -> BlockSpec:
 
 def parse_presets(text: str) -> dict[str, str]:
     """``ID:v1,...,vn`` lines -> {ID: vector text}. As in LBW, a line with ``#``, without
-    ``:``, or whose value count is not 12/17/20/26 is a comment."""
+    ``:``, or whose value count is not 12/17/20/26/61 is a comment."""
     out: dict[str, str] = {}
     for line in text.splitlines():
         if "#" in line or ":" not in line:
@@ -194,17 +212,19 @@ class ElementDirective:
 
 
 def _expand_blocks(field: str) -> tuple[bool, tuple[str, ...]]:
+    """Block ids and ranges of SD (``IN05-OUT05``) or Flux (``D00-D05``, ``S10-OUT``) ids."""
     toks = [t for t in field.strip().split(" ") if t]
     neg = bool(toks) and toks[0] == "NOT"
     out: list[str] = []
     for t in toks[1:] if neg else toks:
         if "-" in t:
             a, _, b = t.partition("-")
-            if a not in BLOCK_IDS_26 or b not in BLOCK_IDS_26:
+            table = next((ids for ids in (BLOCK_IDS_26, BLOCK_IDS_FLUX) if a in ids and b in ids), None)
+            if table is None:
                 raise ValueError(f"unknown block range {t!r}")
-            i, j = sorted((BLOCK_IDS_26.index(a), BLOCK_IDS_26.index(b)))
-            out.extend(BLOCK_IDS_26[i : j + 1])
-        elif t in BLOCK_IDS_26:
+            i, j = sorted((table.index(a), table.index(b)))
+            out.extend(table[i : j + 1])
+        elif t in BLOCK_IDS_26 or t in BLOCK_IDS_FLUX:
             out.append(t)
         else:
             raise ValueError(f"unknown block id {t!r}")
@@ -256,6 +276,52 @@ def module_block(name: str) -> tuple[str | None, str]:
     return lbw_block(ldm), "diffusion_model_" + ldm
 
 
+def _flux_tables() -> tuple[dict[str, str], tuple[str, ...]]:
+    """(kohya text-encoder prefix -> CLIP/T5, top-level layer paths with ``_`` -> IN/OUT) from the Flux and
+    Chroma declarations (their top layers do not depend on the config's widths)."""
+    from ..families import BY_NAME
+
+    te: dict[str, str] = {}
+    top: dict[str, str] = {}
+    cfg = {"heads": 1, "head_dim": 1, "kv_heads": 1, "inner": 1, "mlp": 1, "double": 0, "single": 0, "approximator": 1}
+    for fam in (BY_NAME["flux"], BY_NAME["chroma"]):
+        for enc in fam.text_encoders:
+            for prefix in enc.kohya:
+                te.setdefault(prefix, "CLIP" if enc.kind.startswith("clip") else "T5")
+        for layer in fam.layers(cfg):
+            block = "OUT" if layer.native.startswith("final_layer") else "IN"
+            for path in (layer.native, *(p.diffusers for p in layer.parts)):
+                top[path.replace(".", "_")] = block
+    return te, tuple(sorted(top.items(), key=lambda kv: -len(kv[0])))
+
+
+_FLUX_TABLES: tuple | None = None
+_FLUX_BLOCK_RE = re.compile(r"(double|single)_blocks\.(\d+)\Z")
+
+
+def flux_block(name: str) -> str | None:
+    """The LBW Flux block id (``CLIP``, ``T5``, ``IN``, ``D00``…, ``S00``…, ``OUT``) of a canonical module
+    name, or None (a module in no Flux block)."""
+    global _FLUX_TABLES
+    if _FLUX_TABLES is None:
+        _FLUX_TABLES = _flux_tables()
+    te, top = _FLUX_TABLES
+    from ..families import BY_NAME
+
+    n = name.replace(".", "_")
+    for prefix, kind in te.items():
+        if n.startswith(prefix):
+            return kind
+    path = n[len("lora_unet_"):] if n.startswith("lora_unet_") else n
+    m = _FLUX_BLOCK_RE.match(BY_NAME["flux"].block_of(path) or "")
+    if m:
+        return f"{m[1][0].upper()}{int(m[2]):02d}"
+    for p, block in top:
+        if path == p or path.startswith(p + "_"):
+            return block
+    return None
+
+
 @dataclass(frozen=True)
 class BlockRatios:
     """Callable ``module name -> block ratio`` of one tag: the block vector's entry for the module's
@@ -264,14 +330,19 @@ class BlockRatios:
     A module's multiplier is ``(te if text-encoder module else unet) * ratio``; the te/unet part is the
     stack entry's strength, applied by the plan (``StackEntry.te``/``.unet``), never here."""
 
-    ratios: tuple[float, ...] | None = None  # the 26 resolved block ratios (None = all 1)
+    ratios: tuple[float, ...] | None = None  # the 26 (SD) or 61 (Flux) resolved block ratios (None = all 1)
     directives: tuple[ElementDirective, ...] = ()
 
     def __call__(self, name: str) -> float:
-        block, key = module_block(name)
+        flux = self.ratios is not None and len(self.ratios) == len(BLOCK_IDS_FLUX)
+        if flux or (self.ratios is None and any(any(b in BLOCK_IDS_FLUX for b in d.blocks) for d in self.directives)):
+            block, key = flux_block(name), name.replace(".", "_")
+            table = BLOCK_IDS_FLUX
+        else:
+            (block, key), table = module_block(name), BLOCK_IDS_26
         r = 1.0
-        if block is not None and self.ratios is not None:
-            r = self.ratios[BLOCK_IDS_26.index(block)]
+        if block is not None and self.ratios is not None and len(self.ratios) == len(table):
+            r = self.ratios[table.index(block)]
         for d in self.directives:
             if d.matches(block or "", key):
                 r = d.ratio

@@ -129,4 +129,4 @@ def test_lumina2_lora_on_z_image(tmp_path):
     lu = {k: tuple(v.shape) for k, v in native_state(lumina2_model(meta=True), "lumina2").items()}
     path = write(native_lora(lu, 2, _linears(lu)), tmp_path / "lumina.safetensors")
     lines, changed = _apply(NativeTree(native_state(z_image_model(seed=2), "z_image")), path)
-    assert changed == [] and len(lines) == 1 and "Lumina 2 LoRA on an Z-Image model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "Lumina 2 LoRA on a Z-Image model" in lines[0], lines

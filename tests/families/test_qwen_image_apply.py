@@ -93,12 +93,12 @@ def test_flux_lora_on_qwen_and_back(tmp_path):
     flux = flux_model(seed=1)
     peft_file(flux, tmp_path, seed=2)
     lines, changed = _apply(qwen_model(seed=1), tmp_path / "pytorch_lora_weights.safetensors")
-    assert changed == [] and len(lines) == 1 and "LoRA on an Qwen-Image model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "LoRA on a Qwen-Image model" in lines[0], lines
     qwen = qwen_model(seed=1)
     shapes = shapes_of(qwen)
     path = write(native_lora(shapes, 3, _modules(shapes)), tmp_path / "q.safetensors")
     lines, changed = _apply(flux, path)
-    assert changed == [] and len(lines) == 1 and "Qwen-Image LoRA on an Flux.1 model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "Qwen-Image LoRA on a Flux.1 model" in lines[0], lines
 
 
 def test_full_size_blocks():

@@ -192,11 +192,11 @@ def test_other_families_untouched(tmp_path):
     qpath = write(native_lora(qs, 3, [k[:-7] for k, s in qs.items() if k.endswith(".weight") and len(s) == 2]),
                   tmp_path / "q.safetensors")
     lines, changed = _apply(wan, qpath)
-    assert changed == [] and len(lines) == 1 and "Qwen-Image LoRA on an Wan model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "Qwen-Image LoRA on a Wan model" in lines[0], lines
     ns = shapes_of(NativeTree(native_state(wan, "wan")))
     wpath = write(native_lora(ns, 4, _linears(ns, blocks_only=True)), tmp_path / "w.safetensors")
     lines, changed = _apply(qwen, wpath)
-    assert changed == [] and len(lines) == 1 and "Wan LoRA on an Qwen-Image model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "Wan LoRA on a Qwen-Image model" in lines[0], lines
 
 
 def test_wan22_experts():

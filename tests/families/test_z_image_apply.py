@@ -123,6 +123,6 @@ def test_other_families_untouched(tmp_path):
     qwen, z = qwen_model(seed=1), z_image_model(seed=1)
     zs, qs = shapes_of(z), shapes_of(qwen)
     lines, changed = _apply(qwen, write(native_lora(zs, 3, _linears(zs)), tmp_path / "z.safetensors"))
-    assert changed == [] and len(lines) == 1 and "Z-Image LoRA on an Qwen-Image model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "Z-Image LoRA on a Qwen-Image model" in lines[0], lines
     lines, changed = _apply(z, write(native_lora(qs, 4, _linears(qs)), tmp_path / "q.safetensors"))
-    assert changed == [] and len(lines) == 1 and "Qwen-Image LoRA on an Z-Image model" in lines[0], lines
+    assert changed == [] and len(lines) == 1 and "Qwen-Image LoRA on a Z-Image model" in lines[0], lines

@@ -14,9 +14,7 @@ def register(sub) -> None:
 def _describe(tag) -> str:
     lines = [f"  {tag.kind} {tag.name!r}: te={tag.te} unet={tag.unet}" + (f" dyn={tag.dyn}" if tag.dyn else "")]
     if tag.lbw is not None:
-        from ...syntax.blocks import BLOCK_IDS_26
-
-        vals = " ".join(f"{b}={v.text()}" for b, v in zip(BLOCK_IDS_26, tag.lbw.values))
+        vals = " ".join(f"{b}={v.text()}" for b, v in zip(tag.lbw.ids, tag.lbw.values))
         lines.append(f"    blocks ({tag.lbw.source}, {tag.lbw.length} values): {vals}")
     if tag.lbwe is not None:
         lines.append(f"    elemental {tag.lbwe}: {len(tag.elements)} directive(s)")
