@@ -67,22 +67,29 @@ def flops(fn) -> int:
     return fc.get_total_flops()
 
 
-def capture_inputs(unet, paths: list[str], side: int = 32, batch: int = 1) -> dict[str, torch.Tensor]:
-    """The first input each layer sees in one UNet forward (side×side latent)."""
+def capture_inputs(model, paths: list[str], forward) -> dict[str, torch.Tensor]:
+    """The first input each layer at ``paths`` sees during ``forward()`` (one forward of ``model``)."""
     got, handles = {}, []
     for p in paths:
         def hook(module, args, p=p):
             got.setdefault(p, args[0].detach().clone())
-        handles.append(unet.get_submodule(p).register_forward_pre_hook(hook))
+        handles.append(model.get_submodule(p).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def unet_forward(unet, side: int = 32, batch: int = 1):
+    """One UNet forward on a seeded side×side latent and 77 random text tokens."""
     g = torch.Generator().manual_seed(0)
     dev, dt = unet.device, unet.dtype
     x = torch.randn(batch, unet.config.in_channels, side, side, generator=g).to(dev, dt)
     ehs = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(dev, dt)
-    with torch.no_grad():
-        unet(x, torch.tensor([500] * batch, device=dev), encoder_hidden_states=ehs)
-    for h in handles:
-        h.remove()
-    return got
+    return lambda: unet(x, torch.tensor([500] * batch, device=dev), encoder_hidden_states=ehs)
 
 
 def _time_calls(fn, x, reps: int, cuda: bool) -> float:
@@ -176,7 +183,7 @@ def main() -> None:
         files = [load_lora(p) for p in paths]
         unet_paths = sorted({t.weight_key.rpartition(".")[0][len("unet."):] for t in targets.values()
                              if t.weight_key.startswith("unet.")})
-        inputs = capture_inputs(root.unet, unet_paths, side, batch)
+        inputs = capture_inputs(root.unet, unet_paths, unet_forward(root.unet, side, batch))
         where = torch.cuda.get_device_name(args.device) if cuda else f"CPU, torch threads {torch.get_num_threads()}"
         print(f"{len(inputs)} UNet layers touched; {where}; {str(dtype)[6:]}, {side}x{side} latent, batch {batch}; "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)

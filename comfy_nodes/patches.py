@@ -24,7 +24,7 @@ import torch
 
 from lora_engine.finite import nonfinite
 from lora_engine.patch import build_plan
-from lora_engine.patch.delta import summed_bias, summed_delta
+from lora_engine.patch.delta import add_base, summed_bias, summed_delta
 from lora_engine.patch.plan import LoraReport
 
 log = logging.getLogger("lora_engine")
@@ -89,18 +89,17 @@ class EngineWeightMath:
         d = self.delta(weight)
         if d is None:
             return None
-        d = d.reshape(weight.shape)
+        d = d.reshape(weight.shape)  # a fresh fp32 tensor: scaled and summed in place (the same bits)
         if strength != 1.0:
-            d = float(strength) * d
-        return (weight.to(torch.float32) + (function or _identity)(d)).to(weight.dtype)
+            d.mul_(float(strength))
+        f = function(d) if function is not None else d
+        if f is d:  # ComfyUI's default function is an identity lambda: add W in place
+            return add_base(d, weight).to(weight.dtype)
+        return (weight.to(torch.float32) + f).to(weight.dtype)
 
     def __repr__(self) -> str:
         names = ", ".join(sorted({c.lora_id.rsplit("/", 1)[-1] for c in self.contributions}))
         return f"<lora-engine {self.part} patch: {names}>"
-
-
-def _identity(t):
-    return t
 
 
 @functools.lru_cache(maxsize=None)

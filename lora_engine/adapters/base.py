@@ -50,6 +50,8 @@ class Adapter(Protocol):
       tensors do not tell (what ``inspect`` reads the model family from);
     - ``misfit(shape)``: why the adapter cannot apply to a weight of that shape (tensor shapes only), or None;
     - ``delta(base)``: ``Delta(W' − W, b' − b)`` at strength 1, fp32 (see the module docstring);
+    - ``scaled_delta(base, m, out=None)``: m·(W' − W) in fp32 of the base's shape (None when the type has
+      no ΔW), written into ``out`` (fp32, contiguous, not the base) when given;
     - ``has_bias_delta`` / ``bias_delta()``: whether there is a Δb and its value; Δb never depends on the
       base weight, and ``bias_delta()`` is exactly ``delta(base).bias``.
     """
@@ -73,6 +75,9 @@ class Adapter(Protocol):
     def misfit(self, shape: tuple[int, ...]) -> str | None: ...
 
     def delta(self, base: torch.Tensor) -> Delta: ...
+
+    def scaled_delta(self, base: torch.Tensor, factor: float, out: torch.Tensor | None = None
+                     ) -> torch.Tensor | None: ...
 
     def bias_delta(self) -> torch.Tensor | None: ...
 
@@ -104,6 +109,16 @@ class AdapterBase:
         if t is None:
             return None
         return self.scale * f32(t) if self.bias_scaled else f32(t)
+
+    def scaled_delta(self, base: torch.Tensor, factor: float, out: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
+        """factor·ΔW: ``delta(base).weight`` times ``factor``, into ``out`` when given. Types whose ΔW
+        is a full-size product (LoHa, LoKr) override it to fold ``factor`` into a small factor and write
+        the product straight into ``out``."""
+        d = self.delta(base).weight
+        if d is None:
+            return None
+        return torch.mul(d, factor, out=out) if out is not None else factor * d
 
     def natural_shape(self) -> tuple[int, ...] | None:
         """The shape of ΔW as the tensors give it, or None when only the target decides it."""

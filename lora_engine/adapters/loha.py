@@ -4,6 +4,11 @@
 Tucker (``hada_t1``/``hada_t2``; w?a (r,o), w?b (r,i)):
 ΔW_j[p,q,...] = Σ_ab t_j[a,b,...]·w_ja[a,p]·w_jb[b,q],   ΔW = s · ΔW_1 ⊙ ΔW_2.
 s = α/r with r = w1b.shape[0].
+
+Computed as m·ΔW = (w1a @ w1b) ⊙ ((m·s·w2a) @ w2b) (Tucker: m·s on t2): the scalar rides on a small
+factor, the first product is written straight into the destination and the Hadamard product is taken
+in place there, so a full-size matrix is written three times (two products, one multiply) and only
+one full-size temporary is allocated.
 """
 from __future__ import annotations
 
@@ -41,13 +46,22 @@ class LoHa(AdapterBase):
             return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
         return (self.w1a.shape[0], *self.w1b.shape[1:])
 
-    def _factor(self, a, b, t) -> torch.Tensor:
+    def _factor(self, a, b, t, c: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """c·(a @ b) (Tucker: rebuilt from c·t), c applied to the small factor; into ``out`` (a contiguous
+        fp32 buffer of the product's size) when given and the plain product fits it."""
         if t is not None:
-            return cp_rebuild(f32(t), f32(a), f32(b))
-        return f32(a) @ f32(b).reshape(b.shape[0], -1)
+            return cp_rebuild(f32(t) * c if c != 1.0 else f32(t), f32(a), f32(b))
+        a, b = f32(a) * c if c != 1.0 else f32(a), f32(b).reshape(b.shape[0], -1)
+        if out is not None and a.ndim == 2 and out.numel() == a.shape[0] * b.shape[1]:
+            return torch.mm(a, b, out=out.view(a.shape[0], b.shape[1]))
+        return a @ b
 
-    def dense(self) -> torch.Tensor:
-        return self.scale * self._factor(self.w1a, self.w1b, self.t1) * self._factor(self.w2a, self.w2b, self.t2)
+    def scaled_delta(self, base: torch.Tensor, factor: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        m2 = self._factor(self.w2a, self.w2b, self.t2, self.scale * factor)  # first: a failure writes nothing
+        if out is not None and out.numel() != m2.numel():
+            raise ValueError(f"loha: delta of shape {list(m2.shape)} does not fit target {list(base.shape)}")
+        m1 = self._factor(self.w1a, self.w1b, self.t1, out=out)
+        return fit(m1.mul_(m2), base.shape, "loha")
 
     def delta(self, base: torch.Tensor) -> Delta:
-        return Delta(fit(self.dense(), base.shape, "loha"))
+        return Delta(self.scaled_delta(base, 1.0))

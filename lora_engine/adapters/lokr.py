@@ -5,6 +5,10 @@ or the Tucker rebuild Σ_ab t2[a,b,...]·w2a[a,q]·w2b[b,n]. For convs W1 gets t
 kernel dims so the kernel lives in W2. o = p·q, i = m·n.
 s = α/r with r from the decomposed factor (w2b.shape[0], else w1b.shape[0]);
 when neither factor is decomposed, α is ignored and s = 1 (LyCORIS and A1111 alike).
+
+With W1 two-dimensional (as every writer stores it) the Kronecker product is one broadcast product
+written straight into the destination: viewing ΔW (p·q, m·n[·k·k]) as (p, q, m, n[·k·k]),
+m·ΔW[a, i, b, j] = (m·s·W1[a, b]) · W2[i, j] — the scalar on the small W1, one full-size write.
 """
 from __future__ import annotations
 
@@ -78,14 +82,33 @@ class LoKr(AdapterBase):
         s1, s2 = self._factor_shapes()
         return (s1[0] * s2[0], s1[1] * s2[1], *s2[2:])
 
-    def dense_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def scaled_delta(self, base: torch.Tensor, factor: float, out: torch.Tensor | None = None) -> torch.Tensor:
         w1, w2 = self.factor1(), self.factor2()
+        c = self.scale * factor
+        if w1.ndim > 2 and math.prod(w1.shape[2:]) == 1:  # (p, m, 1, 1): the kernel lives in W2
+            w1 = w1.reshape(w1.shape[0], w1.shape[1])
+        elif w1.ndim == 1:
+            w1 = w1.unsqueeze(-1)
+        if w1.ndim != 2:  # a W1 with kernel dims (no writer stores one): the general product
+            d = fit(c * self._kron(w1, w2, tuple(base.shape)), base.shape, "lokr")
+            return d if out is None else out.copy_(d)
+        (p, m), q = w1.shape, w2.shape[0]
+        rest = w2.numel() // q  # n, or n·k·k: W2's kernel dims follow its input dim, as in ΔW
+        if p * q * m * rest != base.numel():
+            raise ValueError(f"lokr: delta of shape {list(self.natural_shape())} does not fit target "
+                             f"{list(base.shape)}")
+        if out is None:
+            out = torch.empty(base.shape, dtype=w2.dtype, device=w2.device)
+        torch.mul((w1 * c).view(p, 1, m, 1), w2.reshape(q, 1, rest), out=out.view(p, q, m, rest))
+        return out
+
+    @staticmethod
+    def _kron(w1: torch.Tensor, w2: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) == 4 and w2.ndim == 2 and w1.shape[1] * w2.shape[1] != shape[1]:
-            # w2 flattened over (n·k·k): restore its kernel dims
-            w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+            w2 = w2.reshape(w2.shape[0], -1, *shape[2:])  # w2 flattened over (n·k·k): its kernel dims back
         while w1.ndim < w2.ndim:
             w1 = w1.unsqueeze(-1)
-        return self.scale * torch.kron(w1, w2)
+        return torch.kron(w1, w2)
 
     def delta(self, base: torch.Tensor) -> Delta:
-        return Delta(fit(self.dense_for(tuple(base.shape)), base.shape, "lokr"))
+        return Delta(self.scaled_delta(base, 1.0))

@@ -75,39 +75,52 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _other_terms(others, w0: torch.Tensor, device, dw, db):
+def _other_terms(others, w0: torch.Tensor, device, into: torch.Tensor | None):
+    """Σ m_k·ΔW_k of the terms that are not plain low-rank, the first one written into ``into`` when given
+    (each adapter's ``scaled_delta`` folds m_k into its own factors); and Σ m_k·Δb_k."""
+    dw = db = None
     for c in others:
-        d = c.adapter.delta(w0) if device.type == "cpu" else on_device(c.adapter, device).delta(w0)
+        a = c.adapter if device.type == "cpu" else on_device(c.adapter, device)
         m = multiplier(c.adapter, c.strength)  # a set-weight: 1 (W = value) at any non-zero strength
-        if d.weight is not None:
-            dw = _accumulate(dw, m * d.weight.to(device))
-        if d.bias is not None:
-            db = _accumulate(db, m * d.bias.to(device).reshape(-1))
+        term = a.scaled_delta(w0, m, out=into if dw is None else None)
+        if term is not None:
+            if dw is None and into is not None:
+                dw = into if term.data_ptr() == into.data_ptr() else into.copy_(term.reshape(into.shape))
+            else:
+                dw = _accumulate(dw, term.to(device))
+        if a.has_bias_delta:
+            db = _accumulate(db, m * a.bias_delta().to(device=device, dtype=COMPUTE).reshape(-1))
     return dw, db
 
 
 def summed_delta(contributions, base_weight: torch.Tensor, device: torch.device | None = None,
                  into: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(ΔW, Δb) in fp32 (None where no term has one). ``into``: an fp32 contiguous buffer of the
-    weight's shape (not aliasing the base) that receives ΔW instead of a fresh tensor."""
+    weight's shape (not aliasing the base) that receives ΔW instead of a fresh tensor (a term that
+    fails may leave it written)."""
     device = device or base_weight.device
     ordered = _ordered(contributions)
     lowrank = [c for c in ordered if _lowrank(c)]
     others = [c for c in ordered if not _lowrank(c)]
     dw = db = None
-    if others:  # first: a failure there leaves ``into`` unwritten
-        w0 = base_weight.to(device=device, dtype=COMPUTE)
-        dw, db = _other_terms(others, w0, device, None, None)
+    if others:  # each adapter upcasts the base itself where it reads it
+        dw, db = _other_terms(others, base_weight.to(device), device, into)
     if not lowrank:
         return dw, db
     _check_fit(lowrank, base_weight)
+    target = None if dw is not None and dw is into else into  # ``into`` already holds the other terms
     if any(_placement(c) is not None for c in lowrank):
-        low = _placed_product(lowrank, base_weight, device, into)
+        low = _placed_product(lowrank, base_weight, device, target)
     else:
         u, d = _stacked_factors(lowrank, device)
-        low = torch.mm(u, d, out=_flat(into)).view(into.shape) if into is not None else (u @ d).reshape(base_weight.shape)
+        if target is not None:
+            low = torch.mm(u, d, out=_flat(target)).view(target.shape)
+        else:
+            low = (u @ d).reshape(base_weight.shape)
+    if dw is not None:
+        low = dw.add_(low) if dw is into else low.add_(dw)
     bias = _bias_terms(lowrank, device)
-    return (low if dw is None else low.add_(dw)), (bias if db is None else _accumulate(bias, db))
+    return low, (bias if db is None else _accumulate(bias, db))
 
 
 def _placed_product(terms, base_weight: torch.Tensor, device, into: torch.Tensor | None) -> torch.Tensor:

@@ -70,6 +70,34 @@ def test_bench_threads_runs_its_commands():
     assert re.search(r"before: .*load average", out) and "the policy now:" in out
 
 
+def test_bench_dense_delta_runs_on_the_tiny_model():
+    out = _run("bench/bench_dense_delta.py", "--model", "tiny", "--reps", "1", "--stacks", "1,2", "--dtypes", "fp32",
+               "--threads", "1")
+    rows = _table_rows(out, "| type | n | dtype")
+    assert [(r[0], r[1]) for r in rows] == [(t, n) for t in ("loha", "lokr", "lora") for n in ("1", "2")]
+    # ComfyUI's order of operations and ours give the same weights up to fp32 rounding
+    assert all(float(r[-1]) < 1e-5 for r in rows), out
+    assert "written from ComfyUI's formulas" in out
+
+
+def test_bench_dit_runs_on_the_tiny_models():
+    out = _run("bench/bench_dit.py", "--models", "tiny-flux,tiny-sd35m", "--ranks", "4", "--stacks", "1,2",
+               "--reps", "1", "--rounds", "1", "--otf-tokens", "16")
+    merged = _table_rows(out, "| model | tree | dialect | rank | n | touched")
+    assert [(r[0], r[1], r[2], r[4]) for r in merged] == [
+        (m, t, d, n) for m in ("tiny-flux", "tiny-sd35m") for t in ("diffusers", "native")
+        for d in ("kohya", "diffusers") for n in ("1", "2")]
+    assert all(r[12] == "yes" for r in merged), out  # our restore is bit-exact, on both trees
+    for r in merged:  # diffusers fused every diffusers-dialect file; its kohya converters refuse the tiny widths
+        if r[1] == "diffusers":
+            assert (r[14].split()[-1] != "layers)") == (r[2] == "diffusers"), out
+    extrapolated = _table_rows(out, "| model (full depth)")
+    assert len(extrapolated) == len(merged)
+    otf = _table_rows(out, "| model | rank | n | Σ base ms")
+    assert [(r[0], r[2]) for r in otf] == [(m, n) for m in ("tiny-flux", "tiny-sd35m") for n in ("1", "2")]
+    assert all(float(r[6]) > 0 for r in otf)  # a LoRA FLOP share was counted
+
+
 def test_bench_quant_runs_on_a_narrow_block():
     out = _run("bench/bench_quant.py", "--width", "256", "--tokens", "16", "--formats", "fp8,Q8_0", "--stacks", "0,2",
                "--reps", "1", "--threads", "1", "--merged")
