@@ -19,6 +19,8 @@ import re
 
 import torch
 
+from .writer import STACKED_KEY
+
 _FUSED = re.compile(r"(?:^|[._])(double_blocks[._]\d+[._](?:img|txt)_attn[._]qkv|single_blocks[._]\d+[._]linear1)$")
 
 
@@ -52,15 +54,25 @@ def _metadata_says(metadata: dict) -> bool:
     return isinstance(args, dict) and str(args.get("split_qkv", "")).lower() == "true"
 
 
+def _stacked_by_us(metadata: dict) -> set[str]:
+    """Modules lora-engine's tools stacked from split pieces with α = s·Σr (exact, not kohya's unscaled α)."""
+    try:
+        names = json.loads(metadata.get(STACKED_KEY) or "[]")
+    except (TypeError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
 def split_modules(modules: dict, metadata: dict) -> dict[str, int]:
     """``{module name: n}`` for the fused modules saved by ``split_qkv`` (n = 3 for qkv, 4 for linear1)."""
     from ..adapters.lora import LoRA
 
     said = _metadata_says(metadata)
+    exact = _stacked_by_us(metadata)
     out = {}
     for name, ma in modules.items():
         a = ma.adapter
-        if not _FUSED.search(name) or not isinstance(a, LoRA) or a.mid is not None or a.down.ndim != 2:
+        if name in exact or not _FUSED.search(name) or not isinstance(a, LoRA) or a.mid is not None or a.down.ndim != 2:
             continue
         parts = _parts(name, a.up, a.down.shape[1])
         if parts is None or a.rank % len(parts):

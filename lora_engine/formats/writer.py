@@ -41,6 +41,9 @@ class LoraTensors:
     mid: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    # pieces stacked along the rank with α = s·Σr (block-diagonal up, exact): listed in the file's
+    # STACKED_KEY metadata so readers do not take it for a kohya ``split_qkv`` module (unscaled α)
+    stacked: bool = False
 
     @property
     def rank(self) -> int:
@@ -107,6 +110,9 @@ def sshs_hashes(tmp_path: str, tensors: dict[str, torch.Tensor], metadata: dict[
     return h.addnet, h.legacy
 
 
+STACKED_KEY = "lora_engine_stacked_modules"  # JSON list of module names written by ``combine`` (exact α)
+
+
 def write_kohya(path: str | os.PathLike, modules: dict[str, LoraTensors] | dict[str, torch.Tensor],
                 metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write a kohya/LyCORIS safetensors file atomically; returns the metadata written.
@@ -122,7 +128,10 @@ def write_kohya(path: str | os.PathLike, modules: dict[str, LoraTensors] | dict[
         meta, tensors = dict(metadata or {}), dict(modules)
     if not tensors:
         raise ToolError(f"{path}: nothing to write (no modules)")
-    meta = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
+    meta = {k: v for k, v in meta.items() if not k.startswith("sshs_") and k != STACKED_KEY}
+    stacked = sorted(n for n, m in modules.items() if isinstance(m, LoraTensors) and m.stacked)
+    if stacked:
+        meta[STACKED_KEY] = json.dumps(stacked)
     scratch = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.hash.safetensors")
     model_hash, legacy_hash = sshs_hashes(scratch, tensors, meta)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy_hash

@@ -208,7 +208,7 @@ def combine(dest: str, pieces: list[tuple[torch.Tensor, LoraTensors, bool]]) -> 
                         "module cannot hold them exactly (keep the split dialect)")
     up = torch.cat([u for u, _, _ in parts], dim=1)
     down = torch.cat([d for _, d, _ in parts], dim=0)
-    return LoraTensors(down, up, scales.pop() * up.shape[1])
+    return LoraTensors(down, up, scales.pop() * up.shape[1], stacked=True)
 
 
 def to_native(layout: Layout, modules: dict[str, LoraTensors]) -> tuple[dict[str, LoraTensors], list[str]]:
