@@ -22,11 +22,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def flux():
-    d = flux_model(seed=3)
-    return d, NativeTree(native_state(d))
-
 
 def _same(root, a, b, atol=1e-6):
     wa, ra = _merged(root, a)

@@ -14,16 +14,10 @@ from lora_engine.tools.extract import extract_file
 from lora_engine.tools.merge import merge_files
 from lora_engine.tools.resize import resize_file
 from tests.fixtures.files.flux import flux_modules, native_lora, peft_file, write
-from tests.fixtures.models.flux import NativeTree, flux_model, native_state
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-
-@pytest.fixture(scope="module")
-def flux():
-    d = flux_model(seed=3)
-    return d, NativeTree(native_state(d))
 
 
 def _weights(root, stack: list[tuple[str, float]]) -> dict:
