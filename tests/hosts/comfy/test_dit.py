@@ -2,7 +2,7 @@
 
 Oracle: what ComfyUI's own LoraLoader computes for the same file, rebuilt here independently in fp64
 from the file's tensors and ComfyUI's documented rules (``comfy/lora.py`` ``model_lora_keys_unet`` /
-``model_lora_keys_clip``, ``comfy/weight_adapter/lora.py``; see /work/shared/reference/comfyui.md §2):
+``model_lora_keys_clip``, ``comfy/weight_adapter/lora.py``; see ../shared/reference/comfyui.md §2):
 
 - names: ``lora_unet_<X with _>`` and ``diffusion_model.<X>`` for every ``diffusion_model.X.weight``;
   for Flux, ``transformer.<diffusers path>`` through ComfyUI's ``flux_to_diffusers`` rows (``to_q/k/v`` =
