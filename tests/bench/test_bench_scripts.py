@@ -81,12 +81,12 @@ def test_bench_dense_delta_runs_on_the_tiny_model():
 
 
 def test_bench_dit_runs_on_the_tiny_models():
-    out = _run("bench/bench_dit.py", "--models", "tiny-flux,tiny-sd35m", "--ranks", "4", "--stacks", "1,2",
-               "--reps", "1", "--rounds", "1", "--otf-tokens", "16")
+    out = _run("bench/bench_dit.py", "--models", "tiny-flux,tiny-sd35m", "--ranks", "4", "--stacks", "2",
+               "--reps", "1", "--rounds", "1", "--otf-tokens", "16")  # one stack size: the suite's time
     merged = _table_rows(out, "| model | tree | dialect | rank | n | touched")
     assert [(r[0], r[1], r[2], r[4]) for r in merged] == [
         (m, t, d, n) for m in ("tiny-flux", "tiny-sd35m") for t in ("diffusers", "native")
-        for d in ("kohya", "diffusers") for n in ("1", "2")]
+        for d in ("kohya", "diffusers") for n in ("2",)]
     assert all(r[12] == "yes" for r in merged), out  # our restore is bit-exact, on both trees
     for r in merged:  # diffusers fused every diffusers-dialect file; its kohya converters refuse the tiny widths
         if r[1] == "diffusers":
@@ -94,7 +94,7 @@ def test_bench_dit_runs_on_the_tiny_models():
     extrapolated = _table_rows(out, "| model (full depth)")
     assert len(extrapolated) == len(merged)
     otf = _table_rows(out, "| model | rank | n | Σ base ms")
-    assert [(r[0], r[2]) for r in otf] == [(m, n) for m in ("tiny-flux", "tiny-sd35m") for n in ("1", "2")]
+    assert [(r[0], r[2]) for r in otf] == [(m, "2") for m in ("tiny-flux", "tiny-sd35m")]
     assert all(float(r[6]) > 0 for r in otf)  # a LoRA FLOP share was counted
 
 
