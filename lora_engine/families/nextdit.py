@@ -89,12 +89,18 @@ _TOP = [("x_embedder", "all_x_embedder.2-1"), ("final_layer.linear", _FINAL + "l
     (n, n) for n in ("cap_embedder.0", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2")]
 
 
-def z_image_layers(cfg: dict) -> list[Layer]:
-    layers = [same(n, d) for n, d in _TOP]
+def _layers(top, block, cfg: dict) -> list[Layer]:
+    """The top-level layers, then every block of the main stack and the refiners (the context refiner
+    has no adaLN modulation)."""
+    layers = [same(n, d) for n, d in top]
     for stack in _STACKS:
         for i in range(cfg[stack]):
-            layers += _block(f"{stack}.{i}.", cfg["q"], cfg["kv"], stack != "context_refiner")
+            layers += block(f"{stack}.{i}.", cfg["q"], cfg["kv"], stack != "context_refiner")
     return layers
+
+
+def z_image_layers(cfg: dict) -> list[Layer]:
+    return _layers(_TOP, _block, cfg)
 
 
 def z_image_blocks(cfg: dict) -> list[str]:
@@ -146,11 +152,7 @@ _LUMINA2_TOP = [("x_embedder", "x_embedder"), ("cap_embedder.0", _TCE + "caption
 
 
 def lumina2_layers(cfg: dict) -> list[Layer]:
-    layers = [same(n, d) for n, d in _LUMINA2_TOP]
-    for stack in _STACKS:
-        for i in range(cfg[stack]):
-            layers += _lumina2_block(f"{stack}.{i}.", cfg["q"], cfg["kv"], stack != "context_refiner")
-    return layers
+    return _layers(_LUMINA2_TOP, _lumina2_block, cfg)
 
 
 LUMINA2 = Family(
